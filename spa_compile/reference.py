@@ -1,0 +1,342 @@
+"""Reference SPA in pure PyTorch: SPEC.md, transcribed block by block.
+
+It is the semantics the kernels answer to and the CPU fallback. It walks the
+query blocks one at a time, so its memory is O(N * (k * Bk + N / Bk)) per head,
+never Nq x Nk. Arithmetic is float32 (float64 for float64 inputs); the output
+has the dtype of ``q``.
+
+The three stages are public so that kernels can be checked stage by stage:
+:func:`pool_blocks` (block means), :func:`select_blocks` (projector + top-k),
+:func:`sparse_attention` (exact part + landmark fill).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .budget import max_selected, topk_count
+from .config import SPAConfig
+from .projector import Projector
+from .visibility import Visibility, from_sdpa, num_blocks
+
+
+@dataclass
+class Pooled:
+    """Per key block: means of the valid keys and values, and their count (SPEC.md section 1)."""
+
+    kbar: Tensor  # [B, Hkv, NKB, D]
+    vbar: Tensor  # [B, Hkv, NKB, Dv]
+    count: Tensor  # [B, Hkv, NKB], float
+
+
+@dataclass
+class Selection:
+    """Selected key blocks per query block: ascending indices padded with -1."""
+
+    index: Tensor  # [B, Hs, NQB, kmax] int32; Hs = Hkv ("group") or Hq ("head")
+    count: Tensor  # [B, Hs, NQB] int32
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Block classification
+# ---------------------------------------------------------------------------------------
+
+
+def valid_keys(vis: Visibility, batch: int, hkv: int, block_q: int, device) -> Tensor:
+    """Keys some query of the same batch row and kv group may see: bool ``[B, Hkv, Nk]``."""
+    hm = vis.mask_heads()
+    valid = torch.zeros(batch, hkv, vis.nk, dtype=torch.bool, device=device)
+    for t0 in range(0, vis.nq, block_q):
+        rows = vis.rows(t0, min(t0 + block_q, vis.nq), device).any(dim=2)  # [B|1, Hm|1, Nk]
+        if hm > 1:
+            rows = rows.reshape(rows.shape[0], hkv, hm // hkv, vis.nk).any(dim=2)
+        valid |= rows
+    return valid
+
+
+def _pad_keys(x: Tensor, nkb: int, block_k: int, value) -> Tensor:
+    pad = nkb * block_k - x.shape[-1]
+    return torch.nn.functional.pad(x, (0, pad), value=value) if pad else x
+
+
+def classify_blocks(rows: Tensor, valid: Tensor, block_k: int) -> tuple[Tensor, Tensor]:
+    """Visible and fully visible key blocks for one query block.
+
+    rows: ``[B|1, Hm, R, Nk]`` visibility of the block's rows; valid: ``[B, Hkv, Nk]``.
+    Returns two bool ``[B, Hm, NKB]``: visible (some pair visible) and full (every
+    (row, valid key) pair visible).
+    """
+    nk = rows.shape[-1]
+    nkb = num_blocks(nk, block_k)
+    b = valid.shape[0]
+    hm = rows.shape[1]
+    rows = _pad_keys(rows.expand(b, hm, -1, -1), nkb, block_k, False)
+    # a key no query of the head's group can see is invalid: "every valid key" skips it
+    v = valid[:, :1] if hm == 1 else _to_heads(valid, hm)
+    invalid = ~_pad_keys(v, nkb, block_k, False)
+    blocks = rows.unflatten(-1, (nkb, block_k))  # [B, Hm, R, NKB, Bk]
+    visible = blocks.any(dim=4).any(dim=2)
+    full = (blocks | invalid.unflatten(-1, (nkb, block_k))[:, :, None]).all(dim=4).all(dim=2)
+    return visible, full & visible
+
+
+def _to_heads(x: Tensor, heads: int) -> Tensor:
+    """Broadcast a ``[B, h, ...]`` tensor with h in {1, heads/g} to ``heads`` heads."""
+    if x.shape[1] == heads:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(x.shape[0], heads, *x.shape[2:])
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _to_selection_heads(x: Tensor, hs: int) -> Tensor:
+    """Reduce a per-head bool ``[B, 1|Hq, NKB]`` to ``hs`` selection heads: a group sees what any head sees."""
+    if x.shape[1] == 1:
+        return x.expand(x.shape[0], hs, x.shape[2])
+    if x.shape[1] == hs:
+        return x
+    return x.unflatten(1, (hs, x.shape[1] // hs)).any(dim=2)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Pooling
+# ---------------------------------------------------------------------------------------
+
+
+def pool_blocks(k: Tensor, v: Tensor, valid: Tensor, block_k: int) -> Pooled:
+    """Means of the valid keys and values of every key block, and their counts."""
+    dt = compute_dtype(k)
+    nk = k.shape[2]
+    nkb = num_blocks(nk, block_k)
+    pad = nkb * block_k - nk
+    w = valid.to(dt)[..., None]
+    ks = torch.nn.functional.pad(k.to(dt) * w, (0, 0, 0, pad)).unflatten(2, (nkb, block_k)).sum(3)
+    vs = torch.nn.functional.pad(v.to(dt) * w, (0, 0, 0, pad)).unflatten(2, (nkb, block_k)).sum(3)
+    n = torch.nn.functional.pad(valid.to(dt), (0, pad)).unflatten(2, (nkb, block_k)).sum(3)
+    denom = n.clamp(min=1)[..., None]
+    return Pooled(kbar=ks / denom, vbar=vs / denom, count=n)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Projector scores and selection
+# ---------------------------------------------------------------------------------------
+
+
+def _local_mask(visible: Tensor, diag: int, local_blocks: int) -> Tensor:
+    """The ``local_blocks`` visible blocks nearest to block ``diag`` (ties: lower j)."""
+    nkb = visible.shape[-1]
+    if local_blocks == 0:
+        return torch.zeros_like(visible)
+    j = torch.arange(nkb, device=visible.device)
+    key = (j - diag).abs() * nkb + j  # distance first, then lower j
+    key = torch.where(visible, key, torch.full_like(key, nkb * nkb * 4))
+    rank = key.argsort(dim=-1).argsort(dim=-1)
+    return visible & (rank < local_blocks)
+
+
+@torch.no_grad()
+def select_blocks(
+    q: Tensor,
+    pooled: Pooled,
+    vis: Visibility,
+    valid: Tensor,
+    scale: float,
+    cfg: SPAConfig,
+    projector: Projector | None = None,
+) -> Selection:
+    """Projector scores and the selected set S for every query block (SPEC.md 1-2)."""
+    b, hq, nq, d = q.shape
+    hkv = pooled.kbar.shape[1]
+    g = hq // hkv
+    bs = cfg.block_size
+    nkb = pooled.kbar.shape[2]
+    nqb = num_blocks(nq, bs)
+    dt = compute_dtype(q)
+    hs = hkv if cfg.selection == "group" else hq
+    kmax = int(max_selected(nq, vis.nk, vis, cfg))
+    proj = projector or Projector.identity(hkv, d, device=q.device, dtype=dt)
+    kp = proj.project_keys(pooled.kbar.to(dt))  # [B, Hkv, NKB, r]
+    if hs == hq:
+        kp = _to_heads(kp, hq)
+    index = torch.full((b, hs, nqb, kmax), -1, dtype=torch.int32, device=q.device)
+    count = torch.zeros((b, hs, nqb), dtype=torch.int32, device=q.device)
+    jj = torch.arange(nkb, device=q.device)
+    for i in range(nqb):
+        t0, t1 = i * bs, min((i + 1) * bs, nq)
+        visible_h, full_h = classify_blocks(vis.rows(t0, t1, q.device), valid, bs)
+        visible = _to_selection_heads(visible_h, hs)
+        partial = _to_selection_heads(visible_h & ~full_h, hs)
+        qbar = q[:, :, t0:t1].to(dt).mean(dim=2)  # [B, Hq, D]
+        qp = proj.project_queries(qbar)  # [B, Hq, r]
+        if hs == hkv:
+            qp = qp.unflatten(1, (hkv, g)).sum(dim=2)
+        score = scale * torch.einsum("bhr,bhjr->bhj", qp, kp)
+        sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
+        diag = min(max((t1 - 1 + vis.offset) // bs, 0), nkb - 1)
+        forced = partial | sink | _local_mask(visible, diag, cfg.local_blocks)
+        remaining = visible & ~forced
+        k = torch.minimum(topk_count(visible.sum(-1), cfg), remaining.sum(-1))
+        masked = torch.where(remaining, score, torch.full_like(score, -math.inf))
+        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+        rank = order.argsort(dim=-1)
+        chosen = forced | (remaining & (rank < k[..., None]))
+        idx = torch.where(chosen, jj, nkb).sort(dim=-1).values[..., :kmax]
+        n = chosen.sum(-1)
+        if int(n.max()) > kmax:  # a bug in max_selected, never a silent truncation
+            raise RuntimeError(f"selected {int(n.max())} blocks but the bound is {kmax}")
+        index[:, :, i] = torch.where(idx < nkb, idx, -1).to(torch.int32)
+        count[:, :, i] = n.to(torch.int32)
+    return Selection(index=index, count=count)
+
+
+# ---------------------------------------------------------------------------------------
+# 3-5. Exact part, landmark fill, output
+# ---------------------------------------------------------------------------------------
+
+
+def _gather_keys(x: Tensor, pos: Tensor) -> Tensor:
+    """Rows ``pos`` ([B, Hs, L]) of ``x`` ([B, Hs, N, D]) -> [B, Hs, L, D]."""
+    return x.gather(2, pos[..., None].expand(*pos.shape, x.shape[-1]))
+
+
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: Selection,
+    pooled: Pooled,
+    vis: Visibility,
+    valid: Tensor,
+    scale: float,
+    fill: str,
+    block_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Exact attention on the selected blocks plus the landmark fill (SPEC.md 3-5).
+
+    Differentiable in q, k, v (also through ``pooled``) with the selection fixed.
+    Returns the output ``[B, Hq, Nq, Dv]`` in q's dtype and the lse ``[B, Hq, Nq]``.
+    """
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    hs = selection.index.shape[1]
+    gs = hq // hs
+    bs = block_size
+    dt = compute_dtype(q)
+    qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
+    if hs != hkv:  # per-head selection: every query head gathers from its own copy
+        kf, vf = _to_heads(kf, hs), _to_heads(vf, hs)
+    kbar, vbar = _to_heads(pooled.kbar.to(dt), hq), _to_heads(pooled.vbar.to(dt), hq)
+    log_n = _to_heads(pooled.count.to(dt), hq).log()  # -inf for empty blocks
+    outs, lses = [], []
+    offsets = torch.arange(bs, device=q.device)
+    for i in range(num_blocks(nq, bs)):
+        t0, t1 = i * bs, min((i + 1) * bs, nq)
+        r = t1 - t0
+        idx = selection.index[:, :, i].long()  # [B, Hs, kmax]
+        pos = (idx[..., None] * bs + offsets).flatten(-2)  # [B, Hs, L]
+        slot = (idx[..., None] >= 0).expand(*idx.shape, bs).flatten(-2) & (pos < nk)
+        pos = pos.clamp(0, nk - 1)
+        qi = qf[:, :, t0:t1].unflatten(1, (hs, gs))  # [B, Hs, Gs, R, D]
+        exact = torch.einsum("bsgrd,bsld->bsgrl", qi, _gather_keys(kf, pos)) * scale
+        rows = vis.rows(t0, t1, q.device)
+        rows_h = rows.expand(b, hq if rows.shape[1] > 1 else 1, r, nk)
+        seen = rows_h.unsqueeze(1) if rows_h.shape[1] == 1 else rows_h.unflatten(1, (hs, gs))
+        seen = seen.expand(b, hs, gs, r, nk).gather(
+            -1, pos[:, :, None, None, :].expand(b, hs, gs, r, pos.shape[-1])
+        )
+        exact = exact.masked_fill(~(seen & slot[:, :, None, None, :]), -math.inf).flatten(1, 2)
+        parts = [exact]
+        if fill == "landmark":
+            _, full = classify_blocks(rows, valid, bs)  # [B, 1|Hq, NKB]
+            chosen = torch.zeros(b, hs, kbar.shape[2] + 1, dtype=torch.bool, device=q.device)
+            chosen.scatter_(2, torch.where(idx >= 0, idx, kbar.shape[2]), True)
+            use = _to_heads(full, hq) & ~_to_heads(chosen[..., :-1], hq) & (log_n > -math.inf)
+            pseudo = torch.einsum("bhrd,bhjd->bhrj", qf[:, :, t0:t1], kbar) * scale + log_n[:, :, None]
+            parts.append(pseudo.masked_fill(~use[:, :, None], -math.inf))
+        logits = torch.cat(parts, dim=-1)  # [B, Hq, R, L (+ NKB)]
+        seen_any = (logits > -math.inf).any(dim=-1, keepdim=True)
+        safe = torch.where(seen_any, logits, torch.zeros_like(logits))  # keeps grads NaN-free
+        lse = torch.logsumexp(safe, dim=-1, keepdim=True)
+        p = torch.where(seen_any, (logits - lse).exp(), torch.zeros_like(logits))
+        vi = _gather_keys(vf, pos)  # [B, Hs, L, Dv]
+        L = pos.shape[-1]
+        o = torch.einsum("bsgrl,bsld->bsgrd", p[..., :L].unflatten(1, (hs, gs)), vi).flatten(1, 2)
+        if fill == "landmark":
+            o = o + torch.einsum("bhrj,bhjd->bhrd", p[..., L:], vbar)
+        outs.append(o)
+        lses.append(torch.where(seen_any, lse, torch.full_like(lse, -math.inf)).squeeze(-1))
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+
+
+# ---------------------------------------------------------------------------------------
+# The whole function
+# ---------------------------------------------------------------------------------------
+
+
+def canonical_inputs(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Check SDPA-style inputs and bring them to ``[B, H, N, D]``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() not in (3, 4):
+            raise ValueError(f"{name} must be [B, H, N, D] or [B*H, N, D], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError("q, k and v must have the same number of dims")
+    if q.dim() == 3:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"shapes do not line up: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        if not enable_gqa:
+            raise ValueError(
+                f"q has {hq} heads but k/v have {hkv}: pass enable_gqa=True for grouped-query attention"
+            )
+        if hq % hkv:
+            raise ValueError(f"q heads ({hq}) must be a multiple of k/v heads ({hkv})")
+    return q, k, v
+
+
+def spa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    config: SPAConfig | None = None,
+    projector: Projector | None = None,
+    return_lse: bool = False,
+    visibility: Visibility | None = None,
+):
+    """SPA with the signature of ``F.scaled_dot_product_attention`` (pure PyTorch).
+
+    ``visibility`` replaces ``attn_mask``/``is_causal`` with a structured predicate
+    (causal offset, window, key padding) when given.
+    """
+    cfg = config or SPAConfig()
+    squeeze = q.dim() == 3
+    q, k, v = canonical_inputs(q, k, v, enable_gqa)
+    nq, nk = q.shape[2], k.shape[2]
+    vis = visibility if visibility is not None else from_sdpa(attn_mask, is_causal, nq, nk)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    valid = valid_keys(vis, q.shape[0], k.shape[1], cfg.block_size, q.device)
+    pooled = pool_blocks(k, v, valid, cfg.block_size)
+    detached = Pooled(pooled.kbar.detach(), pooled.vbar.detach(), pooled.count)
+    sel = select_blocks(q.detach(), detached, vis, valid, scale, cfg, projector)
+    out, lse = sparse_attention(q, k, v, sel, pooled, vis, valid, scale, cfg.fill, cfg.block_size)
+    if squeeze:
+        out, lse = out.squeeze(1), lse.squeeze(1)
+    return (out, lse) if return_lse else out
