@@ -340,3 +340,109 @@ def spa_attention(
     if squeeze:
         out, lse = out.squeeze(1), lse.squeeze(1)
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------
+# Backward with the selection held fixed
+# ---------------------------------------------------------------------------------------
+
+
+def sparse_attention_backward(
+    grad_out: Tensor,
+    grad_lse: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selection: Selection,
+    vis: Visibility,
+    valid: Tensor,
+    scale: float,
+    fill: str,
+    block_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of :func:`sparse_attention`, by the FlashAttention recurrences.
+
+    Block by block over queries: recompute the probabilities P of the exact keys
+    and pseudo-keys, ``dS = P * (dO V^T - rowsum(dO * O) + dlse)``, then
+    ``dq = s dS K``, ``dK += s dS^T q``, ``dV += P^T dO``. The pseudo-keys' share
+    goes to kbar/vbar and from there, divided by n, to every valid key and value
+    of the block.
+    """
+    dt = compute_dtype(q)
+    pooled = pool_blocks(k, v, valid, block_size)
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    hs = selection.index.shape[1]
+    gs = hq // hs
+    bs = block_size
+    qf, kf, vf, go = q.to(dt), k.to(dt), v.to(dt), grad_out.to(dt)
+    if hs != hkv:
+        kf, vf = _to_heads(kf, hs), _to_heads(vf, hs)
+    kbar, vbar = _to_heads(pooled.kbar, hq), _to_heads(pooled.vbar, hq)
+    log_n = _to_heads(pooled.count, hq).log()
+    dq = torch.zeros_like(qf)
+    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    dkbar, dvbar = torch.zeros_like(kbar), torch.zeros_like(vbar)
+    offsets = torch.arange(bs, device=q.device)
+    for i in range(num_blocks(nq, bs)):
+        t0, t1 = i * bs, min((i + 1) * bs, nq)
+        r = t1 - t0
+        idx = selection.index[:, :, i].long()
+        pos = (idx[..., None] * bs + offsets).flatten(-2)
+        slot = (idx[..., None] >= 0).expand(*idx.shape, bs).flatten(-2) & (pos < nk)
+        pos = pos.clamp(0, nk - 1)
+        L = pos.shape[-1]
+        qi = qf[:, :, t0:t1]
+        ki, vi = _gather_keys(kf, pos), _gather_keys(vf, pos)  # [B, Hs, L, D]
+        exact = torch.einsum("bsgrd,bsld->bsgrl", qi.unflatten(1, (hs, gs)), ki) * scale
+        rows = vis.rows(t0, t1, q.device)
+        rows_h = rows.expand(b, hq if rows.shape[1] > 1 else 1, r, nk)
+        seen = rows_h.unsqueeze(1) if rows_h.shape[1] == 1 else rows_h.unflatten(1, (hs, gs))
+        seen = seen.expand(b, hs, gs, r, nk).gather(-1, pos[:, :, None, None, :].expand(b, hs, gs, r, L))
+        parts = [exact.masked_fill(~(seen & slot[:, :, None, None, :]), -math.inf).flatten(1, 2)]
+        if fill == "landmark":
+            _, full = classify_blocks(rows, valid, bs)
+            chosen = torch.zeros(b, hs, kbar.shape[2] + 1, dtype=torch.bool, device=q.device)
+            chosen.scatter_(2, torch.where(idx >= 0, idx, kbar.shape[2]), True)
+            use = _to_heads(full, hq) & ~_to_heads(chosen[..., :-1], hq) & (log_n > -math.inf)
+            pseudo = torch.einsum("bhrd,bhjd->bhrj", qi, kbar) * scale + log_n[:, :, None]
+            parts.append(pseudo.masked_fill(~use[:, :, None], -math.inf))
+        logits = torch.cat(parts, dim=-1)
+        seen_any = (logits > -math.inf).any(dim=-1, keepdim=True)
+        lse = torch.logsumexp(torch.where(seen_any, logits, torch.zeros_like(logits)), dim=-1, keepdim=True)
+        p = torch.where(seen_any, (logits - lse).exp(), torch.zeros_like(logits))
+        gi = go[:, :, t0:t1]  # [B, Hq, R, Dv]
+        gi_s = gi.unflatten(1, (hs, gs))
+        dp = torch.einsum("bsgrd,bsld->bsgrl", gi_s, vi).flatten(1, 2)
+        if fill == "landmark":
+            dp = torch.cat([dp, torch.einsum("bhrd,bhjd->bhrj", gi, vbar)], dim=-1)
+        o = (p[..., :L].unflatten(1, (hs, gs)) @ vi.unsqueeze(2)).flatten(1, 2)
+        if fill == "landmark":
+            o = o + p[..., L:] @ vbar
+        delta = (gi * o).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            delta = delta - torch.where(seen_any, grad_lse[:, :, t0:t1, None].to(dt), torch.zeros_like(delta))
+        ds = p * (dp - delta)
+        ds_e = ds[..., :L].unflatten(1, (hs, gs))
+        dq[:, :, t0:t1] = scale * torch.einsum("bsgrl,bsld->bsgrd", ds_e, ki).flatten(1, 2)
+        dki = scale * torch.einsum("bsgrl,bsgrd->bsld", ds_e, qi.unflatten(1, (hs, gs)))
+        dvi = torch.einsum("bsgrl,bsgrd->bsld", p[..., :L].unflatten(1, (hs, gs)), gi_s)
+        live = slot[..., None].to(dt)  # padding slots point at a clamped key: drop them
+        dk.scatter_add_(2, pos[..., None].expand_as(dki), dki * live)
+        dv.scatter_add_(2, pos[..., None].expand_as(dvi), dvi * live)
+        if fill == "landmark":
+            ds_f, p_f = ds[..., L:], p[..., L:]
+            dq[:, :, t0:t1] += scale * ds_f @ kbar
+            dkbar += scale * ds_f.transpose(-1, -2) @ qi
+            dvbar += p_f.transpose(-1, -2) @ gi
+    if hs != hkv:  # fold per-head copies back onto the kv heads
+        dk = dk.unflatten(1, (hkv, hs // hkv)).sum(2)
+        dv = dv.unflatten(1, (hkv, hs // hkv)).sum(2)
+    if fill == "landmark":
+        g = hq // hkv
+        dkbar = dkbar.unflatten(1, (hkv, g)).sum(2)
+        dvbar = dvbar.unflatten(1, (hkv, g)).sum(2)
+        w = (valid.to(dt) / pooled.count.clamp(min=1).repeat_interleave(bs, dim=2)[..., :nk])[..., None]
+        dk = dk + dkbar.repeat_interleave(bs, dim=2)[:, :, :nk] * w
+        dv = dv + dvbar.repeat_interleave(bs, dim=2)[:, :, :nk] * w
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
