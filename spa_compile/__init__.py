@@ -1,7 +1,27 @@
-"""spa_compile: a torch.compile backend that turns attention into Sparse Projected Attention."""
+"""spa_compile: a torch.compile backend that turns attention into Sparse Projected Attention.
 
+    model = torch.compile(model, backend="spa")
+
+See SPEC.md for the semantics and README.md for explain, tuning and inspection.
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.spa.attention)
+from .backend import spa_backend
 from .config import SPAConfig
+from .explain import Report, SiteReport, explain
+from .functional import spa_attention
 from .projector import Projector
 from .visibility import BiasMaskError, Visibility
 
-__all__ = ["SPAConfig", "Projector", "Visibility", "BiasMaskError"]
+__all__ = [
+    "SPAConfig",
+    "Projector",
+    "Report",
+    "SiteReport",
+    "Visibility",
+    "BiasMaskError",
+    "explain",
+    "spa_attention",
+    "spa_backend",
+]
+__version__ = "0.1.0"
