@@ -29,6 +29,7 @@ from .visibility import BiasMaskError, Visibility, mask_to_visibility, num_block
 OP_FIELDS = ("block_size", "density", "topk", "min_blocks", "max_blocks", "sink_blocks", "local_blocks", "fill", "selection")
 
 
+@torch.compiler.assume_constant_result  # a config is a constant of the traced program
 def config_to_str(cfg: SPAConfig) -> str:
     """The op's ``config`` argument: a compact JSON string of :data:`OP_FIELDS`."""
     return json.dumps({f: getattr(cfg, f) for f in OP_FIELDS}, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,237 @@
+"""The reference implementation against SDPA (exactness) and against SPEC.md read literally."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from naive_spa import naive_spa
+from spa_compile import Projector, SPAConfig, Visibility
+from spa_compile import reference as R
+
+
+def _inputs(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
+    return mk(b, hq, nq, d), mk(b, hkv, nk, d), mk(b, hkv, nk, dv or d)
+
+
+def _sdpa(q, k, v, **kw):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# Exactness: every visible block selected -> dense attention
+# ---------------------------------------------------------------------------------------
+
+shapes = st.fixed_dictionaries(
+    {
+        "b": st.integers(1, 2),
+        "hkv": st.sampled_from([1, 2]),
+        "g": st.sampled_from([1, 2, 4]),
+        "nq": st.integers(1, 90),
+        "nk": st.integers(1, 90),
+        "d": st.sampled_from([4, 8, 16]),
+        "block": st.sampled_from([16, 32]),
+        "mask": st.sampled_from(["none", "causal", "bool", "additive", "padding"]),
+        "selection": st.sampled_from(["group", "head"]),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_full_density_equals_sdpa(p):
+    q, k, v = _inputs(p["b"], p["hkv"] * p["g"], p["hkv"], p["nq"], p["nk"], p["d"], seed=p["seed"])
+    gen = torch.Generator().manual_seed(p["seed"] + 1)
+    kw = {}
+    if p["mask"] == "causal":
+        kw["is_causal"] = True
+    elif p["mask"] == "bool":
+        kw["attn_mask"] = torch.rand(p["b"], 1, p["nq"], p["nk"], generator=gen) > 0.3
+    elif p["mask"] == "additive":
+        keep = torch.rand(p["nq"], p["nk"], generator=gen) > 0.3
+        kw["attn_mask"] = torch.zeros(p["nq"], p["nk"]).masked_fill(~keep, -math.inf)
+    elif p["mask"] == "padding":
+        lengths = torch.randint(1, p["nk"] + 1, (p["b"],), generator=gen)
+        kw["attn_mask"] = (torch.arange(p["nk"])[None, :] < lengths[:, None])[:, None, None, :]
+    cfg = SPAConfig(density=1.0, block_size=p["block"], selection=p["selection"])
+    out = R.spa_attention(q, k, v, config=cfg, enable_gqa=True, **kw)
+    ref = _sdpa(q, k, v, **kw)
+    # rows that see no key: SPEC says 0; SDPA gives NaN or 0 depending on the backend
+    seen = _visible_rows(kw, p)
+    torch.testing.assert_close(out[seen], ref[seen], rtol=1e-5, atol=1e-5)
+    assert torch.all(out[~seen] == 0)
+
+
+def _visible_rows(kw, p):
+    b, hq, nq = p["b"], p["hkv"] * p["g"], p["nq"]
+    if "attn_mask" not in kw:
+        seen = torch.ones(b, hq, nq, dtype=torch.bool)
+        if kw.get("is_causal"):
+            return seen  # top-left causal: row t sees key 0
+        return seen if p["nk"] > 0 else ~seen
+    m = kw["attn_mask"]
+    vis = m if m.dtype == torch.bool else m == 0
+    return vis.expand(b, hq, nq, p["nk"]).any(-1)
+
+
+def test_topk_at_least_visible_blocks_is_exact():
+    q, k, v = _inputs(1, 4, 2, 100, 100, 16)
+    cfg = SPAConfig(topk=10, block_size=16, sink_blocks=0, local_blocks=0)
+    out = R.spa_attention(q, k, v, is_causal=True, config=cfg, enable_gqa=True)
+    torch.testing.assert_close(out, _sdpa(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_computed_in_fp32(dtype):
+    q, k, v = _inputs(1, 2, 2, 70, 70, 16, dtype=dtype)
+    out, lse = R.spa_attention(q, k, v, is_causal=True, config=SPAConfig(density=1.0, block_size=16), return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    ref = _sdpa(q.float(), k.float(), v.float(), is_causal=True)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------
+# Selection and fill against the literal transcription of SPEC.md
+# ---------------------------------------------------------------------------------------
+
+
+def _visible_full(kind, b, hq, nq, nk, gen, offset=0, window=None):
+    t = torch.arange(nq)[:, None]
+    u = torch.arange(nk)[None, :]
+    vis = torch.ones(b, hq, nq, nk, dtype=torch.bool)
+    if kind in ("causal", "causal_padding", "window"):
+        vis &= u <= t + offset
+    if kind == "window":
+        vis &= u > t + offset - window
+    if kind in ("padding", "causal_padding"):
+        lengths = torch.randint(nk // 2, nk + 1, (b,), generator=gen)
+        vis &= (torch.arange(nk)[None, :] < lengths[:, None])[:, None, None, :]
+    if kind == "bool":
+        vis &= torch.rand(b, 1, nq, nk, generator=gen) > 0.4
+    return vis
+
+
+CASES = [
+    dict(kind="causal", density=0.3, sink=1, local=1, fill="landmark"),
+    dict(kind="causal", density=0.5, sink=0, local=2, fill="none"),
+    dict(kind="none", topk=2, sink=1, local=0, fill="landmark"),
+    dict(kind="padding", density=0.4, sink=1, local=1, fill="landmark"),
+    dict(kind="causal_padding", density=0.3, sink=1, local=1, fill="landmark", per_head=True),
+    dict(kind="bool", density=0.4, sink=1, local=1, fill="landmark"),
+    dict(kind="causal", density=0.2, min_blocks=2, max_blocks=3, sink=1, local=1, fill="landmark"),
+    dict(kind="window", density=0.3, sink=1, local=1, fill="landmark", window=40, offset=0),
+    dict(kind="causal", density=0.3, sink=1, local=1, fill="landmark", offset=23, nk_extra=23),
+    dict(kind="causal", density=0.3, sink=1, local=1, fill="landmark", projector=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_literal_spec(case):
+    gen = torch.Generator().manual_seed(7)
+    b, hkv, g, d, block = 2, 2, 2, 8, 16
+    nq = 75
+    nk = nq + case.get("nk_extra", 0)
+    hq = hkv * g
+    q, k, v = _inputs(b, hq, hkv, nq, nk, d, dv=6, dtype=torch.float64, seed=3)
+    offset, window = case.get("offset", 0), case.get("window")
+    visible = _visible_full(case["kind"], b, hq, nq, nk, gen, offset, window)
+    projector = None
+    if case.get("projector"):
+        projector = Projector(torch.randn(hkv, d, 4, generator=gen, dtype=torch.float64),
+                              torch.randn(hkv, d, 4, generator=gen, dtype=torch.float64))
+    cfg = SPAConfig(block_size=block, density=case.get("density", 0.2), topk=case.get("topk"),
+                    min_blocks=case.get("min_blocks"), max_blocks=case.get("max_blocks"),
+                    sink_blocks=case["sink"], local_blocks=case["local"], fill=case["fill"],
+                    selection="head" if case.get("per_head") else "group")
+    if case["kind"] in ("bool",):
+        vis = Visibility(nq=nq, nk=nk, mask=visible[:, :1])
+    else:
+        kv = visible.any(dim=(1, 2)) if "padding" in case["kind"] else None
+        vis = Visibility(nq=nq, nk=nk, causal=case["kind"] != "none" and "causal" in case["kind"] or case["kind"] == "window",
+                         offset=offset, window=window, key_valid=kv)
+        if kv is not None:  # the literal predicate: causal/window & key_valid
+            visible = _visible_full("causal" if vis.causal else "none", b, hq, nq, nk, gen, offset, window) & kv[:, None, None, :]
+            if window is not None:
+                visible &= _visible_full("window", b, hq, nq, nk, gen, offset, window)
+    scale = 0.3
+    out, lse = R.spa_attention(q, k, v, scale=scale, enable_gqa=True, config=cfg, projector=projector,
+                               visibility=vis, return_lse=True)
+    ref_out, ref_lse, S = naive_spa(
+        q, k, v, visible, scale, block=block, density=cfg.density if cfg.topk is None else None, topk=cfg.topk,
+        min_blocks=cfg.min_blocks, max_blocks=cfg.max_blocks, sink=cfg.sink_blocks, local=cfg.local_blocks,
+        fill=cfg.fill, per_head=cfg.selection == "head", offset=offset,
+        pq=None if projector is None else projector.pq, pk=None if projector is None else projector.pk,
+    )
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-6, atol=1e-6)
+    # the selection itself, block for block
+    valid = R.valid_keys(vis, b, hkv, block, q.device)
+    pooled = R.pool_blocks(k, v, valid, block)
+    sel = R.select_blocks(q, pooled, vis, valid, scale, cfg, projector)
+    for (bb, s, i), blocks in S.items():
+        got = sel.index[bb, s, i][: sel.count[bb, s, i]].tolist()
+        assert got == sorted(blocks), (bb, s, i)
+        assert (sel.index[bb, s, i][sel.count[bb, s, i]:] == -1).all()
+
+
+def test_sparse_selection_really_drops_blocks_and_fill_helps():
+    """At low density the output differs from dense, and the fill brings it closer."""
+    torch.manual_seed(0)
+    q, k, v = _inputs(1, 4, 4, 512, 512, 32, seed=11)
+    dense = _sdpa(q, k, v, is_causal=True)
+    cfg = SPAConfig(density=0.2, block_size=32)
+    with_fill = R.spa_attention(q, k, v, is_causal=True, config=cfg)
+    no_fill = R.spa_attention(q, k, v, is_causal=True, config=cfg.replace(fill="none"))
+    err = lambda x: float((x - dense).norm() / dense.norm())  # noqa: E731
+    assert err(with_fill) > 1e-4  # it is sparse
+    assert err(with_fill) < err(no_fill)
+
+
+def test_fully_masked_row_is_zero_with_lse_minus_inf():
+    q, k, v = _inputs(1, 2, 2, 20, 20, 8)
+    mask = torch.ones(20, 20, dtype=torch.bool)
+    mask[5] = False
+    out, lse = R.spa_attention(q, k, v, attn_mask=mask, config=SPAConfig(block_size=16), return_lse=True)
+    assert torch.all(out[:, :, 5] == 0) and torch.all(lse[:, :, 5] == -math.inf)
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fill", ["landmark", "none"])
+@pytest.mark.parametrize("kind", ["causal", "padding"])
+def test_gradcheck_with_fixed_selection(fill, kind):
+    q, k, v = (x.requires_grad_() for x in _inputs(1, 4, 2, 37, 37, 4, dtype=torch.float64, seed=5))
+    cfg = SPAConfig(block_size=16, density=0.4, sink_blocks=0, local_blocks=1, fill=fill)
+    kv = None
+    if kind == "padding":
+        kv = torch.ones(1, 37, dtype=torch.bool)
+        kv[0, 30:] = False
+    vis = Visibility(nq=37, nk=37, causal=kind == "causal", key_valid=kv)
+    valid = R.valid_keys(vis, 1, 2, 16, q.device)
+    pooled = R.pool_blocks(k.detach(), v.detach(), valid, 16)
+    sel = R.select_blocks(q.detach(), pooled, vis, valid, 0.5, cfg)
+
+    def f(q_, k_, v_):
+        pooled_ = R.pool_blocks(k_, v_, valid, 16)
+        return R.sparse_attention(q_, k_, v_, sel, pooled_, vis, valid, 0.5, fill, 16)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    # the hand-written backward (what the op registers) equals autograd of the forward
+    out, lse = f(q, k, v)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    auto = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
+    manual = R.sparse_attention_backward(go, gl, q, k, v, sel, vis, valid, 0.5, fill, 16)
+    for a, m in zip(auto, manual):
+        torch.testing.assert_close(m, a, rtol=1e-10, atol=1e-10)
