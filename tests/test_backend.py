@@ -140,3 +140,24 @@ def test_graph_breaks_still_rewrite_each_graph():
     out = torch.compile(f, backend="spa", options={**EXACT, "inner_backend": "eager"})(q)
     a = F.scaled_dot_product_attention(q, q, q, is_causal=True)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(a, a, a), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_sdpa_arguments_by_position_and_keyword_with_masks(mask_kind):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 50, 8, generator=gen) for _ in range(3))
+    keep = torch.rand(2, 1, 50, 50, generator=gen) > 0.3
+    mask = keep if mask_kind == "bool" else torch.zeros(2, 1, 50, 50).masked_fill(~keep, float("-inf"))
+
+    def positional(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, m, 0.0, False, scale=0.3)
+
+    def keyword(q, k, v, m):
+        return F.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=m, scale=0.3)
+
+    for fn in (positional, keyword):
+        report = spa_compile.explain(fn, q, k, v, mask, config={"mode": "spa"})
+        assert [(s.decision, s.mask) for s in report.sites] == [("spa", mask_kind)]
+        torch._dynamo.reset()
+        out = torch.compile(fn, backend="spa", options={**EXACT, "inner_backend": "aot_eager"})(q, k, v, mask)
+        torch.testing.assert_close(out, fn(q, k, v, mask), rtol=1e-5, atol=1e-5)
