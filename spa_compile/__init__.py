@@ -10,6 +10,8 @@ from .backend import spa_backend
 from .config import SPAConfig
 from .explain import Report, SiteReport, explain
 from .functional import spa_attention
+from .inspection import inspect
+from .logging_setup import configure_from_env as _configure_logging_from_env
 from .projector import Projector
 from .visibility import BiasMaskError, Visibility
 
@@ -21,7 +23,10 @@ __all__ = [
     "Visibility",
     "BiasMaskError",
     "explain",
+    "inspect",
     "spa_attention",
     "spa_backend",
 ]
 __version__ = "0.1.0"
+
+_configure_logging_from_env()  # SPA_LOG=1 prints each site's decision (see logging_setup)
