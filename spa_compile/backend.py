@@ -55,7 +55,11 @@ def apply_spa_passes(gm: fx.GraphModule, cfg: SPAConfig) -> list[tuple[Any, Any]
         decision = decide(site, cfg)
         record = (site, decision)
         results.append(record)
-        log.info("spa site %s: %s (%s)", site.name, decision.decision, decision.reason)
+        log.info(
+            "spa site %s: %s (%s) [pattern=%s mask=%s q=%s k=%s]", site.name, decision.decision, decision.reason,
+            getattr(site, "pattern", "sdpa"), getattr(site, "mask_kind", "?"),
+            "x".join(map(str, getattr(site, "q_shape", ()))), "x".join(map(str, getattr(site, "k_shape", ()))),
+        )
         for callback in _recorders:
             callback(record)
         if decision.decision == "spa":
@@ -63,6 +67,10 @@ def apply_spa_passes(gm: fx.GraphModule, cfg: SPAConfig) -> list[tuple[Any, Any]
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    log.debug(
+        "spa passes: %d attention site(s) in this graph, %d rewritten into spa.attention",
+        len(results), sum(d.decision == "spa" for _, d in results),
+    )
     return results
 
 
