@@ -29,9 +29,9 @@ def make_model(seq_len=128):
     return Model(), (q, k, v)
 
 
-# FX-BEFORE: #   model.attn: spa pattern=sdpa mask=causal k=1/2 (mode='spa')
+# FX-BEFORE: #   model.attn: spa pattern=sdpa mask=causal k=1/2 ({{.*}})
 # FX-BEFORE-LABEL: def forward(self, L_q_: "f32[4, 128, 16]"
-# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=causal k=1/2 (mode='spa')
+# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=causal k=1/2 ({{.*}})
 # FX-BEFORE-NEXT: scaled_dot_product_attention: "f32[4, 128, 16]" = torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_, is_causal = True)
 
 # FX-AFTER-LABEL: def forward(
@@ -39,7 +39,7 @@ def make_model(seq_len=128):
 # FX-AFTER: [[Q:[a-z_0-9]+]] = l_q_.unsqueeze(1)
 # FX-AFTER: [[K:[a-z_0-9]+]] = l_k_.unsqueeze(1)
 # FX-AFTER: [[V:[a-z_0-9]+]] = l_v_.unsqueeze(1)
-# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=causal k=1/2 (mode='spa')
+# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=causal k=1/2 ({{.*}})
 # FX-AFTER-NEXT: {{^ *}}[[OP:[a-z_0-9]+]] = torch.ops.spa.attention.default([[Q]], [[K]], [[V]], None, None, None, None, 0.25, True, 0, -1, '{{.*}}')
 # FX-AFTER-NEXT: {{^ *}}[[OUT:[a-z_0-9]+]] = [[OP]][0]
 # FX-AFTER: "f32[4, 128, 16]" = [[OUT]].squeeze(1)

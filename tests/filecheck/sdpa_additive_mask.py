@@ -34,18 +34,18 @@ def make_model(seq_len=128):
     return Model(), (q, k, v, key_padding)
 
 
-# FX-BEFORE: #   model.attn: spa pattern=sdpa mask=additive k=1/2 (mode='spa')
+# FX-BEFORE: #   model.attn: spa pattern=sdpa mask=additive k=1/2 ({{.*}})
 # FX-BEFORE-LABEL: def forward(
 # FX-BEFORE: [[MASK:[a-z_0-9]+]]: "f32[2, 128]" = zeros.masked_fill(l_key_padding_, -inf)
 # FX-BEFORE: [[M4:[a-z_0-9]+]]: "f32[2, 1, 1, 128]" = [[MASK]][
-# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=additive k=1/2 (mode='spa')
+# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=additive k=1/2 ({{.*}})
 # FX-BEFORE-NEXT: torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_, attn_mask = [[M4]])
 
 # The mask's ops stay; their result is the SPA op's attn_mask.
 # FX-AFTER-LABEL: def forward(
 # FX-AFTER: zeros.masked_fill(l_key_padding_, -inf)
 # FX-AFTER: [[M4:[a-z_0-9]+]]: "f32[2, 1, 1, 128]" = mask[
-# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=additive k=1/2 (mode='spa')
+# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=additive k=1/2 ({{.*}})
 # FX-AFTER-NEXT: torch.ops.spa.attention.default(l_q_, l_k_, l_v_, [[M4]], None, None, None, 0.25, False, 0, -1, '{{.*}}')
 # FX-AFTER-NOT: scaled_dot_product_attention
 

@@ -30,16 +30,16 @@ def make_model(seq_len=128):
     return Model(), (q, k, v, mask)
 
 
-# FX-BEFORE: #   model.attn: spa pattern=sdpa mask=bool k=1/2 (mode='spa')
+# FX-BEFORE: #   model.attn: spa pattern=sdpa mask=bool k=1/2 ({{.*}})
 # FX-BEFORE-LABEL: def forward(
 # FX-BEFORE-SAME: L_mask_: "b8[1, 1, 128, 128]"
-# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=bool k=1/2 (mode='spa')
+# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=bool k=1/2 ({{.*}})
 # FX-BEFORE-NEXT: torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_, attn_mask = l_mask_)
 
 # The bool mask is the op's attn_mask operand; is_causal stays False.
 # FX-AFTER-LABEL: def forward(
 # FX-AFTER-NOT: scaled_dot_product_attention
-# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=bool k=1/2 (mode='spa')
+# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=bool k=1/2 ({{.*}})
 # FX-AFTER-NEXT: torch.ops.spa.attention.default(l_q_, l_k_, l_v_, l_mask_, None, None, None, 0.25, False, 0, -1, '{{.*}}')
 # FX-AFTER-NOT: scaled_dot_product_attention
 

@@ -31,7 +31,7 @@ def make_model(seq_len=128):
 
 # FX-BEFORE: # spa_compile.inspect: stage=before graph 1 of 1: 1 attention site(s), 1 SPA, 0 dense
 # FX-BEFORE-LABEL: def forward(self, L_q_: "f32[1, 2, 128, 16]"
-# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=causal k=1/2 (mode='spa')
+# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=causal k=1/2 ({{.*}})
 # FX-BEFORE-NEXT: scaled_dot_product_attention: "f32[1, 2, 128, 16]" = torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_, is_causal = True)
 # FX-BEFORE-NOT: spa.attention
 # FX-BEFORE: return
@@ -39,13 +39,13 @@ def make_model(seq_len=128):
 # FX-AFTER: # spa_compile.inspect: stage=after graph 1 of 1: 1 attention site(s), 1 SPA, 0 dense
 # FX-AFTER-LABEL: def forward(
 # FX-AFTER-NOT: scaled_dot_product_attention
-# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=causal k=1/2 (mode='spa')
+# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=causal k=1/2 ({{.*}})
 # FX-AFTER-NEXT: {{^ *}}[[OP:[a-z_0-9]+]] = torch.ops.spa.attention.default(l_q_, l_k_, l_v_, None, None, None, None, 0.25, True, 0, -1, '{"block_size":64,"density":0.2,{{.*}}}')
 # FX-AFTER-NEXT: {{^ *}}[[OUT:[a-z_0-9]+]]: "f32[1, 2, 128, 16]" = [[OP]][0]
 # FX-AFTER-NOT: scaled_dot_product_attention
 # FX-AFTER: mul: "f32[1, 2, 128, 16]" = [[OUT]] * 2
 
-# MLIR-BEFORE: //   model.attn: spa pattern=sdpa mask=causal k=1/2 (mode='spa')
+# MLIR-BEFORE: //   model.attn: spa pattern=sdpa mask=causal k=1/2 ({{.*}})
 # MLIR-BEFORE-LABEL: func.func @main(%arg0: !torch.vtensor<[1,2,128,16],f32>, %arg1: !torch.vtensor<[1,2,128,16],f32>, %arg2: !torch.vtensor<[1,2,128,16],f32>)
 # MLIR-BEFORE-DAG: [[CAUSAL:%true[_0-9]*]] = torch.constant.bool true
 # MLIR-BEFORE: torch.aten.scaled_dot_product_attention %arg0, %arg1, %arg2, %none{{[_0-9]*}}, %float0.000000e00, [[CAUSAL]], %none{{[_0-9]*}}, %false{{.*}} -> !torch.vtensor<[1,2,128,16],f32>

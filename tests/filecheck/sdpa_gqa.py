@@ -30,15 +30,15 @@ def make_model(seq_len=256):
     return Model(), (q, k, v)
 
 
-# FX-BEFORE: #   model.attn: spa pattern=sdpa mask=causal k=1/4 (mode='spa')
+# FX-BEFORE: #   model.attn: spa pattern=sdpa mask=causal k=1/4 ({{.*}})
 # FX-BEFORE-LABEL: def forward(self, L_q_: "f32[1, 4, 256, 16]", L_k_: "f32[1, 2, 256, 16]", L_v_: "f32[1, 2, 256, 16]")
-# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=causal k=1/4 (mode='spa')
+# FX-BEFORE: # spa site model.attn: spa pattern=sdpa mask=causal k=1/4 ({{.*}})
 # FX-BEFORE-NEXT: torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, l_v_, is_causal = True, enable_gqa = True)
 
 # topk=2 shows in k and in the op's config; k/v keep their 2 heads (no repeat_interleave).
 # FX-AFTER-LABEL: def forward(
 # FX-AFTER-NOT: repeat_interleave
-# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=causal k=2/4 (mode='spa')
+# FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=causal k=2/4 ({{.*}})
 # FX-AFTER-NEXT: torch.ops.spa.attention.default(l_q_, l_k_, l_v_, None, None, None, None, 0.25, True, 0, -1, '{{.*}}"topk":2}')
 # FX-AFTER-NEXT: "f32[1, 4, 256, 16]"
 # FX-AFTER-NOT: scaled_dot_product_attention
