@@ -17,17 +17,32 @@ FILLS = ("landmark", "none")
 SELECTIONS = ("group", "head")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 SITE_DECISIONS = ("spa", "dense")
+# Built-in hardware profiles (spa_compile.hardware.BUILTIN_PROFILES); "auto" measures the present GPU.
+DEVICE_PROFILES = ("auto", "h100", "h200", "a100")
 
-# Below this many keys a dense kernel wins everywhere we have measured; the
-# cost-model issue replaces this plain threshold with per-card predictions.
+# The plain threshold used in mode "auto" when no hardware profile applies (the site's
+# tensors are not on a GPU and device_profile is "auto"): below it a dense kernel wins.
 DEFAULT_MIN_SEQ_LEN = 4096
+
+
+class SPAConfigError(ValueError):
+    """An invalid SPAConfig value: names the field, the value and what is allowed.
+
+    ``source`` says where the value came from (``"options="``, an environment variable,
+    a config file) when :mod:`spa_compile.config_sources` knows it.
+    """
+
+    def __init__(self, field: str, value: Any, allowed: str, source: str | None = None):
+        self.field, self.value, self.allowed, self.source = field, value, allowed, source
+        where = f" (from {source})" if source else ""
+        super().__init__(f"SPAConfig.{field} = {value!r}{where} is not allowed: expected {allowed}.")
 
 
 @dataclass(frozen=True)
 class SPAConfig:
     """Configuration of Sparse Projected Attention (see SPEC.md for the semantics).
 
-    mode:          "auto" (SPA where it pays, by ``min_seq_len`` for now), "spa" (always), "dense" (never).
+    mode:          "auto" (SPA where the cost model predicts it faster by ``margin``), "spa" (always), "dense" (never).
     block_size:    rows per query block and keys per key block (Bq = Bk).
     density:       share of the visible key blocks picked by top-k when ``topk`` is None.
     topk:          fixed number of top-k blocks per query block (overrides ``density``).
@@ -37,9 +52,17 @@ class SPAConfig:
     fill:          "landmark" keeps the mass of dropped blocks with one pseudo-key per block; "none" drops it.
     selection:     "group" shares one selection across the query heads of a kv head; "head" selects per head.
     projectors:    path of a projector file (safetensors) or None for the identity (pooled) projector.
-    min_seq_len:   "auto" or an int: in mode "auto", sites with fewer keys stay dense.
+    min_seq_len:   "auto" (the cost model's crossover) or an int that overrides it: in mode "auto",
+                   sites with fewer keys stay dense and the others take SPA.
     inner_backend: compiler for the rewritten graph: "inductor", "aot_eager" or "eager".
     sites:         per-site overrides, ``{"model.layers.0.*": "dense"}`` (fnmatch patterns on site names).
+    device_profile: hardware the cost model predicts for: "auto" (the GPU the site runs on, measured
+                   once and cached), a built-in profile ("h100", "h200", "a100") or a profile JSON file.
+    margin:        in mode "auto", SPA is chosen only where predicted at least this much faster:
+                   ``t_spa * (1 + margin) <= t_dense``.
+
+    ``from_options`` layers, in rising precedence: the defaults, ``[tool.spa]`` in ./pyproject.toml,
+    ./spa.toml, ``SPA_*`` environment variables, the options (see :mod:`spa_compile.config_sources`).
     """
 
     mode: str = "auto"
@@ -56,6 +79,8 @@ class SPAConfig:
     min_seq_len: Any = "auto"
     inner_backend: str = "inductor"
     sites: Mapping[str, str] = field(default_factory=dict)
+    device_profile: str = "auto"
+    margin: float = 0.1
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -63,20 +88,23 @@ class SPAConfig:
     # -- construction -----------------------------------------------------------------
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "SPAConfig" | None = None, **overrides: Any) -> "SPAConfig":
-        """Build from a mapping of field names (``torch.compile(options=...)``) plus overrides."""
+        """Build from a mapping of field names (``torch.compile(options=...)``) plus overrides.
+
+        A mapping (or None) is layered over the config files and ``SPA_*`` environment variables
+        of :mod:`spa_compile.config_sources`; an SPAConfig is taken as complete (no layering).
+        """
         if isinstance(options, SPAConfig):
             base = dataclasses.asdict(options)
-        elif options is None:
-            base = {}
-        elif isinstance(options, Mapping):
-            base = dict(options)
-        else:
+            base.update(overrides)
+            _check_names(base)
+            return cls(**base)
+        if options is not None and not isinstance(options, Mapping):
             raise ValueError(
                 f"SPA options must be a dict of SPAConfig fields or an SPAConfig, got {type(options).__name__}"
             )
-        base.update(overrides)
-        _check_names(base)
-        return cls(**base)
+        from .config_sources import resolve
+
+        return resolve(options, overrides).config
 
     def replace(self, **changes: Any) -> "SPAConfig":
         _check_names(changes)
@@ -105,7 +133,7 @@ def _check_names(values: Mapping[str, Any]) -> None:
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"SPAConfig.{name} = {value!r} is not allowed: expected {allowed}.")
+    raise SPAConfigError(name, value, allowed)
 
 
 def _is_int(value: Any) -> bool:
@@ -155,3 +183,22 @@ def _validate(cfg: SPAConfig) -> None:
     for pattern, decision in cfg.sites.items():
         if not isinstance(pattern, str) or decision not in SITE_DECISIONS:
             _fail("sites", {pattern: decision}, "a dict of site-name pattern (str) -> 'spa' | 'dense'")
+    _validate_device_profile(cfg)
+    if isinstance(cfg.margin, bool) or not isinstance(cfg.margin, (int, float)) or not (
+        math.isfinite(cfg.margin) and 0.0 <= cfg.margin <= 10.0
+    ):
+        _fail("margin", cfg.margin, "a float in [0, 10] (0.1: SPA must be predicted 10% faster)")
+
+
+def _validate_device_profile(cfg: SPAConfig) -> None:
+    value = cfg.device_profile
+    if hasattr(value, "__fspath__"):
+        value = str(value.__fspath__())
+    allowed = "one of " + ", ".join(repr(p) for p in DEVICE_PROFILES) + " or the path of a profile .json file"
+    if not isinstance(value, str):
+        _fail("device_profile", cfg.device_profile, allowed)
+    if value.lower() in DEVICE_PROFILES:
+        value = value.lower()
+    elif not value.endswith(".json"):
+        _fail("device_profile", cfg.device_profile, allowed)
+    object.__setattr__(cfg, "device_profile", value)
