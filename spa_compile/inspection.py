@@ -68,6 +68,7 @@ class SiteInfo:
     node: str  # the site's output node in the "before" graph
     inputs: list[str]  # q, k, v (and the mask) nodes
     spa_node: str | None = None  # the torch.ops.spa.attention node in the "after" graph
+    chain: list[str] = field(default_factory=list)  # a decomposed site's matched nodes (matmul ... matmul)
 
     def summary(self) -> str:
         return f"{self.name}: {self.decision} pattern={self.pattern} mask={self.mask} k={self.k} ({self.reason})"
@@ -149,6 +150,7 @@ def _site_info(site, decision, cfg: SPAConfig) -> SiteInfo:
         k=_k_label(site, decision.decision, cfg),
         node=site.node.name,
         inputs=[n for n in inputs if n is not None],
+        chain=[n.name for n in (getattr(site, "chain", None) or ()) if isinstance(n, fx.Node)],
     )
 
 
@@ -405,6 +407,7 @@ def _site_nodes(g, site: SiteInfo, stage: str) -> set[str]:
     for inp in site.inputs:
         if inp in g:
             core |= nx.descendants(g, inp) & ancestors
+    core.update(n for n in site.chain if n in g)  # a decomposed chain, where the matcher recorded it
     return core
 
 
