@@ -1,0 +1,133 @@
+"""Compile every SPA kernel for a GPU target without a GPU (Triton + bundled ptxas).
+
+Usage: python benchmarks/compile_check.py [--arch 90]
+Prints registers, spills and shared memory per kernel variant; exits non-zero on a compile error.
+Catches GPU-only compile errors (layouts, unsupported ops) that the interpreter cannot see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile, never interpret
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from spa_compile.codegen import pooling, selection, sparse_backward, sparse_forward  # noqa: E402
+
+_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+       torch.int8: "i8", torch.int64: "i64"}
+
+
+def signature(fn, args: dict):
+    """Triton signature, constexprs and the divisibility facts a real launch would specialise on
+    (pointers 16-byte aligned, strides multiples of 16)."""
+    sig, consts, attrs = {}, {}, {}
+    for pos, name in enumerate(fn.arg_names):
+        val = args[name]
+        p = fn.params[fn.arg_names.index(name)]
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+            consts[name] = val
+        elif isinstance(val, torch.dtype):
+            sig[name] = "*" + _TY[val]
+            attrs[(pos,)] = [["tt.divisibility", 16]]
+        elif isinstance(val, float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("s") and name[1:2] in "qkvodg" and len(name) <= 5 and name not in ("scale",):
+                attrs[(pos,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def compile_one(fn, args, arch, num_warps, num_stages, label):
+    sig, consts, attrs = signature(fn, args)
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    try:
+        c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as e:  # noqa: BLE001
+        print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}")
+        return False
+    regs, spill = "?", "?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        try:
+            res = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            m = re.search(r"REG:(\d+)", res)
+            s = re.search(r"STACK:(\d+)", res)
+            regs, spill = (m.group(1) if m else "?"), (s.group(1) if s else "?")
+        except OSError:
+            pass
+    ttgir = c.asm["ttgir"]
+    pipe = "async" if "async_copy_global_to_local" in ttgir else ("tma" if "async_tma" in ttgir else "sync")
+    sass_mma = "wgmma" if "wgmma" in c.asm["ptx"] else ("mma" if "mma.sync" in c.asm["ptx"] else "fma")
+    print(f"ok   {label}: regs {regs} stack {spill} smem {c.metadata.shared} mma {sass_mma} loads {pipe}")
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    ok = True
+    I = 0
+    for dt in ([torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]):
+        for d in ([128] if a.quick else [64, 128, 256]):
+            for bs, gp, w, s in [(64, 2, 8, 3), (64, 1, 4, 3), (128, 1, 8, 2)]:
+                if d == 256 and (gp * bs > 64 or s > 2):
+                    continue
+                for causal, fill, kv in [(True, True, False), (True, False, True)]:
+                    common = dict(Hq=32, Hkv=8, Hs=8, Nq=I, Nk=I, NQB=I, NKB=I, KMAX=I, OFF=I, WIN=I,
+                                  qk_scale=0.1, D=d, DV=d, BS=bs, GP=gp, BD=d, BDV=d, BJ=64, CAUSAL=causal,
+                                  WINDOW=False, HAS_KV=kv, FILL=fill, PREC=sparse_forward.dot_precision(dt))
+                    ptrs = dict(Q=dt, K=dt, V=dt, KBAR=dt, VBAR=dt, NB=torch.int32,
+                                FIRST=torch.int32, LAST=torch.int32, KVALID=torch.int8, IDX=torch.int32,
+                                CNT=torch.int32, O=dt, LSE=torch.float32, DO=dt, DELTA=torch.float32, DQ=dt)
+                    strides = {n: I for n in ["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh",
+                                              "son", "sdb", "sdh", "sdn", "sgb", "sgh", "sgn"]}
+                    args = {**common, **ptrs, **strides, "scale": 0.1}
+                    tag = f"{str(dt)[6:]} D{d} bs{bs} gp{gp} w{w} s{s} causal{int(causal)} fill{int(fill)} kv{int(kv)}"
+                    ok &= compile_one(sparse_forward._fwd_kernel, args, a.arch, w, s, "fwd " + tag)
+                    ok &= compile_one(sparse_backward._dq_kernel, args, a.arch, w, s, "dq  " + tag)
+                    if gp == 1:
+                        bargs = dict(args, REV_OFF=torch.int32, REV_I=torch.int32, DKBAR=torch.float32, DVBAR=torch.float32,
+                                     VALID=torch.int8, DK=dt, DV_=dt, REV_LEN=I, NSTEPS=I, B=I, ISPLIT=I, NSPLIT=I,
+                                     skgb=I, skgh=I, skgn=I, svgb=I, svgh=I, svgn=I)
+                        ww = 8 if bs * d >= 64 * 128 else 4
+                        ok &= compile_one(sparse_backward._dkdv_kernel, bargs, a.arch, ww, 2, "dkdv " + tag)
+                        if fill:
+                            ok &= compile_one(sparse_backward._landmark_kernel, bargs, a.arch, ww, 2, "lmk " + tag)
+    # selection
+    for kpb, qb in [(32, 16), (512, 8), (4096, 1)]:
+        for causal, window in [(True, False), (False, True)]:
+            args = dict(QP=torch.float32, KP=torch.float32, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32,
+                        CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
+                        KMAX=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
+                        CAUSAL=causal, WINDOW=window, BS=64, QB=qb, KPB=kpb, RC=max(1, min(128, 16384 // (qb * kpb))))
+            w = 4 if qb * kpb <= 1024 else 8
+            ok &= compile_one(selection._select_kernel, args, a.arch, w, 1, f"select kpb{kpb} qb{qb} causal{int(causal)} win{int(window)}")
+    args = dict(K=torch.bfloat16, V=torch.bfloat16, VALID=torch.int8, KBAR=torch.float32, VBAR=torch.float32, KLP=torch.bfloat16, VLP=torch.bfloat16, LP=True,
+                skb=I, skh=I, skn=I, svb=I, svh=I, svn=I, H=I, Nk=I, NKB=I, D=128, DV=128, BS=64, BD=128, BDV=128)
+    ok &= compile_one(pooling._pool_kv_kernel, args, a.arch, 8, 1, "pool_kv")
+    args = dict(Q=torch.bfloat16, QBAR=torch.float32, sqb=I, sqh=I, sqn=I, H=I, Nq=I, NQB=I, D=128, BS=64, BD=128)
+    ok &= compile_one(pooling._pool_q_kernel, args, a.arch, 8, 1, "pool_q")
+    args = dict(O=torch.bfloat16, DO=torch.bfloat16, DELTA=torch.float32, sob=I, soh=I, son=I, sdb=I, sdh=I, sdn=I,
+                H=I, Nq=I, DV=128, BM=64, BDV=128)
+    ok &= compile_one(sparse_backward._delta_kernel, args, a.arch, 4, 1, "delta")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

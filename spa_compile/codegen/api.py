@@ -1,0 +1,168 @@
+"""Entry points of the SPA kernels: what ``spa_compile.ops`` calls on CUDA.
+
+``spa_forward``  pool -> project -> select -> sparse attention with fill;
+``spa_backward`` delta -> dq -> landmark gradients -> dk/dv (selection held fixed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..budget import max_selected
+from ..config import SPAConfig
+from ..projector import Projector
+from ..visibility import Visibility
+from . import autotune
+from .blockinfo import BlockInfo, block_info
+from .pooling import pool_kv, pool_q
+from .selection import select
+from .sparse_backward import launch_delta, launch_dkdv, launch_dq, launch_landmark, landmark_splits, reverse_map
+from .sparse_forward import launch_forward
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_BLOCK = 128
+
+
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, cfg: SPAConfig) -> str | None:
+    """None when the kernels handle this call; else a short reason (the op then runs the reference)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.device.type != "cuda":
+            return f"{name} is on {x.device.type}, the kernels need CUDA"
+        if x.dim() != 4:
+            return f"{name} is not 4-D"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "q, k and v have different dtypes"
+    if vis.mask is not None:
+        return "a boolean/additive mask (the kernels take causal, offset, window and key padding only)"
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if nq == 0 or nk == 0 or b == 0:
+        return "an empty sequence or batch"
+    if hq % hkv:
+        return f"q heads ({hq}) not a multiple of kv heads ({hkv})"
+    if d > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM or d < 1:
+        return f"head dim {max(d, v.shape[-1])} > {MAX_HEAD_DIM}"
+    if cfg.block_size > MAX_BLOCK:
+        return f"block_size {cfg.block_size} > {MAX_BLOCK}"
+    if vis.key_valid is not None and tuple(vis.key_valid.shape[-1:]) != (nk,):
+        return "key_valid does not have Nk entries"
+    if vis.window is not None and vis.window < 0:
+        return "a negative window"
+    return None
+
+
+def _project(qbar: Tensor, kbar: Tensor, projector: Projector | None, cfg: SPAConfig, hkv: int):
+    """The same arithmetic as reference.select_blocks: project, then sum over the group."""
+    proj = projector or Projector.identity(hkv, qbar.shape[-1])
+    kp = proj.project_keys(kbar)
+    qp = proj.project_queries(qbar)
+    if cfg.selection == "group":
+        b, hq, nqb, r = qp.shape
+        qp = qp.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
+    return qp, kp
+
+
+def _attention_config(kernel, q, k, v, hs, info, fill, run):
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    cands = autotune.attention_candidates(g, info.block, max(d, v.shape[-1]), q.dtype, hs == hkv and g > 1)
+    key = (d, v.shape[-1], str(q.dtype).replace("torch.", ""), info.block, g, hs == hkv, info.causal,
+           info.has_window, info.key_valid is not None, fill)
+    return autotune.pick(kernel, key, cands, run, q.device)
+
+
+def _key_block_config(kernel, q, k, v, hs, info, fill, run):
+    b, hq, _, d = q.shape
+    g = hq // k.shape[1]
+    cands = autotune.key_block_candidates(info.block, max(d, v.shape[-1]), q.dtype)
+    key = (d, v.shape[-1], str(q.dtype).replace("torch.", ""), info.block, g, hs == k.shape[1], info.causal,
+           info.has_window, info.key_valid is not None, fill)
+    return autotune.pick(kernel, key, cands, run, q.device)
+
+
+def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax):
+    """Pool q, project, score and select: (index, count)."""
+    hkv = kbar.shape[1]
+    qbar = pool_q(q, cfg.block_size)
+    qp, kp = _project(qbar, kbar, projector, cfg, hkv)
+    return select(qp, kp, info, scale, cfg, kmax)
+
+
+def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool):
+    """The sparse attention kernel alone (exact part + optional fill): (out, lse)."""
+    out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    hs = index.shape[1]
+
+    def run(c):
+        return launch_forward(q, k, v, kbar, vbar, info, index, count, scale, fill, c, out, lse)
+
+    config = _attention_config("fwd", q, k, v, hs, info, fill, run)
+    return run(config)
+
+
+def spa_forward(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, scale: float, cfg: SPAConfig,
+                projector: Projector | None):
+    """out [B,Hq,Nq,Dv] (q.dtype), lse [B,Hq,Nq] f32, index [B,Hs,NQB,kmax] i32, count [B,Hs,NQB] i32."""
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    info = block_info(vis, b, nq, nk, cfg.block_size, q.device)
+    kmax = int(max_selected(nq, nk, vis, cfg))
+    kbar, vbar, kbar_lp, vbar_lp = pool_kv(k, v, info)
+    index, count = selection_stage(q, kbar, info, scale, cfg, projector, kmax)
+    out, lse = sparse_stage(q, k, v, kbar_lp, vbar_lp, info, index, count, scale, cfg.fill == "landmark")
+    return out, lse, index, count
+
+
+def spa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, index: Tensor,
+                 count: Tensor, vis: Visibility, scale: float, cfg: SPAConfig, deterministic: bool = False):
+    """dq, dk, dv with the selection held fixed (paths through kbar/vbar included).
+
+    Always deterministic: no atomics, every gradient element is written by one program
+    (``deterministic`` is accepted for the op's signature).
+    """
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    fill = cfg.fill == "landmark"
+    info = block_info(vis, b, nq, nk, cfg.block_size, q.device)
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    lse = lse.contiguous()
+    index, count = index.contiguous(), count.contiguous()
+    hs = index.shape[1]
+    _, _, kbar, vbar = pool_kv(k, v, info)
+    delta = launch_delta(out, grad_out)
+    rev_off, rev_i = reverse_map(index, count, info.nkb)
+
+    dq = torch.empty_like(q)
+
+    def run_dq(c):
+        return launch_dq(q, k, v, grad_out, lse, delta, kbar, vbar, info, index, count, scale, fill, c, dq)
+
+    run_dq(_attention_config("dq", q, k, v, hs, info, fill, run_dq))
+
+    dkbar = dvbar = None
+    if fill:
+        _, nsplit = landmark_splits(info.nqb)
+        bufs = (torch.empty(nsplit, b, hq, info.nkb, d, device=q.device, dtype=torch.float32),
+                torch.empty(nsplit, b, hq, info.nkb, v.shape[-1], device=q.device, dtype=torch.float32))
+
+        def run_lm(c):
+            return launch_landmark(q, grad_out, lse, delta, kbar, vbar, info, rev_off, rev_i, hs, scale, c, bufs)
+
+        dkbar, dvbar = run_lm(_key_block_config("landmark", q, k, v, hs, info, fill, run_lm))
+
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+    def run_dkdv(c):
+        return launch_dkdv(q, k, v, grad_out, lse, delta, dkbar, dvbar, info, rev_off, rev_i, hs, scale, fill, c,
+                           (dk, dv))
+
+    run_dkdv(_key_block_config("dkdv", q, k, v, hs, info, fill, run_dkdv))
+    return dq, dk, dv
