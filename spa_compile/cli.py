@@ -253,13 +253,44 @@ def _config_table(cfg, origins: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _site_patterns(cfg, target: Target) -> list[dict[str, Any]]:
+    """The model's attention sites (fake-tensor trace) and the ``sites`` pattern that names each."""
+    import fnmatch
+
+    from .explain import explain
+
+    report = explain(target.model, *target.args, config=cfg, **target.kwargs)
+    rows = []
+    for site in report.sites:
+        pattern = next((p for p in cfg.sites if fnmatch.fnmatchcase(site.name, p)), None)
+        rows.append({"site": site.name, "pattern": pattern, "decision": site.decision, "reason": site.reason})
+    return rows
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg, origins = resolve_config(parse_overrides(args.set))
+    sites = None
+    if args.model:
+        sites = _site_patterns(cfg, load_target(args.model, args.seq_len))
     if args.format == "json":
-        data = {f.name: {"value": getattr(cfg, f.name), "source": origins[f.name]} for f in fields(cfg)}
+        data: dict[str, Any] = {f.name: {"value": getattr(cfg, f.name), "source": origins[f.name]} for f in fields(cfg)}
+        if sites is not None:
+            data = {"config": data, "sites": sites}
         _write(args, json.dumps(data, indent=2, default=str))
     else:
-        _write(args, _config_table(cfg, origins))
+        text = _config_table(cfg, origins)
+        if sites is not None:
+            text += f"\n\nattention sites of {args.model} and the `sites` pattern naming each:\n"
+            if not sites:
+                text += "  (none found)"
+            w = max([len(r["site"]) for r in sites] + [4])
+            unused = [p for p in cfg.sites if not any(r["pattern"] == p for r in sites)]
+            text += "\n".join(
+                f"  {r['site'].ljust(w)}  {(r['pattern'] or '-'):<20}  {r['decision']}  ({r['reason']})" for r in sites
+            )
+            if unused:
+                text += "\nsites patterns that name no site: " + ", ".join(repr(p) for p in unused)
+        _write(args, text)
     return EXIT_OK
 
 
@@ -417,8 +448,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 _SET_HELP = (
-    "override an SPAConfig field, NAME=VALUE, repeatable (for example --set density=0.1 --set mode=spa "
-    "--set 'sites={\"model.layers.0.*\": \"dense\"}'); values are read as JSON, else as plain strings"
+    "override an SPAConfig field, NAME=VALUE, repeatable, above config files and SPA_* variables "
+    "(for example --set density=0.1 --set mode=spa --set topk=none --set 'sites=model.layers.0.*=dense' "
+    "or --set 'sites={\"model.layers.0.*\": \"dense\"}'); values take the field's type"
 )
 
 
@@ -539,9 +571,18 @@ def build_parser() -> argparse.ArgumentParser:
             "./pyproject.toml, ./spa.toml, SPA_<FIELD> environment variables, then the --set overrides "
             "(highest)."
         ),
-        epilog="Example:\n  spa config --set density=0.1 --set mode=spa --format json",
+        epilog=(
+            "Examples:\n  spa config --set density=0.1 --set mode=spa --format json\n"
+            "  spa config model.py --set 'sites=model.layers.0.*=dense'"
+        ),
     )
     _add_verbose(p)
+    p.add_argument(
+        "model", metavar="MODEL", nargs="?",
+        help=MODEL_HELP + ". Optional: with it, config also lists the model's attention sites and the "
+        "`sites` pattern that names each (a fake-tensor trace; nothing runs)",
+    )
+    p.add_argument("--seq-len", type=int, metavar="N", help="sequence length passed to the factory as seq_len=N")
     p.add_argument("--set", action="append", metavar="NAME=VALUE", default=[], help=_SET_HELP)
     _add_output_args(p, ("text", "json"), "text", "output format")
     p.set_defaults(func=cmd_config)

@@ -225,6 +225,16 @@ def test_config(capsys):
     assert rc == 0 and "block_size" in out and "--set" in out and "density" in out
 
 
+def test_config_with_a_model_names_the_sites(capsys, model_file):
+    rc, out, _ = run(capsys, "config", model_file, "--set", "sites=model.attn=dense,model.head*=spa", "--format", "json")
+    assert rc == 0
+    data = json.loads(out)
+    assert data["config"]["sites"]["source"] == "--set"
+    assert [(r["site"], r["pattern"], r["decision"]) for r in data["sites"]] == [("model.attn", "model.attn", "dense")]
+    rc, out, _ = run(capsys, "config", model_file, "--set", "sites=model.head*=spa")
+    assert rc == 0 and "sites patterns that name no site: 'model.head*'" in out
+
+
 def test_config_reports_environment(capsys, monkeypatch):
     pytest.importorskip("spa_compile.config_sources")
     monkeypatch.setenv("SPA_DENSITY", "0.3")
