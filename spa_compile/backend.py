@@ -17,8 +17,9 @@ import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers torch.ops.spa.*)
 from .config import SPAConfig
-from .passes.decision import decide
-from .passes.find_attention import find_sdpa_sites
+from .passes import graph_analysis
+from .passes.decision import Decision, decide
+from .passes.find_attention import find_attention_sites
 from .passes.rewrite import rewrite_site
 
 log = logging.getLogger("spa_compile")
@@ -51,8 +52,13 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
 def apply_spa_passes(gm: fx.GraphModule, cfg: SPAConfig) -> list[tuple[Any, Any]]:
     """Find, decide and rewrite every attention site of ``gm`` in place; returns (site, decision) pairs."""
     results = []
-    for site in find_sdpa_sites(gm):
-        decision = decide(site, cfg)
+    for site in find_attention_sites(gm):
+        # sites the analyses proved unsafe to rewrite (weights with other users, softmax over
+        # the wrong axis, a bias mask...) stay dense whatever the configuration says
+        reject = getattr(site, "reject_reason", None)
+        decision = Decision("dense", reject) if reject else decide(site, cfg)
+        if decision.decision == "spa" and getattr(site, "mask_note", None):
+            decision = Decision("spa", f"{decision.reason}; {site.mask_note}")
         record = (site, decision)
         results.append(record)
         log.info(
@@ -64,7 +70,9 @@ def apply_spa_passes(gm: fx.GraphModule, cfg: SPAConfig) -> list[tuple[Any, Any]
             callback(record)
         if decision.decision == "spa":
             rewrite_site(gm, site, cfg)
-    gm.graph.eliminate_dead_code()
+    # the rewritten sites' scores, weights and masks are dead now; in-place ops are kept
+    # exactly when they write to a tensor still needed (FX's own DCE drops them all)
+    graph_analysis.eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     log.debug(
