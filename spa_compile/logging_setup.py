@@ -70,6 +70,13 @@ def configure_from_env() -> None:
     if value is None:
         return
     try:
+        log = logging.getLogger(LOGGER_NAME)
+        if any(not isinstance(h, _SPAHandler) for h in log.handlers):
+            # TORCH_LOGS=spa_compile already installed PyTorch's handler: only the level, no second copy.
+            level = parse_level(value)
+            if level is not None:
+                log.setLevel(level)
+            return
         configure_logging(value)
     except ValueError as e:
         import warnings
