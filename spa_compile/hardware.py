@@ -1,0 +1,629 @@
+"""Hardware profiles for the cost model: rates, overheads and kernel efficiencies of a GPU.
+
+- Built-in profiles (:data:`BUILTIN_PROFILES`: ``"h100"``, ``"h200"``, ``"a100"``) let the cost
+  model and ``explain`` work on a machine without a GPU (``device_profile="h100"``).
+- On a GPU, ``device_profile="auto"`` measures the card once with a short microbenchmark
+  (:func:`measure_profile`: bf16 matmul rate, copy bandwidth, launch gap, host overheads,
+  achieved efficiency of SDPA and of the SPA kernels) and caches the result as JSON under
+  the user's cache folder (:func:`cache_dir`), keyed by card, compute capability and the
+  versions of torch, triton, CUDA, spa_compile and the SPA kernel sources.
+- A profile JSON written by ``benchmarks/bench_cost_model.py --refit`` can be named directly:
+  ``device_profile="path/to/profile.json"``.
+
+Kernel efficiencies are the fraction of the roofline (see :mod:`spa_compile.passes.cost_model`)
+a kernel achieves. The built-in SPA efficiencies are *provisional* (listed in
+``HardwareProfile.provisional``) until the benchmark refits them from measurements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+SCHEMA = 1
+EFFICIENCY_STAGES = ("pool", "select", "exact", "fill")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """What the cost model needs to know about a card. Rates are *achieved* rates, not peaks.
+
+    matmul_flops:      dense bf16/fp16 tensor-core matmul rate, FLOP/s
+    vector_flops:      fp32 CUDA-core rate, FLOP/s (softmax, top-k; and every FLOP of fp32 inputs)
+    mem_bw:            device-memory copy bandwidth, bytes/s (read + write)
+    l2_bw:             L2 bandwidth, bytes/s (a copy within L2): re-read K/V tiles come from L2
+    sm_count:          streaming multiprocessors (a wave of CTAs)
+    launch_s:          GPU-side gap per kernel launch, s
+    host_overhead_s:   CPU time to issue one call: {"dense": SDPA, "spa": the SPA op}
+    dense_efficiency:  fraction of the roofline the dense path achieves: {"sdpa": what SDPA picks by
+                       default without a mask, "flash", "cudnn": those backends, "masked": SDPA with a
+                       mask tensor, "unfused": a decomposed matmul/softmax/matmul chain}
+    spa_efficiency:    the same per SPA stage: {"pool", "select", "exact", "fill"}
+    dense_tile:        query/key tile of the dense kernel (its causal diagonal tiles run whole)
+    provisional:       names of the values not yet measured on this card by the benchmark
+    sources:           where the numbers come from
+    """
+
+    name: str
+    device_name: str
+    matmul_flops: float
+    vector_flops: float
+    mem_bw: float
+    l2_bw: float
+    sm_count: int
+    launch_s: float
+    host_overhead_s: Mapping[str, float]
+    dense_efficiency: Mapping[str, float]
+    spa_efficiency: Mapping[str, float]
+    dense_tile: int = 128
+    provisional: tuple[str, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=dict)
+    measured_at: str | None = None
+    schema: int = SCHEMA
+
+    def __post_init__(self) -> None:
+        for name in ("matmul_flops", "vector_flops", "mem_bw", "l2_bw", "launch_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"HardwareProfile {self.name!r}: {name} = {value!r} is not a rate >= 0")
+        for group, keys in (("host_overhead_s", ("dense", "spa")), ("dense_efficiency", ("sdpa",)),
+                            ("spa_efficiency", EFFICIENCY_STAGES)):
+            values = getattr(self, group)
+            for key in keys:
+                if key not in values:
+                    raise ValueError(f"HardwareProfile {self.name!r}: {group} lacks {key!r}")
+            if group != "host_overhead_s":
+                for key, value in values.items():
+                    if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+                        raise ValueError(f"HardwareProfile {self.name!r}: {group}[{key!r}] = {value!r} is not in (0, 1]")
+        object.__setattr__(self, "provisional", tuple(self.provisional))
+
+    # -- identity and (de)serialisation -------------------------------------------------
+    def cache_token(self) -> tuple:
+        """A hashable summary of every number the cost model reads."""
+        return (
+            self.name, self.matmul_flops, self.vector_flops, self.mem_bw, self.l2_bw, self.sm_count, self.launch_s,
+            self.dense_tile, tuple(sorted(self.host_overhead_s.items())),
+            tuple(sorted(self.dense_efficiency.items())), tuple(sorted(self.spa_efficiency.items())),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["provisional"] = list(self.provisional)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HardwareProfile":
+        known = set(cls.__dataclass_fields__)
+        values = {key: value for key, value in data.items() if key in known}
+        values["provisional"] = tuple(values.get("provisional", ()))
+        for key in ("host_overhead_s", "dense_efficiency", "spa_efficiency", "sources", "versions"):
+            if key in values:
+                values[key] = dict(values[key])
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HardwareProfile":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            return cls.from_dict(data)
+        except FileNotFoundError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path} is not a valid hardware profile: {exc}") from None
+
+    def dense_eff(self, kind: str) -> float:
+        """Efficiency of the dense path of a site: "fused" (SDPA), "masked" or "unfused"."""
+        if kind == "fused":
+            return self.dense_efficiency["sdpa"]
+        if kind in self.dense_efficiency:
+            return self.dense_efficiency[kind]
+        return DEFAULT_DENSE_EFFICIENCY[kind](self.dense_efficiency["sdpa"])
+
+    def replace(self, **changes: Any) -> "HardwareProfile":
+        return replace(self, **changes)
+
+    def summary(self) -> str:
+        prov = f"; provisional: {', '.join(self.provisional)}" if self.provisional else ""
+        return (
+            f"{self.name} ({self.device_name}): {self.matmul_flops / 1e12:.0f} TFLOP/s matmul, "
+            f"{self.mem_bw / 1e12:.2f} TB/s, {self.sm_count} SMs, SDPA eff {self.dense_efficiency['sdpa']:.2f}, "
+            f"SPA exact eff {self.spa_efficiency['exact']:.2f}{prov}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in profiles
+# ---------------------------------------------------------------------------------------
+#
+# Dense efficiencies are measured on an H200 (bf16, causal, B=1, Hq=Hkv=32, D=128, N=16K):
+# SDPA flash 6.6 ms and SDPA cuDNN 3.8 ms. The cost model's roofline for that call is 2.81 ms
+# (2.22e12 FLOPs at 790 TFLOP/s: the causal half with whole 128x128 diagonal tiles), so flash
+# reaches 2.81/6.6 = 0.425 of it and cuDNN 2.81/3.8 = 0.74.
+# The H100 has the same SMs and clocks (only the memory differs) and the call is compute bound,
+# so these carry over. SDPA's default order tries flash first, so "sdpa" = flash.
+#
+# SPA's exact part has no measurement yet (its Triton kernels are being written). A proxy:
+# FlexAttention (also Triton) ran an 18% top-k block set of the same call in 2.2 ms. Read as
+# 18% of the visible (causal) 128-blocks, its roofline in this model is 0.505 ms, so 0.23 of it;
+# reading 18% of the full square would give 0.46. The lower reading is taken, so that the model
+# errs towards dense. Pooling is a streaming reduction (0.6 of copy bandwidth is typical for
+# such Triton kernels); selection a small scoring/top-k kernel (0.3). L2 bandwidth (re-read
+# K/V tiles) is an estimate. All of these and the host overheads are provisional until
+# benchmarks/bench_cost_model.py refits them (tests/test_cost_model.py checks that the
+# built-in numbers reproduce the measurements above).
+
+_SPA_PROVISIONAL = ("spa_efficiency", "host_overhead_s", "launch_s")
+# Dense paths a profile does not list: SDPA with a mask runs the memory-efficient kernel (about
+# 0.6 of flash on Hopper, provisional); an unfused chain is bound by the N x N score traffic.
+DEFAULT_DENSE_EFFICIENCY = {"masked": lambda sdpa: 0.6 * sdpa, "unfused": lambda sdpa: 0.7}
+
+H100 = HardwareProfile(
+    name="h100",
+    device_name="NVIDIA H100 80GB HBM3 (SXM5)",
+    matmul_flops=790e12,
+    vector_flops=60e12,
+    mem_bw=3.0e12,
+    l2_bw=7.0e12,
+    sm_count=132,
+    launch_s=4e-6,
+    host_overhead_s={"dense": 15e-6, "spa": 80e-6},
+    dense_efficiency={"sdpa": 0.425, "flash": 0.425, "cudnn": 0.74},
+    spa_efficiency={"pool": 0.6, "select": 0.3, "exact": 0.23, "fill": 0.23},
+    provisional=_SPA_PROVISIONAL + ("dense_efficiency", "l2_bw"),
+    sources={
+        "matmul_flops": "measured in this workplace (bf16 dense matmul, ~790 TFLOP/s)",
+        "mem_bw": "measured in this workplace (copy, ~3.0 TB/s)",
+        "l2_bw": "estimate (provisional): ~7 TB/s; the microbenchmark measures it",
+        "vector_flops": "datasheet 67 TFLOP/s fp32, ~90% achieved",
+        "sm_count": "datasheet (H100 SXM5)",
+        "dense_efficiency": "H200 SDPA measurements carried over (same SMs and clocks)",
+        "spa_efficiency": "provisional: FlexAttention 18% block set on H200 as the proxy of the exact part",
+        "host_overhead_s": "provisional estimate (Python custom-op dispatch and 5 launches)",
+        "launch_s": "provisional estimate",
+    },
+)
+
+H200 = H100.replace(
+    name="h200",
+    device_name="NVIDIA H200 (SXM, 141 GB HBM3e)",
+    mem_bw=4.3e12,
+    provisional=_SPA_PROVISIONAL + ("l2_bw",),
+    sources={
+        **H100.sources,
+        "matmul_flops": "measured in this workplace (bf16 dense matmul, ~790 TFLOP/s)",
+        "mem_bw": "measured in this workplace (copy, ~4.3 TB/s)",
+        "sm_count": "datasheet (H200 SXM)",
+        "dense_efficiency": "measured in this workplace: SDPA flash 6.6 ms, cuDNN 3.8 ms (bf16 causal 16K, "
+        "Hq=Hkv=32, D=128)",
+    },
+)
+
+A100 = HardwareProfile(
+    name="a100",
+    device_name="NVIDIA A100-SXM4-80GB",
+    matmul_flops=280e12,
+    vector_flops=17.5e12,
+    mem_bw=1.75e12,
+    l2_bw=4.0e12,
+    sm_count=108,
+    launch_s=4e-6,
+    host_overhead_s={"dense": 15e-6, "spa": 80e-6},
+    dense_efficiency={"sdpa": 0.68, "flash": 0.68, "cudnn": 0.56},
+    spa_efficiency={"pool": 0.6, "select": 0.3, "exact": 0.37, "fill": 0.37},
+    provisional=_SPA_PROVISIONAL + ("matmul_flops", "mem_bw", "l2_bw", "vector_flops", "dense_efficiency"),
+    sources={
+        "l2_bw": "estimate (provisional)",
+        "matmul_flops": "datasheet 312 TFLOP/s bf16, ~90% achieved by cuBLAS (not measured here)",
+        "mem_bw": "datasheet 2.04 TB/s, ~86% achieved by a copy (not measured here)",
+        "vector_flops": "datasheet 19.5 TFLOP/s fp32, ~90% achieved",
+        "sm_count": "datasheet (A100 SXM4)",
+        "dense_efficiency": "FlashAttention-2 paper (~190 TFLOP/s causal forward, D=128); cuDNN ~0.82x of "
+        "flash on A100 (transformers PR #48163)",
+        "spa_efficiency": "provisional: the H100 ratio of the Triton proxy to flash (0.23/0.425) times A100's flash",
+        "host_overhead_s": "provisional estimate",
+        "launch_s": "provisional estimate",
+    },
+)
+
+BUILTIN_PROFILES: dict[str, HardwareProfile] = {"h100": H100, "h200": H200, "a100": A100}
+
+
+def builtin_profile(name: str) -> HardwareProfile:
+    try:
+        return BUILTIN_PROFILES[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"no built-in hardware profile {name!r}; built-in: {', '.join(BUILTIN_PROFILES)}"
+        ) from None
+
+
+def closest_builtin(device_name: str) -> HardwareProfile:
+    """The built-in profile whose efficiencies best stand in for an unmeasured kernel on this card."""
+    upper = device_name.upper()
+    if "H200" in upper or "GH200" in upper:
+        return H200
+    if "A100" in upper or "A800" in upper:
+        return A100
+    return H100
+
+
+# ---------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$SPA_CACHE_DIR``, else ``$XDG_CACHE_HOME/spa_compile``, else ``~/.cache/spa_compile``
+    (``%LOCALAPPDATA%\\spa_compile`` on Windows)."""
+    explicit = os.environ.get("SPA_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "spa_compile"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "spa_compile"
+
+
+def _kernel_sources_hash() -> str:
+    """A short hash of the SPA kernel sources: a changed kernel is measured again."""
+    root = Path(__file__).parent / "codegen"
+    h = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def current_versions() -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = "none"
+    try:
+        from importlib.metadata import version
+
+        spa_version = version("spa_compile")
+    except Exception:  # pragma: no cover - not installed
+        spa_version = "0"
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": str(torch.version.cuda),
+        "spa_compile": spa_version,
+        "kernels": _kernel_sources_hash(),
+        "schema": str(SCHEMA),
+    }
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+
+def cache_key(device_name: str, capability: tuple[int, int], versions: Mapping[str, str]) -> str:
+    parts = [_slug(device_name), f"sm{capability[0]}{capability[1]}"]
+    parts += [f"{key}{_slug(str(versions[key]))}" for key in sorted(versions)]
+    return "-".join(parts)
+
+
+def cache_path(key: str) -> Path:
+    return cache_dir() / "hardware" / f"{key}.json"
+
+
+def load_cached(key: str) -> HardwareProfile | None:
+    path = cache_path(key)
+    if not path.is_file():
+        return None
+    try:
+        return HardwareProfile.load(path)
+    except (ValueError, OSError) as exc:
+        warnings.warn(f"spa_compile: ignoring the unreadable hardware profile cache {path}: {exc}", stacklevel=2)
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------
+
+# The shapes the microbenchmark times the attention kernels at (bf16, causal).
+DENSE_PROBE = dict(b=1, hq=16, hkv=16, n=4096, d=128)
+SPA_PROBE = dict(b=1, hq=16, hkv=16, n=8192, d=128, density=0.2)
+
+
+def _median_cuda_time(fn: Callable[[], Any], reps: int = 10, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` on the current stream, by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _host_time(fn: Callable[[], Any], reps: int = 50) -> float:
+    """Wall seconds per call of a tiny call issued back to back: the CPU cost of issuing it."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def _attention_inputs(device, b, hq, hkv, n, d, dtype=torch.bfloat16):
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, hq, n, d, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(b, hkv, n, d, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(b, hkv, n, d, device=device, dtype=dtype, generator=gen)
+    return q, k, v
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def run_microbenchmarks(device: torch.device, spa: bool = True) -> dict[str, Any]:
+    """Time the primitives on a CUDA device; returns raw seconds and rates (see :func:`profile_from_measurements`)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    raw: dict[str, Any] = {}
+    with torch.no_grad(), torch.cuda.device(device):
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        bm = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        raw["matmul_flops"] = 2 * n**3 / _median_cuda_time(lambda: a @ bm)
+        del a, bm
+        x = torch.empty(64 << 20, device=device, dtype=torch.float32)  # 256 MiB, far beyond L2
+        y = torch.empty_like(x)
+        raw["mem_bw"] = 2 * x.numel() * 4 / _median_cuda_time(lambda: y.copy_(x))
+        del x, y
+        xs = torch.empty(2 << 20, device=device, dtype=torch.float32)  # 8 MiB + 8 MiB: stays in L2
+        ys = torch.empty_like(xs)
+
+        def l2_copies():
+            for _ in range(50):
+                ys.copy_(xs)
+
+        raw["l2_bw"] = 50 * 2 * xs.numel() * 4 / _median_cuda_time(l2_copies, reps=5, warmup=2)
+        del xs, ys
+        z = torch.zeros(1, device=device)
+
+        def burst():
+            for _ in range(200):
+                z.add_(1)
+
+        raw["launch_s"] = _median_cuda_time(burst, reps=5, warmup=2) / 200
+        tq, tk, tv = _attention_inputs(device, 1, 1, 1, 128, 64)
+        raw["host_dense_s"] = _host_time(lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True))
+        p = DENSE_PROBE
+        q, k, v = _attention_inputs(device, p["b"], p["hq"], p["hkv"], p["n"], p["d"])
+        dense = {"sdpa": _median_cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
+        for name, backend in _sdpa_backends().items():
+            try:
+                with sdpa_kernel([backend]):
+                    dense[name] = _median_cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            except RuntimeError:  # backend not available for this call
+                pass
+        raw["dense"] = dense
+        del q, k, v
+        if spa and _kernels_available():
+            from . import ops
+            from .config import SPAConfig
+
+            def spa_call(q, k, v, cfg):
+                return torch.ops.spa.attention(q, k, v, None, None, None, None, 1.0 / math.sqrt(q.shape[-1]),
+                                               True, 0, -1, ops.config_to_str(cfg))
+
+            cfg_small = SPAConfig()
+            raw["host_spa_s"] = _host_time(lambda: spa_call(tq, tk, tv, cfg_small))
+            p = SPA_PROBE
+            q, k, v = _attention_inputs(device, p["b"], p["hq"], p["hkv"], p["n"], p["d"])
+            cfg = SPAConfig(density=p["density"])
+            raw["spa_s"] = _median_cuda_time(lambda: spa_call(q, k, v, cfg))
+    return raw
+
+
+def _kernels_available() -> bool:
+    try:
+        from . import codegen
+    except ImportError:  # pragma: no cover - triton missing
+        return False
+    return hasattr(codegen, "spa_forward")
+
+
+def profile_from_measurements(
+    raw: Mapping[str, Any], base: HardwareProfile, device_name: str, sm_count: int, versions: Mapping[str, str]
+) -> HardwareProfile:
+    """A profile from :func:`run_microbenchmarks`' numbers; what was not measured comes from ``base``."""
+    from .config import SPAConfig
+    from .passes.cost_model import SiteShape, predict
+
+    prof = base.replace(
+        name=f"measured:{_slug(device_name)}",
+        device_name=device_name,
+        matmul_flops=float(raw["matmul_flops"]),
+        mem_bw=float(raw["mem_bw"]),
+        l2_bw=float(raw.get("l2_bw", base.l2_bw)),
+        sm_count=int(sm_count),
+        launch_s=float(raw["launch_s"]),
+        versions=dict(versions),
+        measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    measured = {"matmul_flops", "mem_bw", "launch_s"} | ({"l2_bw"} if "l2_bw" in raw else set())
+    provisional = set(base.provisional) - measured
+    sources = dict(base.sources)
+    for key in measured:
+        sources[key] = "measured by spa_compile.hardware.run_microbenchmarks"
+    host = dict(base.host_overhead_s)
+    if "host_dense_s" in raw:
+        host["dense"] = float(raw["host_dense_s"])
+    if "host_spa_s" in raw:
+        host["spa"] = float(raw["host_spa_s"])
+        provisional.discard("host_overhead_s")
+        sources["host_overhead_s"] = "measured (tiny calls issued back to back)"
+    unit = prof.replace(
+        host_overhead_s={"dense": 0.0, "spa": 0.0},
+        dense_efficiency={key: 1.0 for key in prof.dense_efficiency},
+        spa_efficiency={key: 1.0 for key in EFFICIENCY_STAGES},
+    )
+    dense_eff = dict(prof.dense_efficiency)
+    p = DENSE_PROBE
+    shape = SiteShape(b=p["b"], hq=p["hq"], hkv=p["hkv"], nq=p["n"], nk=p["n"], d=p["d"], dv=p["d"], causal=True)
+    roof = predict(shape, SPAConfig(), unit).dense_s - unit.launch_s
+    for key, seconds in raw.get("dense", {}).items():
+        dense_eff[key] = _clip_eff(roof / max(seconds - unit.launch_s, 1e-9))
+    if "sdpa" in raw.get("dense", {}):
+        provisional.discard("dense_efficiency")
+        sources["dense_efficiency"] = "measured (SDPA default, flash and cuDNN backends at the probe shape)"
+    spa_eff = dict(prof.spa_efficiency)
+    if "spa_s" in raw:
+        spa_eff = refit_spa_scale(prof, [(_probe_spa_shape(), SPAConfig(density=SPA_PROBE["density"]),
+                                          float(raw["spa_s"]))])
+        sources["spa_efficiency"] = "one-point scale of the built-in stage ratios (microbenchmark)"
+    return prof.replace(host_overhead_s=host, dense_efficiency=dense_eff, spa_efficiency=spa_eff,
+                        provisional=tuple(sorted(provisional)), sources=sources)
+
+
+def _probe_spa_shape():
+    from .passes.cost_model import SiteShape
+
+    p = SPA_PROBE
+    return SiteShape(b=p["b"], hq=p["hq"], hkv=p["hkv"], nq=p["n"], nk=p["n"], d=p["d"], dv=p["d"], causal=True)
+
+
+def _clip_eff(value: float) -> float:
+    return float(min(1.0, max(1e-3, value)))
+
+
+def refit_spa_scale(profile: HardwareProfile, points) -> dict[str, float]:
+    """SPA stage efficiencies scaled by one factor so that the predicted GPU time matches measured
+    ``(shape, cfg, seconds)`` points (geometric mean of the per-point factors)."""
+    from .passes.cost_model import predict
+
+    logs = []
+    for shape, cfg, seconds in points:
+        pred = predict(shape, cfg, profile)
+        gpu = sum(pred.stages[s] for s in EFFICIENCY_STAGES)
+        launches = 4 * profile.launch_s
+        logs.append(math.log(max(gpu - launches, 1e-12) / max(seconds - launches, 1e-12)))
+    scale = math.exp(sum(logs) / len(logs))
+    return {key: _clip_eff(value * scale) for key, value in profile.spa_efficiency.items()}
+
+
+def measure_profile(device: torch.device | int | str | None = None, spa: bool = True) -> HardwareProfile:
+    """Measure the CUDA device (a few seconds; the SPA kernels' first compile may add more)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("measure_profile needs a CUDA device")
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(dev)
+    with unset_fake_temporarily():
+        raw = torch._dynamo.disable(run_microbenchmarks)(dev, spa=spa)
+    return profile_from_measurements(raw, closest_builtin(props.name), props.name, props.multi_processor_count,
+                                     current_versions())
+
+
+_memo: dict[str, HardwareProfile] = {}
+
+
+def profile_for_device(device: torch.device, measure: Callable[..., HardwareProfile] | None = None) -> HardwareProfile:
+    """The measured profile of a CUDA device: from this process, the disk cache, or measured now."""
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    return cached_profile(props.name, (props.major, props.minor),
+                          lambda: (measure or measure_profile)(torch.device("cuda", index)))
+
+
+def cached_profile(device_name: str, capability: tuple[int, int], measure: Callable[[], HardwareProfile],
+                   versions: Mapping[str, str] | None = None) -> HardwareProfile:
+    """The profile of a card from this process's memo, else the disk cache, else ``measure()``
+    (then written to the cache). Keyed by :func:`cache_key`."""
+    key = cache_key(device_name, capability, versions or current_versions())
+    if key in _memo:
+        return _memo[key]
+    prof = load_cached(key)
+    if prof is None:
+        prof = measure()
+        try:
+            prof.save(cache_path(key))
+        except OSError as exc:  # a read-only home: keep it for this process
+            warnings.warn(f"spa_compile: could not cache the hardware profile at {cache_path(key)}: {exc}",
+                          stacklevel=2)
+    _memo[key] = prof
+    return prof
+
+
+def resolve_profile(spec: str, device: torch.device | None) -> tuple[HardwareProfile | None, str]:
+    """The profile ``device_profile=spec`` means for a site on ``device``, and a note on it.
+
+    None (with the reason) where "auto" has no GPU to measure: the site's tensors are not on
+    CUDA, or no CUDA device is present. A built-in name or a JSON path applies anywhere.
+    """
+    if spec != "auto":
+        if spec.lower() in BUILTIN_PROFILES:
+            return builtin_profile(spec), f"built-in profile {spec.lower()}"
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ValueError(f"SPAConfig.device_profile = {spec!r}: no such profile file")
+        return _load_file_profile(path), f"profile file {path}"
+    if device is None or device.type != "cuda":
+        where = "unknown" if device is None else device.type
+        return None, f"the site's tensors are on {where}, not a GPU"
+    if not torch.cuda.is_available():
+        return None, "no CUDA device to measure"
+    try:
+        return profile_for_device(device), "measured on this GPU"
+    except Exception as exc:  # a failed measurement must not fail the compile
+        prof = closest_builtin(torch.cuda.get_device_name(device))
+        warnings.warn(f"spa_compile: measuring the GPU failed ({exc!r}); using the built-in {prof.name} profile",
+                      stacklevel=2)
+        return prof, f"built-in profile {prof.name} (measuring failed)"
+
+
+_file_memo: dict[tuple[str, int], HardwareProfile] = {}
+
+
+def _load_file_profile(path: Path) -> HardwareProfile:
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key not in _file_memo:
+        _file_memo[key] = HardwareProfile.load(path)
+    return _file_memo[key]

@@ -1,0 +1,288 @@
+"""Cost model formulas, hardware profiles, the crossover N*, and the profile cache (CPU only)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import sympy
+import torch
+
+from spa_compile import hardware
+from spa_compile.budget import topk_count
+from spa_compile.config import SPAConfig
+from spa_compile.hardware import A100, BUILTIN_PROFILES, H100, H200, HardwareProfile
+from spa_compile.passes import cost_model as cm
+from spa_compile.passes.cost_model import SiteShape, crossover, mean_selected_blocks, predict
+
+LLAMA_MHA = SiteShape(b=1, hq=32, hkv=32, nq=16384, nk=16384, d=128, dv=128, causal=True)
+LLAMA_GQA = SiteShape(b=1, hq=32, hkv=8, nq=16384, nk=16384, d=128, dv=128, causal=True)
+
+
+def _unit(profile: HardwareProfile) -> HardwareProfile:
+    """The roofline itself: efficiency 1, no launch or host cost."""
+    return profile.replace(
+        launch_s=0.0, host_overhead_s={"dense": 0.0, "spa": 0.0}, dense_efficiency={"sdpa": 1.0},
+        spa_efficiency={s: 1.0 for s in hardware.EFFICIENCY_STAGES},
+    )
+
+
+def _values(shape: SiteShape, cfg: SPAConfig, kk: float) -> dict:
+    return dict(zip(cm.SHAPE_SYMBOLS, cm._shape_values(shape, cfg, kk, 128)))
+
+
+# ---------------------------------------------------------------------------------------
+# Formulas
+# ---------------------------------------------------------------------------------------
+
+
+def test_formulas_are_sympy_in_the_declared_symbols():
+    allowed = set(cm.SHAPE_SYMBOLS) | set(cm.PROFILE_SYMBOLS)
+    forms = cm.formulas()
+    assert set(forms) == {"dense", "dense_masked", "dense_unfused", "pool", "select", "exact", "fill"}
+    for name, cost in forms.items():
+        for part in ("flops", "vops", "bytes", "l2_bytes", "items"):
+            expr = sympy.sympify(getattr(cost, part))
+            assert expr.free_symbols <= allowed, (name, part, expr.free_symbols - allowed)
+    for expr in cm.time_expressions().values():
+        assert expr.free_symbols <= allowed
+    assert {cm.Nq, cm.Nk, cm.D, cm.Hq, cm.Hkv, cm.k, cm.Bq, cm.Bk, cm.c} <= set(cm.SHAPE_SYMBOLS)
+    assert "[exact]" in cm.describe() and "l2_bytes" in cm.describe()
+
+
+def test_flop_counts_match_hand_counts():
+    forms = cm.formulas()
+    shape = SiteShape(b=2, hq=8, hkv=8, nq=4096, nk=4096, d=64, dv=64, causal=False)
+    cfg = SPAConfig()
+    vals = _values(shape, cfg, 10.0)
+    # dense non-causal: 4 * B * H * N^2 * D
+    assert float(forms["dense"].flops.subs(vals)) == 4 * 2 * 8 * 4096**2 * 64
+    # causal with whole 128x128 diagonal tiles: 32 tiles -> 32*33/2 tiles of 128^2 pairs
+    vals_c = _values(shape.with_length(4096), cfg, 10.0) | {cm.c: 1}
+    assert float(forms["dense"].flops.subs(vals_c)) == 2 * 2 * 8 * (32 * 33 // 2) * 128**2 * 128
+    # exact part: every row of a query block against k blocks of Bk keys: 2 * B * Hq * Nq * k * Bk * (D + Dv)
+    assert float(forms["exact"].flops.subs(vals)) == 2 * 2 * 8 * 4096 * 10 * 64 * 128
+    # fill: one pseudo-key per unselected fully visible block (64 - 10 of them)
+    assert float(forms["fill"].flops.subs(vals)) == 2 * 2 * 8 * 4096 * (64 - 10) * 128
+    assert float(forms["fill"].flops.subs(vals | {cm.fill: 0})) == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "n, kw",
+    [(1000, {}), (4096, {}), (20000, {"density": 0.1}), (9000, {"topk": 5}), (9000, {"density": 0.5, "max_blocks": 20}),
+     (5000, {"density": 0.3, "min_blocks": 12, "sink_blocks": 0, "local_blocks": 4}), (3000, {"density": 1.0})],
+)
+def test_mean_selected_blocks_matches_the_integer_count(n, kw, causal):
+    """The closed form against SPEC.md's count per query block (budget.topk_count, forced blocks)."""
+    cfg = SPAConfig(**kw)
+    bs = cfg.block_size
+    nkb = -(-n // bs)
+    vis = torch.arange(1, nkb + 1) if causal else torch.full((nkb,), nkb)
+    forced = torch.clamp(vis, max=cfg.sink_blocks + max(cfg.local_blocks, int(causal)))
+    kk = topk_count(vis, cfg)
+    exact = torch.minimum(vis, forced + kk).double().mean().item()
+    model, nvis = mean_selected_blocks(n, n, causal, cfg)
+    assert nvis == pytest.approx(vis.double().mean().item())
+    assert model == pytest.approx(exact, abs=0.5, rel=0.02)
+
+
+def test_mean_selected_blocks_matches_the_reference_selection():
+    from spa_compile import reference
+    from spa_compile.visibility import from_sdpa
+
+    cfg = SPAConfig(block_size=16, density=0.25)
+    q, k, v = (torch.randn(1, 2, 320, 8) for _ in range(3))
+    vis = from_sdpa(None, True, 320, 320)
+    valid = reference.valid_keys(vis, 1, 2, cfg.block_size, q.device)
+    pooled = reference.pool_blocks(k, v, valid, cfg.block_size)
+    sel = reference.select_blocks(q, pooled, vis, valid, 320**-0.5, cfg)
+    model, _ = mean_selected_blocks(320, 320, True, cfg)
+    assert model == pytest.approx(sel.count.double().mean().item(), abs=0.5)
+
+
+# ---------------------------------------------------------------------------------------
+# Profiles
+# ---------------------------------------------------------------------------------------
+
+
+def test_builtin_profiles_reproduce_the_workplace_measurements():
+    """H200, bf16 causal, Hq=Hkv=32, D=128, 16K: SDPA flash 6.6 ms, cuDNN 3.8 ms, FlexAttention 18% 2.2 ms."""
+    cfg = SPAConfig()
+    flash = predict(LLAMA_MHA, cfg, H200).dense_s
+    cudnn = predict(LLAMA_MHA, cfg, H200.replace(dense_efficiency={"sdpa": H200.dense_efficiency["cudnn"]})).dense_s
+    assert flash == pytest.approx(6.6e-3, rel=0.03)
+    assert cudnn == pytest.approx(3.8e-3, rel=0.03)
+    flex = SPAConfig(block_size=128, fill="none")
+    times = cm._compiled()(*cm._shape_values(LLAMA_MHA, flex, 0.18 * 64.5, 128), *cm._profile_values(H200, LLAMA_MHA))
+    assert times[len(cm.DENSE_PATHS) + cm.STAGES.index("exact")] == pytest.approx(2.2e-3, rel=0.05)
+    for prof in BUILTIN_PROFILES.values():
+        assert "spa_efficiency" in prof.provisional and "host_overhead_s" in prof.provisional
+    assert H100.matmul_flops == 790e12 and H100.mem_bw == 3.0e12 and H200.mem_bw == 4.3e12
+
+
+def test_profile_validation_and_roundtrip(tmp_path):
+    path = H100.save(tmp_path / "p.json")
+    again = HardwareProfile.load(path)
+    assert again == H100 and again.cache_token() == H100.cache_token()
+    with pytest.raises(ValueError, match="spa_efficiency\\['exact'\\] = 1.5"):
+        H100.replace(spa_efficiency={**H100.spa_efficiency, "exact": 1.5})
+    with pytest.raises(ValueError, match="lacks 'spa'"):
+        H100.replace(host_overhead_s={"dense": 1e-5})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="not a valid hardware profile"):
+        HardwareProfile.load(tmp_path / "bad.json")
+    assert "h100" in H100.summary() and hardware.closest_builtin("NVIDIA A100-PCIE-40GB") is A100
+    assert hardware.closest_builtin("NVIDIA H200") is H200 and hardware.closest_builtin("RTX 4090") is H100
+
+
+def test_resolve_profile(tmp_path):
+    assert hardware.resolve_profile("h100", None)[0] is H100
+    path = A100.replace(name="mine").save(tmp_path / "mine.json")
+    prof, note = hardware.resolve_profile(str(path), torch.device("cpu"))
+    assert prof.name == "mine" and "mine.json" in note
+    prof, note = hardware.resolve_profile("auto", torch.device("cpu"))
+    assert prof is None and "cpu" in note
+    with pytest.raises(ValueError, match="no such profile file"):
+        hardware.resolve_profile(str(tmp_path / "missing.json"), None)
+
+
+def test_cache_folder_key_and_measure_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hardware.cache_dir() == tmp_path / "xdg" / "spa_compile"
+    monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path / "c"))
+    assert hardware.cache_dir() == tmp_path / "c"
+    versions = hardware.current_versions()
+    assert {"torch", "triton", "cuda", "spa_compile", "kernels"} <= set(versions)
+    key = hardware.cache_key("NVIDIA H100 80GB HBM3", (9, 0), versions)
+    assert key.startswith("nvidia-h100-80gb-hbm3-sm90-")
+    assert key != hardware.cache_key("NVIDIA H100 80GB HBM3", (9, 0), {**versions, "torch": "9.9"})
+
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return H100.replace(name="measured:test", mem_bw=2.5e12)
+
+    monkeypatch.setattr(hardware, "_memo", {})
+    first = hardware.cached_profile("Test GPU", (9, 0), measure, versions)
+    second = hardware.cached_profile("Test GPU", (9, 0), measure, versions)
+    assert first is second and len(calls) == 1
+    files = list((tmp_path / "c" / "hardware").glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("test-gpu-sm90-")
+    monkeypatch.setattr(hardware, "_memo", {})  # a new process: read from disk, no measurement
+    third = hardware.cached_profile("Test GPU", (9, 0), measure, versions)
+    assert third == first and len(calls) == 1
+    monkeypatch.setattr(hardware, "_memo", {})
+    files[0].write_text("not json")  # a corrupt cache is measured again (with a warning)
+    with pytest.warns(UserWarning, match="unreadable hardware profile cache"):
+        hardware.cached_profile("Test GPU", (9, 0), measure, versions)
+    assert len(calls) == 2
+
+
+def test_profile_from_measurements_recovers_the_efficiencies():
+    """Synthetic microbenchmark numbers made by a known card come back as that card's profile."""
+    truth = H200.replace(dense_efficiency={"sdpa": 0.5, "flash": 0.5, "cudnn": 0.8},
+                         spa_efficiency={k: v * 1.5 for k, v in H200.spa_efficiency.items()})
+    dense_shape = SiteShape(**{k: v for k, v in hardware.DENSE_PROBE.items() if k != "n"},
+                            nq=hardware.DENSE_PROBE["n"], nk=hardware.DENSE_PROBE["n"], dv=128, causal=True)
+    no_host = truth.replace(host_overhead_s={"dense": 0.0, "spa": 0.0})
+    raw = {
+        "matmul_flops": truth.matmul_flops, "mem_bw": truth.mem_bw, "l2_bw": truth.l2_bw, "launch_s": truth.launch_s,
+        "host_dense_s": 1e-5, "host_spa_s": 5e-5,
+        "dense": {name: predict(dense_shape, SPAConfig(), no_host.replace(
+            dense_efficiency={"sdpa": truth.dense_efficiency[name]})).dense_s for name in ("sdpa", "flash", "cudnn")},
+        "spa_s": sum(predict(hardware._probe_spa_shape(), SPAConfig(density=0.2), no_host).stages[s]
+                     for s in hardware.EFFICIENCY_STAGES),
+    }
+    prof = hardware.profile_from_measurements(raw, H200, "NVIDIA H200", 132, {"torch": "x"})
+    assert prof.name == "measured:nvidia-h200" and prof.host_overhead_s == {"dense": 1e-5, "spa": 5e-5}
+    for key in ("sdpa", "flash", "cudnn"):
+        assert prof.dense_efficiency[key] == pytest.approx(truth.dense_efficiency[key], rel=1e-6)
+    for key in hardware.EFFICIENCY_STAGES:
+        assert prof.spa_efficiency[key] == pytest.approx(truth.spa_efficiency[key], rel=1e-6)
+    assert "spa_efficiency" in prof.provisional  # one point scales; the benchmark refits the stages
+    assert "dense_efficiency" not in prof.provisional and "host_overhead_s" not in prof.provisional
+
+
+# ---------------------------------------------------------------------------------------
+# Predictions and the crossover
+# ---------------------------------------------------------------------------------------
+
+
+def test_predictions_grow_with_length_and_spa_gains():
+    cfg = SPAConfig(density=0.2)
+    preds = [predict(LLAMA_GQA.with_length(n), cfg, H100) for n in (512, 2048, 8192, 32768, 131072)]
+    assert all(a.dense_s < b.dense_s and a.spa_s < b.spa_s for a, b in zip(preds, preds[1:]))
+    speedups = [p.speedup for p in preds]
+    assert speedups == sorted(speedups) and speedups[0] < 1 < speedups[-1]
+    assert set(preds[-1].stages) == {"pool", "select", "exact", "fill", "host"}
+    assert preds[-1].stages["exact"] > preds[-1].stages["fill"] > 0
+    # denser selection, slower SPA; fp32 runs off the tensor cores
+    assert predict(LLAMA_GQA, SPAConfig(density=0.4), H100).spa_s > predict(LLAMA_GQA, cfg, H100).spa_s
+    fp32 = SiteShape(**{**LLAMA_GQA.__dict__, "fp32": True, "dtype_bytes": 4})
+    assert predict(fp32, cfg, H100).dense_s > 5 * predict(LLAMA_GQA, cfg, H100).dense_s
+
+
+def test_the_dense_path_a_site_would_run():
+    """A mask tensor makes SDPA compute every tile; a decomposed chain writes the scores to memory."""
+    cfg = SPAConfig()
+    fused = predict(LLAMA_GQA, cfg, H100)
+    masked = predict(SiteShape(**{**LLAMA_GQA.__dict__, "dense_kind": "masked"}), cfg, H100)
+    unfused = predict(SiteShape(**{**LLAMA_GQA.__dict__, "dense_kind": "unfused"}), cfg, H100)
+    assert fused.dense_s < masked.dense_s < unfused.dense_s and fused.spa_s == masked.spa_s == unfused.spa_s
+    assert masked.dense_s > 2 * fused.dense_s  # the full square at 0.6 of flash's efficiency
+    assert crossover(SiteShape(**{**LLAMA_MHA.__dict__, "dense_kind": "unfused"}), cfg, H100) < 4096
+    with pytest.raises(ValueError, match="dense_kind"):
+        predict(SiteShape(**{**LLAMA_GQA.__dict__, "dense_kind": "cudnn"}), cfg, H100)
+    assert H100.dense_eff("masked") == pytest.approx(0.6 * H100.dense_efficiency["sdpa"])
+
+
+def test_a_sliding_window_caps_the_visible_blocks():
+    cfg = SPAConfig(density=0.5)
+    k_win, vis_win = mean_selected_blocks(65536, 65536, True, cfg, window=4096)
+    # 4096 / 64 + 1 blocks per query block once past the first 65 (which see 1, 2, ..., 65)
+    assert vis_win == pytest.approx((65 * 66 / 2 + (1024 - 65) * 65) / 1024)
+    assert k_win == pytest.approx(3 + 0.5 * vis_win, abs=1.5)
+    windowed = SiteShape(**{**LLAMA_GQA.__dict__, "nq": 65536, "nk": 65536, "window": 4096, "dense_kind": "masked"})
+    assert predict(windowed, cfg, H100).spa_s < 0.2 * predict(windowed.with_length(65536), SPAConfig(density=0.5),
+                                                               H100).dense_s
+
+
+def test_host_overhead_floors_short_calls():
+    tiny = LLAMA_GQA.with_length(128)
+    pred = predict(tiny, SPAConfig(), H100)
+    assert pred.spa_s == H100.host_overhead_s["spa"] and pred.dense_s >= H100.host_overhead_s["dense"]
+
+
+def test_gqa_heads_share_kv_loads():
+    assert cm.heads_per_program(32, 8, SPAConfig()) == 2  # 2 x 64 rows = 128
+    assert cm.heads_per_program(32, 8, SPAConfig(block_size=16)) == 4
+    assert cm.heads_per_program(32, 8, SPAConfig(selection="head")) == 1
+    assert cm.heads_per_program(32, 32, SPAConfig()) == 1
+
+
+@pytest.mark.parametrize("profile", [H100, H200, A100], ids=lambda p: p.name)
+def test_crossover_is_where_the_prediction_flips(profile):
+    cfg = SPAConfig(density=0.2)
+    n_star = crossover(LLAMA_GQA, cfg, profile)
+    assert 512 < n_star < 65536
+    assert cm.spa_wins(predict(LLAMA_GQA.with_length(int(n_star)), cfg, profile), 0.0)
+    assert not cm.spa_wins(predict(LLAMA_GQA.with_length(int(n_star) - 1), cfg, profile), 0.0)
+    for n in (int(n_star) * 2, int(n_star) * 8, 1 << 20):  # and stays SPA above
+        assert cm.spa_wins(predict(LLAMA_GQA.with_length(n), cfg, profile), 0.0)
+    with_margin = crossover(LLAMA_GQA, cfg, profile, margin=0.2)
+    assert with_margin > n_star
+    assert cm.spa_wins(predict(LLAMA_GQA.with_length(int(with_margin)), cfg, profile), 0.2)
+
+
+def test_crossover_never_and_keys_only():
+    # dense MHA, half the blocks: the provisional SPA efficiency never catches up on an H100
+    assert crossover(LLAMA_MHA, SPAConfig(density=0.5), H100) == math.inf
+    # a fixed top-k: SPA's exact part grows like N, dense like N^2
+    assert crossover(LLAMA_MHA, SPAConfig(topk=8), H100) < 16384
+    cross = SiteShape(b=1, hq=16, hkv=16, nq=1024, nk=4096, d=64, dv=64, causal=False)
+    n_keys = crossover(cross, SPAConfig(density=0.1), H100, scale="keys")
+    assert math.isfinite(n_keys)
+    assert cm.spa_wins(predict(cross.with_length(int(n_keys), "keys"), SPAConfig(density=0.1), H100), 0.0)
