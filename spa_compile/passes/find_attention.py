@@ -213,10 +213,14 @@ class _Context:
 
 
 def _fake_mode(*vals):
+    """The fake mode of the example values (the graph's own; not necessarily the ambient one)."""
+    for v in vals:
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None:
+            return mode
     from torch._guards import detect_fake_mode
 
-    tensors = [v for v in vals if isinstance(v, torch.Tensor)]
-    return detect_fake_mode(tensors) if tensors else detect_fake_mode()
+    return detect_fake_mode()
 
 
 def emit(graph: fx.Graph, anchor: fx.Node, op: str, target, args=(), kwargs=None) -> fx.Node:

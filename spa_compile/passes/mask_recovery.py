@@ -719,8 +719,13 @@ def additive_visibility(v: SymVal, factor: float = 1.0) -> Boolean:
     v = to_num(v)
     visible = []
     for cond, value in v.expr:
-        if value.has(AppliedUndef) or _index_symbols(value) or not value.is_number:
+        if value.has(AppliedUndef):
             raise Unrecoverable("the additive mask's values come from an input tensor (unknown at compile time)")
+        if _index_symbols(value):
+            raise BiasMask(f"the additive mask's value {value} varies with the positions: a bias (such as ALiBi), "
+                           "not a visibility mask")
+        if not value.is_number:
+            raise Unrecoverable(f"the additive mask's value {value} depends on sizes")
         kind = blocked_value(value * sympy.Float(factor) if factor != 1.0 else value)
         if kind is None:
             raise BiasMask(f"the additive mask has the finite non-zero value {float(value):g}: a bias, not a visibility mask")
