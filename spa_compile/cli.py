@@ -319,6 +319,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     target = load_target(args.model, args.seq_len)
     cfg = build_config(parse_overrides(args.set))
+    args.json = args.format == "json"
     return int(hook(args, target, cfg) or 0)
 
 
@@ -592,13 +593,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the projectors of a model's attention sites (not available yet)",
         description=(
             "Calibrate (distil) the SPA projectors of every attention site on the model's example "
-            "inputs and write them to --output.\nNot available yet: it needs spa_compile.calibrate "
-            f"(the projector issue); until then it exits with status {EXIT_UNAVAILABLE}."
+            "inputs (one batch) and write them to --output; prints block recall and output error per "
+            "site. Runs spa_compile.calibrate (the projector issue); where that is missing, it says so "
+            f"and exits with status {EXIT_UNAVAILABLE}.\n"
+            "Use the file with --set projectors=FILE (or options={'projectors': FILE})."
         ),
-        epilog="Example:\n  spa calibrate model.py --seq-len 4096 --output projectors.safetensors",
+        epilog="Example:\n  spa calibrate model.py --seq-len 4096 --steps 200 --output projectors.safetensors",
     )
     _add_model_args(p)
     p.add_argument("--output", "-o", metavar="FILE", help="where to write the projectors (safetensors)")
+    p.add_argument("--steps", type=int, metavar="N", help="optimiser steps per site (default: 200)")
+    p.add_argument("--rank", type=int, metavar="R", help="rank r of Pq/Pk (default: the head dim D)")
+    p.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: 0.01)")
+    p.add_argument(
+        "--format", choices=("text", "json"), default="text", help="report format (default: text)",
+    )
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(

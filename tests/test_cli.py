@@ -253,6 +253,16 @@ def test_calibrate_not_available_yet(capsys, model_file):
     assert rc == cli.EXIT_UNAVAILABLE and "not available yet" in err and out == ""
 
 
+def test_calibrate_runs_spa_compile_calibrate(capsys, model_file, tmp_path):
+    mod = pytest.importorskip("spa_compile.calibrate")
+    if not hasattr(mod, "cli_main"):
+        pytest.skip("spa_compile.calibrate has no cli_main hook")
+    dest = tmp_path / "proj.safetensors"
+    rc, out, err = run(capsys, "calibrate", model_file, "--steps", "2", "--output", dest, "--format", "json")
+    assert rc == 0, err
+    assert dest.is_file() and "model.attn" in out
+
+
 def test_bench(capsys, model_file):
     rc, out, _ = run(capsys, "bench", model_file, "--seq-len", "128", "--min-run-time", "0.02", "--format", "json")
     assert rc == 0
