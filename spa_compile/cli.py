@@ -304,7 +304,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             calibrate = importlib.import_module("spa_compile.calibrate")
         except ModuleNotFoundError as e:
             if e.name != "spa_compile.calibrate":
-                raise
+                print(f"spa calibrate: error: spa_compile.calibrate could not be imported: {e}", file=sys.stderr)
+                return EXIT_UNAVAILABLE
     if calibrate is not None:
         hook = getattr(calibrate, "cli_main", None)
         if hook is None and callable(calibrate) and not isinstance(calibrate, type(sys)):
