@@ -302,8 +302,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if calibrate is None:
         try:
             calibrate = importlib.import_module("spa_compile.calibrate")
-        except ModuleNotFoundError as e:
-            if e.name != "spa_compile.calibrate":
+        except ImportError as e:
+            if not (isinstance(e, ModuleNotFoundError) and e.name == "spa_compile.calibrate"):
                 print(f"spa calibrate: error: spa_compile.calibrate could not be imported: {e}", file=sys.stderr)
                 return EXIT_UNAVAILABLE
     if calibrate is not None:
