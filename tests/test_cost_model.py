@@ -286,3 +286,90 @@ def test_crossover_never_and_keys_only():
     n_keys = crossover(cross, SPAConfig(density=0.1), H100, scale="keys")
     assert math.isfinite(n_keys)
     assert cm.spa_wins(predict(cross.with_length(int(n_keys), "keys"), SPAConfig(density=0.1), H100), 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# benchmarks/bench_cost_model.py: what can run without a GPU
+# ---------------------------------------------------------------------------------------
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cost_model.py"
+    spec = importlib.util.spec_from_file_location("bench_cost_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _synthetic_points(bench, args, truth: HardwareProfile) -> list[dict]:
+    """What the GPU grid would measure on a card that the model describes exactly."""
+    points = []
+    for n in args.ns:
+        shape = bench.site_shape(args, n)
+        dense = {name: {"median": predict(shape, SPAConfig(), truth.replace(
+            dense_efficiency={"sdpa": truth.dense_efficiency[name]})).dense_s} for name in ("sdpa", "flash", "cudnn")}
+        spa = {str(d): {"median": predict(shape, bench.spa_config(args, d), truth).spa_s} for d in args.densities}
+        points.append({"n": n, "dense": dense, "spa": spa, "errors": {}})
+    return points
+
+
+def test_bench_analysis_and_refit_recover_a_known_card(tmp_path):
+    bench = _bench()
+    args = bench.parse_args(["--out", str(tmp_path), "--hkv", "8", "--refit"])
+    assert args.ns[0] == 512 and args.ns[-1] == 131072 and args.densities == [0.1, 0.2, 0.3, 0.4, 0.5]
+    truth = H100.replace(name="truth", dense_efficiency={"sdpa": 0.5, "flash": 0.5, "cudnn": 0.75},
+                         spa_efficiency={"pool": 0.5, "select": 0.3, "exact": 0.4, "fill": 0.3})
+    points = _synthetic_points(bench, args, truth)
+    analyses, info, refit = bench.evaluate(points, [("built-in", H100)], args, True, H100)
+    assert refit.dense_efficiency["sdpa"] == pytest.approx(0.5, rel=1e-3)
+    assert refit.dense_efficiency["cudnn"] == pytest.approx(0.75, rel=1e-3)
+    assert refit.spa_efficiency["exact"] == pytest.approx(0.4, rel=0.05)
+    in_sample, held_out = analyses[1], analyses[2]
+    for a in (in_sample, held_out):
+        assert a["decision_accuracy"] >= 0.9 and a["decision_ok"] and a["crossover_ok"], a
+    assert held_out["points"] == 2 * len(args.ns)  # densities 0.2 and 0.4, fitted on 0.1, 0.3, 0.5
+    assert set(analyses[0]["crossover"]) == {"0.1", "0.2", "0.3", "0.4", "0.5"}
+    assert "spa_efficiency" not in refit.provisional and info["spa_efficiency"] == dict(refit.spa_efficiency)
+
+    env = {"card": "NVIDIA H100 80GB HBM3", "date": "2026-11-28T00:00:00+00:00", "torch": "2.11", "triton": "3.6",
+           "cuda": "12.8", "driver": "570", "spa_compile_git": "abc123"}
+    result = {"environment": env, "args": vars(args), "checks": [{"name": "x", "ok": True}], "points": points,
+              "analysis": analyses, "refit": info}
+    md = bench.markdown(result)
+    assert "NVIDIA H100 80GB HBM3" in md and "| 131072 |" in md and "pass" in md
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nkernel numbers\n")
+    bench.update_docs(docs, md)
+    bench.update_docs(docs, md.replace("pass", "PASS"))  # replaces its own section only
+    text = docs.read_text()
+    assert text.count(bench.DOCS_BEGIN) == 1 and "kernel numbers" in text and "PASS" in text
+    json_text = __import__("json").dumps(bench._clean({"x": math.inf, "y": [1.0, -math.inf]}))
+    assert '"inf"' in json_text and '"-inf"' in json_text
+
+
+def test_bench_crossover_helpers():
+    bench = _bench()
+    ns = [512, 1024, 2048, 4096]
+    assert bench.measured_crossover(ns, [0.5, 0.8, 1.2, 2.0]) == pytest.approx(
+        math.exp(math.log(1024) + math.log(0.8) / (math.log(0.8) - math.log(1.2)) * math.log(2)))
+    assert bench.measured_crossover(ns, [2, 2, 2, 2]) == 512 and bench.measured_crossover(ns, [2, 2, 2, 0.9]) == math.inf
+    assert bench.measured_crossover(ns, [0.5, 1.2, 0.9, 1.5]) > 2048  # from where SPA stays faster
+    assert bench.crossover_ok(2000.0, 2900.0, 512, 131072) == (True, 1.45)
+    assert bench.crossover_ok(2000.0, 3100.0, 512, 131072)[0] is False
+    assert bench.crossover_ok(math.inf, 100000.0, 512, 131072)[0] is True
+    assert bench.crossover_ok(512.0, 1000.0, 512, 131072)[0] is False
+
+
+def test_bench_output_checks_run_on_cpu():
+    """The GPU checks' code paths on CPU (no Triton kernels there: that one check fails, as it should)."""
+    bench = _bench()
+    args = bench.parse_args(["--out", "unused", "--hq", "4", "--hkv", "2", "--d", "16", "--densities", "0.3",
+                             "--check-n", "128", "--block-size", "16"])
+    checks = {c["name"]: c for c in bench.check_outputs(args, torch.device("cpu"))}
+    assert checks["the SPA Triton kernels serve the calls"]["ok"] is False
+    others = [c for name, c in checks.items() if name != "the SPA Triton kernels serve the calls"]
+    assert all(c["ok"] for c in others), others
+    assert checks["spa(density=0.3) selection agrees with the reference"]["agreement"] == 1.0
