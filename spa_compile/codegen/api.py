@@ -28,16 +28,17 @@ MAX_BLOCK = 128
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, cfg: SPAConfig) -> str | None:
     """None when the kernels handle this call; else a short reason (the op then runs the reference)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.device.type != "cuda":
-            return f"{name} is on {x.device.type}, the kernels need CUDA"
         if x.dim() != 4:
             return f"{name} is not 4-D"
+    if vis.mask is not None:
+        return "a boolean/additive mask (the kernels take causal, offset, window and key padding only)"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
     if not (q.dtype == k.dtype == v.dtype):
         return "q, k and v have different dtypes"
-    if vis.mask is not None:
-        return "a boolean/additive mask (the kernels take causal, offset, window and key padding only)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.device.type != "cuda":
+            return f"{name} is on {x.device.type}, the kernels need CUDA"
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     if nq == 0 or nk == 0 or b == 0:
@@ -70,7 +71,8 @@ def _attention_config(kernel, q, k, v, hs, info, fill, run):
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    cands = autotune.attention_candidates(g, info.block, max(d, v.shape[-1]), q.dtype, hs == hkv and g > 1)
+    cands = autotune.attention_candidates(g, info.block, d, v.shape[-1], q.dtype, hs == hkv and g > 1,
+                                          backward=kernel != "fwd")
     key = (d, v.shape[-1], str(q.dtype).replace("torch.", ""), info.block, g, hs == hkv, info.causal,
            info.has_window, info.key_valid is not None, fill)
     return autotune.pick(kernel, key, cands, run, q.device)
@@ -79,7 +81,7 @@ def _attention_config(kernel, q, k, v, hs, info, fill, run):
 def _key_block_config(kernel, q, k, v, hs, info, fill, run):
     b, hq, _, d = q.shape
     g = hq // k.shape[1]
-    cands = autotune.key_block_candidates(info.block, max(d, v.shape[-1]), q.dtype)
+    cands = autotune.key_block_candidates(info.block, d, v.shape[-1], q.dtype)
     key = (d, v.shape[-1], str(q.dtype).replace("torch.", ""), info.block, g, hs == k.shape[1], info.causal,
            info.has_window, info.key_valid is not None, fill)
     return autotune.pick(kernel, key, cands, run, q.device)

@@ -68,27 +68,47 @@ def tuned_entries() -> dict[str, dict]:
     return dict(_MEMO)
 
 
+def _launches(run, cand) -> bool:
+    try:
+        run(cand)
+        return True
+    except Exception as e:  # noqa: BLE001 - out of shared memory / registers: try the next
+        if "OutOfResources" in type(e).__name__ or "out of resource" in str(e).lower():
+            return False
+        raise
+
+
 def pick(kernel: str, key: tuple, candidates: list[dict], run, device) -> dict:
     """The best of ``candidates`` for ``key`` (``run(config)`` launches the kernel once)."""
     if not candidates:
         raise ValueError(f"no launch configuration for {kernel}")
-    if interpreting() or os.environ.get("SPA_AUTOTUNE", "1") == "0" or len(candidates) == 1:
+    if interpreting():
         return candidates[0]
+    tune = os.environ.get("SPA_AUTOTUNE", "1") != "0" and len(candidates) > 1
     full = "|".join([kernel, card_name(device), triton.__version__] + [str(x) for x in key])
     with _LOCK:
         _load()
-        hit = _MEMO.get(full)
+        hit = _MEMO.get(full) or _MEMO.get("untuned|" + full)
     if hit is not None and hit in candidates:
         return hit
+    if not tune:  # the first candidate that launches
+        for cand in candidates:
+            if _launches(run, cand):
+                with _LOCK:
+                    _MEMO["untuned|" + full] = cand
+                return cand
+        raise RuntimeError(f"no launch configuration of {kernel} fits the card for {key}")
     timings = []
     for cand in candidates:
         try:
             ms = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20, return_mode="median")
-        except Exception:  # a config the card cannot run (shared memory, registers): skip it
-            continue
+        except Exception as e:  # noqa: BLE001 - a config the card cannot run: skip it
+            if "OutOfResources" in type(e).__name__ or "out of resource" in str(e).lower():
+                continue
+            raise
         timings.append((ms, cand))
     if not timings:
-        raise RuntimeError(f"no launch configuration of {kernel} ran for {key}")
+        raise RuntimeError(f"no launch configuration of {kernel} fits the card for {key}")
     best = min(timings, key=lambda x: x[0])[1]
     with _LOCK:
         _MEMO[full] = best
@@ -96,31 +116,41 @@ def pick(kernel: str, key: tuple, candidates: list[dict], run, device) -> dict:
     return best
 
 
-def attention_candidates(g: int, block: int, d: int, dtype: torch.dtype, group: bool) -> list[dict]:
+SMEM_LIMIT = 220 * 1024  # bytes of shared memory a program may take (H100/H200: 227 KB)
+
+
+def _esize(dtype: torch.dtype) -> int:
+    return 4 if dtype == torch.float32 else 2
+
+
+def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype, group: bool,
+                         backward: bool = False) -> list[dict]:
     """Configs of the per-query-block kernels (forward, dq). First = heuristic default."""
-    out = []
+    bd, bdv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+    es = _esize(dtype)
     gps = [1]
     if group:
         gp = 2
         while gp <= g and g % gp == 0 and gp * block <= 128:
             gps.append(gp)
             gp *= 2
-    big = d > 128 or dtype == torch.float32
+    out = []
     for gp in reversed(gps):
         bm = gp * block
-        warps = [8, 4] if bm >= 128 else [4]
-        for w in warps:
-            for s in ([2] if big else [3, 2]):
-                out.append({"GP": gp, "num_warps": w, "num_stages": s, "BJ": 64})
-    return out[:6]
+        w = 8 if bm >= 128 or es == 4 else 4
+        fits = [s for s in (3, 2, 1) if es * (bm * bd + (bm * bdv if backward else 0) + s * block * (bd + bdv)) <= SMEM_LIMIT]
+        out += [{"GP": gp, "num_warps": w, "num_stages": s, "BJ": 64} for s in fits[:2]]
+    return out or [{"GP": 1, "num_warps": 4, "num_stages": 1, "BJ": 64}]
 
 
-def key_block_candidates(block: int, d: int, dtype: torch.dtype) -> list[dict]:
+def key_block_candidates(block: int, d: int, dv: int, dtype: torch.dtype) -> list[dict]:
     """Configs of the per-key-block kernels (dk/dv, landmark gradients)."""
-    big = d > 128 or dtype == torch.float32
-    stages = [2] if big else [2, 3]
+    bd, bdv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+    es = _esize(dtype)
     out = []
-    for w in ([4, 8] if block * d >= 64 * 128 else [4]):
-        for s in stages:
-            out.append({"num_warps": w, "num_stages": s, "BJ": 64})
-    return out
+    for w in ([4, 8] if block * bd <= 64 * 128 and es == 2 else [8, 4]):
+        for s in (3, 2, 1):
+            smem = es * (block * (bd + bdv) + s * max(block, 64) * (bd + bdv))
+            if smem <= SMEM_LIMIT:
+                out.append({"num_warps": w, "num_stages": s, "BJ": 64})
+    return out[:4] or [{"num_warps": 8, "num_stages": 1, "BJ": 64}]

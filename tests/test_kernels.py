@@ -1,0 +1,344 @@
+"""The Triton kernels of spa_compile.codegen against the pure-PyTorch reference.
+
+CPU (CI): the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before
+triton is imported when there is no CUDA device) on small shapes: odd lengths, GQA ratios
+1/4/8, causal and not, offsets and windows, key padding, both fills, both selection
+modes, forward and backward. GPU (``-m gpu``): the same checks at real shapes, with
+outputs poisoned (NaN) before each run, errors within METHOD.md's bounds per dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from spa_compile import SPAConfig, Visibility  # noqa: E402
+from spa_compile import reference as R  # noqa: E402
+from spa_compile.budget import max_selected  # noqa: E402
+from spa_compile.projector import Projector  # noqa: E402
+
+codegen = pytest.importorskip("spa_compile.codegen")
+from spa_compile.codegen import api, sparse_backward, sparse_forward  # noqa: E402
+from spa_compile.codegen.blockinfo import block_info  # noqa: E402
+from spa_compile.codegen.pooling import pool_kv  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+CPU_OK = INTERPRET  # kernels on CPU tensors need the interpreter
+needs_cpu_kernels = pytest.mark.skipif(not CPU_OK, reason="Triton interpreter not active (CUDA present)")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA GPU (compiled kernels)")
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def maxabs(x):
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dv = d if dv is None else dv
+    q = torch.randn(b, hq, nq, d, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(b, hkv, nk, d, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(b, hkv, nk, dv, generator=gen).to(device=device, dtype=dtype)
+    return q, k, v
+
+
+def padding(b, nk, lengths, left=False, device="cpu"):
+    u = torch.arange(nk, device=device)[None]
+    n = torch.tensor(lengths, device=device)[:, None]
+    return (u >= nk - n) if left else (u < n)
+
+
+def reference_stages(q, k, v, vis, scale, cfg, projector=None):
+    b, hkv = q.shape[0], k.shape[1]
+    valid = R.valid_keys(vis, b, hkv, cfg.block_size, q.device)
+    pooled = R.pool_blocks(k, v, valid, cfg.block_size)
+    return valid, pooled
+
+
+def block_scores(q, pooled, scale, cfg, projector=None):
+    """reference scores [B, Hs, NQB, NKB] (float64) for tie checks."""
+    b, hq, nq, d = q.shape
+    hkv = pooled.kbar.shape[1]
+    bs = cfg.block_size
+    nqb = -(-nq // bs)
+    qpad = torch.nn.functional.pad(q.double(), (0, 0, 0, nqb * bs - nq))
+    cnt = torch.clamp(nq - torch.arange(nqb, device=q.device) * bs, max=bs).double()
+    qbar = qpad.unflatten(2, (nqb, bs)).sum(3) / cnt[:, None]
+    proj = projector or Projector.identity(hkv, d)
+    if proj.pq is not None:
+        proj = Projector(proj.pq.double(), proj.pk.double())
+    qp = torch.stack([proj.project_queries(qbar[:, :, i]) for i in range(nqb)], dim=2)
+    kp = proj.project_keys(pooled.kbar.double())
+    if cfg.selection == "group":
+        qp = qp.unflatten(1, (hkv, hq // hkv)).sum(2)
+    else:
+        kp = kp.repeat_interleave(hq // hkv, dim=1)
+    return scale * torch.einsum("bhir,bhjr->bhij", qp, kp)
+
+
+def assert_same_selection(ref, idx, cnt, scores=None, tol=1e-4):
+    """Equal counts; equal index lists except blocks whose scores tie within rounding."""
+    assert idx.shape == ref.index.shape, (idx.shape, ref.index.shape)
+    assert torch.equal(cnt.cpu(), ref.count.cpu()), "selected counts differ"
+    diff = (idx.cpu() != ref.index.cpu()).any(-1)
+    if not diff.any():
+        return
+    assert scores is not None, f"{int(diff.sum())} query blocks select different blocks"
+    for b, h, i in diff.nonzero().tolist():
+        a = set(ref.index[b, h, i].tolist()) - {-1}
+        g = set(idx[b, h, i].tolist()) - {-1}
+        only_ref, only_got = sorted(a - g), sorted(g - a)
+        s = scores[b, h, i].cpu()
+        spread = float(s[only_ref + only_got].max() - s[only_ref + only_got].min())
+        scale = float(s[only_ref + only_got].abs().max()) + 1.0
+        assert spread <= tol * scale, f"blocks {only_ref} vs {only_got} at {(b, h, i)} differ by {spread}"
+
+
+def run_and_check(q, k, v, vis, cfg, projector=None, grads=True, tol=2e-5, gtol=5e-5, check_sel=True):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, projector)
+    kmax = int(max_selected(q.shape[2], k.shape[2], vis, cfg))
+    hs = k.shape[1] if cfg.selection == "group" else q.shape[1]
+    assert idx.shape == (q.shape[0], hs, -(-q.shape[2] // cfg.block_size), kmax)
+    assert idx.dtype == torch.int32 and cnt.dtype == torch.int32 and lse.dtype == torch.float32
+    assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1])
+    valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
+    if check_sel:
+        ref_sel = R.select_blocks(q.double(), pooled, vis, valid, scale, cfg, projector)
+        assert_same_selection(ref_sel, idx, cnt, block_scores(q, pooled, scale, cfg, projector))
+    # stage check: the sparse part with the kernels' own selection
+    qr, kr, vr = (x.detach().double().requires_grad_(grads) for x in (q, k, v))
+    pooled_r = R.pool_blocks(kr, vr, valid, cfg.block_size)
+    ro, rl = R.sparse_attention(qr, kr, vr, R.Selection(idx, cnt), pooled_r, vis, valid, scale, cfg.fill,
+                                cfg.block_size)
+    assert torch.isfinite(out).all()
+    assert rel(out, ro.detach()) < tol, rel(out, ro.detach())
+    fin = torch.isfinite(rl)
+    assert torch.equal(fin, torch.isfinite(lse)), "rows that see nothing differ"
+    assert maxabs(lse[fin].double() - rl[fin].detach()) < max(tol, 1e-4) * 50
+    if grads:
+        go = torch.randn_like(out)
+        dq, dk, dv = api.spa_backward(go, q, k, v, out, lse, idx, cnt, vis, scale, cfg)
+        ro.backward(go.double())
+        for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv, vr.grad)):
+            assert got.dtype == q.dtype and got.shape == want.shape
+            assert torch.isfinite(got).all(), name
+            assert rel(got, want) < gtol, (name, rel(got, want))
+    return out, lse, idx, cnt
+
+
+# ---------------------------------------------------------------------------------------
+# CPU (interpreter) suite
+# ---------------------------------------------------------------------------------------
+
+CASES = [
+    # (b, hq, hkv, nq, nk, d, vis kwargs, cfg kwargs)
+    pytest.param(1, 4, 1, 75, 75, 16, dict(causal=True), dict(), id="causal-gqa4-odd"),
+    pytest.param(1, 2, 2, 70, 70, 16, dict(), dict(selection="head"), id="none-mha-head"),
+    pytest.param(1, 8, 1, 64, 64, 16, dict(causal=True), dict(fill="none", topk=1), id="causal-gqa8-nofill"),
+    pytest.param(2, 4, 1, 67, 67, 16, dict(causal=True, key_valid="right"), dict(), id="causal-padding"),
+    pytest.param(2, 2, 1, 60, 60, 16, dict(key_valid="left"), dict(selection="head", sink_blocks=0), id="leftpad-head"),
+    pytest.param(1, 4, 2, 50, 80, 16, dict(causal=True, offset=30, window=40), dict(local_blocks=1), id="offset-window"),
+    pytest.param(1, 2, 1, 40, 90, 32, dict(window=33, offset=50), dict(min_blocks=2, max_blocks=3), id="window-only"),
+]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,visk,cfgk", CASES)
+def test_kernels_match_reference(b, hq, hkv, nq, nk, d, visk, cfgk):
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=nq + nk)
+    visk = dict(visk)
+    if "key_valid" in visk:
+        lengths = [nk - 9, nk - 30][:b]
+        visk["key_valid"] = padding(b, nk, lengths, left=visk["key_valid"] == "left")
+    vis = Visibility(nq=nq, nk=nk, **visk)
+    cfg = SPAConfig(**{"block_size": 16, "density": 0.3, **cfgk})
+    run_and_check(q, k, v, vis, cfg)
+
+
+@needs_cpu_kernels
+def test_end_to_end_and_projector():
+    """spa_forward against reference.spa_attention (its own selection) with a learned projector."""
+    b, hq, hkv, n, d, r = 1, 4, 2, 70, 16, 8
+    q, k, v = make_qkv(b, hq, hkv, n, n, d, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    proj = Projector(torch.randn(hkv, d, r, generator=gen), torch.randn(hkv, d, r, generator=gen))
+    vis = Visibility(n, n, causal=True)
+    cfg = SPAConfig(block_size=16, density=0.25)
+    run_and_check(q, k, v, vis, cfg, projector=proj, grads=False)
+    scale = 1.0 / math.sqrt(d)
+    out, lse, _, _ = api.spa_forward(q, k, v, vis, scale, cfg, proj)
+    ro, rl = R.spa_attention(q, k, v, visibility=vis, config=cfg, projector=proj, enable_gqa=True,
+                             return_lse=True)
+    assert rel(out, ro) < 2e-5
+
+
+@needs_cpu_kernels
+def test_dense_when_everything_selected():
+    """density 1: SPA is dense attention (SPEC.md Exactness)."""
+    q, k, v = make_qkv(1, 4, 2, 45, 45, 16, seed=5)
+    vis = Visibility(45, 45, causal=True)
+    cfg = SPAConfig(block_size=16, density=1.0)
+    out, lse, idx, cnt = api.spa_forward(q, k, v, vis, 0.25, cfg, None)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
+    assert rel(out, dense) < 2e-6
+
+
+@needs_cpu_kernels
+def test_rows_that_see_nothing_and_several_landmark_splits(monkeypatch):
+    """Causal with a negative offset: the first rows see no key (o = 0, lse = -inf, finite
+    gradients); the landmark gradient runs in several query-block splits."""
+    monkeypatch.setattr(sparse_backward, "LANDMARK_MIN_SPLIT", 1)
+    q, k, v = make_qkv(1, 2, 1, 60, 60, 16, seed=6)
+    vis = Visibility(60, 60, causal=True, offset=-20)
+    cfg = SPAConfig(block_size=16, density=0.2, local_blocks=1)
+    out, lse, idx, cnt = run_and_check(q, k, v, vis, cfg)
+    assert (out[:, :, :20] == 0).all() and torch.isinf(lse[:, :, :20]).all()
+
+
+@needs_cpu_kernels
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    n=st.integers(17, 70),
+    extra=st.integers(0, 20),
+    g=st.sampled_from([1, 2, 4]),
+    causal=st.booleans(),
+    fill=st.sampled_from(["landmark", "none"]),
+    density=st.sampled_from([0.1, 0.3, 0.6]),
+    pad=st.integers(0, 15),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_small(n, extra, g, causal, fill, density, pad, seed):
+    nk = n + extra
+    q, k, v = make_qkv(1, g, 1, n, nk, 16, seed=seed)
+    kv = padding(1, nk, [nk - pad]) if pad else None
+    vis = Visibility(n, nk, causal=causal, offset=extra if causal else 0, key_valid=kv)
+    cfg = SPAConfig(block_size=16, density=density, fill=fill)
+    run_and_check(q, k, v, vis, cfg)
+
+
+def test_unsupported_reason():
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 16)
+    cfg = SPAConfig()
+    assert api.unsupported_reason(q, k, v, Visibility(8, 8), cfg) is not None  # CPU tensors
+    dev = "cuda" if torch.cuda.is_available() else "meta"
+    qc, kc, vc = (x.to(dev) for x in (q, k, v))
+    if dev == "cuda":
+        assert api.unsupported_reason(qc, kc, vc, Visibility(8, 8, causal=True), cfg) is None
+    mask = torch.ones(8, 8, dtype=torch.bool, device=dev)
+    assert "mask" in api.unsupported_reason(qc, kc, vc, Visibility(8, 8, mask=mask), cfg)
+    assert "dtype" in api.unsupported_reason(qc.half().int(), kc, vc, Visibility(8, 8), cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU suite (real shapes, poisoned outputs)
+# ---------------------------------------------------------------------------------------
+
+# METHOD.md: float32 far under 1e-3 (the kernels use 3-pass tf32 for float32 dots);
+# bf16/fp16 operands between 1e-3 and 1e-2.
+GPU_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _poison_allocator(nbytes=1 << 30):
+    """Fill free cached memory with NaN so that an unwritten output shows up."""
+    try:
+        x = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").fill_(float("nan"))
+        del x
+    except torch.cuda.OutOfMemoryError:
+        pass
+
+
+def _gpu_case(b, hq, hkv, n, d, dtype, causal, fill, pad, selection="group", nk=None, dv=None, density=0.2,
+              grads=True, seed=0):
+    nk = n if nk is None else nk
+    q, k, v = make_qkv(b, hq, hkv, n, nk, d, dv=dv, dtype=dtype, device="cuda", seed=seed)
+    kv = padding(b, nk, [nk - pad - 37 * i for i in range(b)], device="cuda") if pad else None
+    vis = Visibility(n, nk, causal=causal, offset=nk - n if causal else 0, key_valid=kv)
+    cfg = SPAConfig(density=density, fill=fill, selection=selection)
+    scale = 1.0 / math.sqrt(d)
+    _poison_allocator()
+    out, lse, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
+    torch.cuda.synchronize()
+    tol = GPU_TOL[dtype]
+    valid, pooled = reference_stages(q.float(), k.float(), v.float(), vis, scale, cfg)
+    ref_sel = R.select_blocks(q.float(), pooled, vis, valid, scale, cfg)
+    assert_same_selection(ref_sel, idx, cnt, block_scores(q.float(), pooled, scale, cfg), tol=1e-3)
+    qr, kr, vr = (x.detach().float().requires_grad_(grads) for x in (q, k, v))
+    pooled_r = R.pool_blocks(kr, vr, valid, cfg.block_size)
+    ro, rl = R.sparse_attention(qr, kr, vr, R.Selection(idx, cnt), pooled_r, vis, valid, scale, fill, cfg.block_size)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten (NaN-poisoned) output"
+    assert rel(out, ro.detach()) < tol, rel(out, ro.detach())
+    fin = torch.isfinite(rl)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert maxabs(lse[fin] - rl[fin].detach()) < 50 * tol
+    if grads:
+        go = torch.randn_like(out)
+        _poison_allocator()
+        dq, dk, dv_ = api.spa_backward(go, q, k, v, out, lse, idx, cnt, vis, scale, cfg)
+        torch.cuda.synchronize()
+        ro.backward(go.float())
+        for name, got, want in (("dq", dq, qr.grad), ("dk", dk, kr.grad), ("dv", dv_, vr.grad)):
+            assert not torch.isnan(got).any(), f"{name}: unwritten (NaN-poisoned) output"
+            assert rel(got, want) < tol, (name, rel(got, want))
+        # deterministic: the same gradients bit for bit
+        dq2, dk2, dv2 = api.spa_backward(go, q, k, v, out, lse, idx, cnt, vis, scale, cfg, deterministic=True)
+        assert torch.equal(dq2, dq) and torch.equal(dk2, dk) and torch.equal(dv2, dv_)
+
+
+GPU_CASES = [
+    # b, hq, hkv, n, d, dtype, causal, fill, pad, selection, nk, dv
+    pytest.param(1, 8, 2, 4096 + 37, 128, torch.bfloat16, True, "landmark", 0, "group", None, None, id="bf16-d128-gqa4-causal"),
+    pytest.param(2, 8, 1, 3000, 64, torch.float16, True, "landmark", 300, "group", None, None, id="fp16-d64-gqa8-pad"),
+    pytest.param(1, 4, 4, 2500, 128, torch.bfloat16, False, "none", 0, "head", None, None, id="bf16-d128-mha-nofill-head"),
+    pytest.param(1, 4, 1, 2048, 64, torch.float32, True, "landmark", 0, "group", None, None, id="fp32-d64-causal"),
+    pytest.param(1, 4, 2, 1500, 256, torch.bfloat16, True, "landmark", 0, "group", 1700, None, id="bf16-d256-offset"),
+    pytest.param(1, 4, 2, 2000, 96, torch.bfloat16, False, "landmark", 100, "group", None, None, id="bf16-d96-pad"),
+    pytest.param(1, 4, 4, 1800, 32, torch.float16, True, "landmark", 0, "head", None, None, id="fp16-d32-head"),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype,causal,fill,pad,selection,nk,dv", GPU_CASES)
+def test_gpu_real_shapes(b, hq, hkv, n, d, dtype, causal, fill, pad, selection, nk, dv):
+    _gpu_case(b, hq, hkv, n, d, dtype, causal, fill, pad, selection, nk, dv)
+
+
+@gpu
+@needs_cuda
+def test_gpu_kernel_writes_every_output():
+    """Launch the forward/backward kernels into NaN-filled buffers: every element is written."""
+    b, hq, hkv, n, d = 1, 8, 2, 3000, 128
+    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.bfloat16, device="cuda", seed=9)
+    vis = Visibility(n, n, causal=True)
+    cfg = SPAConfig()
+    scale = d**-0.5
+    out, lse, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
+    info = block_info(vis, b, n, n, cfg.block_size, q.device)
+    _, _, kb, vb = pool_kv(k, v, info)
+    o2 = torch.full_like(out, float("nan"))
+    l2 = torch.full_like(lse, float("nan"))
+    for c in codegen.autotune.attention_candidates(4, 64, d, d, q.dtype, True):
+        o2.fill_(float("nan"))
+        l2.fill_(float("nan"))
+        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o2, l2)
+        assert torch.equal(o2, out) and torch.equal(l2, lse), c
