@@ -254,6 +254,8 @@ def test_host_overhead_floors_short_calls():
     tiny = LLAMA_GQA.with_length(128)
     pred = predict(tiny, SPAConfig(), H100)
     assert pred.spa_s == H100.host_overhead_s["spa"] and pred.dense_s >= H100.host_overhead_s["dense"]
+    empty = predict(LLAMA_GQA.with_length(0), SPAConfig(), H100)
+    assert empty.spa_s == H100.host_overhead_s["spa"] and math.isfinite(empty.dense_s)
 
 
 def test_gqa_heads_share_kv_loads():

@@ -317,6 +317,9 @@ def predict(shape: SiteShape, cfg: SPAConfig, profile: HardwareProfile) -> Predi
     """Predicted seconds of the dense path (``shape.dense_kind``) and of SPA on ``profile``'s card."""
     if shape.dense_kind not in DENSE_KINDS:
         raise ValueError(f"dense_kind {shape.dense_kind!r}: expected one of {DENSE_KINDS}")
+    if min(shape.b, shape.hq, shape.hkv, shape.nq, shape.nk) < 1:  # empty calls: as small as can be
+        shape = replace(shape, b=max(1, shape.b), hq=max(1, shape.hq), hkv=max(1, shape.hkv),
+                        nq=max(1, shape.nq), nk=max(1, shape.nk))
     kk, nvis = mean_selected_blocks(shape.nq, shape.nk, shape.causal, cfg, shape.window if shape.causal else None)
     values = _shape_values(shape, cfg, kk, profile.dense_tile)
     times = _compiled()(*values, *_profile_values(profile, shape))

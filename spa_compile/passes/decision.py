@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..config import DEFAULT_MIN_SEQ_LEN, SPAConfig
+from ..config import SPAConfig
 from ..hardware import HardwareProfile, resolve_profile
 from ..runtime_choice import RUNTIME_THRESHOLD_META  # the node.meta key runtime_choice.spa_call reads
 from . import cost_model
