@@ -67,14 +67,20 @@ def _project(qbar: Tensor, kbar: Tensor, projector: Projector | None, cfg: SPACo
     return qp, kp
 
 
+def _size_class(info: BlockInfo) -> str:
+    """Coarse length class of a tuning key: short sequences fill the card differently."""
+    n = max(info.nq, info.nk)
+    return "n<=8k" if n <= 8192 else ("n<=32k" if n <= 32768 else "n>32k")
+
+
 def _attention_config(kernel, q, k, v, hs, info, fill, run):
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     cands = autotune.attention_candidates(g, info.block, d, v.shape[-1], q.dtype, hs == hkv and g > 1,
-                                          backward=kernel != "fwd")
+                                          backward=kernel != "fwd", fill=fill)
     key = (d, v.shape[-1], str(q.dtype).replace("torch.", ""), info.block, g, hs == hkv, info.causal,
-           info.has_window, info.key_valid is not None, fill)
+           info.has_window, info.key_valid is not None, fill, _size_class(info))
     return autotune.pick(kernel, key, cands, run, q.device)
 
 
@@ -83,7 +89,7 @@ def _key_block_config(kernel, q, k, v, hs, info, fill, run):
     g = hq // k.shape[1]
     cands = autotune.key_block_candidates(info.block, d, v.shape[-1], q.dtype)
     key = (d, v.shape[-1], str(q.dtype).replace("torch.", ""), info.block, g, hs == k.shape[1], info.causal,
-           info.has_window, info.key_valid is not None, fill)
+           info.has_window, info.key_valid is not None, fill, _size_class(info))
     return autotune.pick(kernel, key, cands, run, q.device)
 
 
@@ -97,6 +103,8 @@ def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax):
 
 def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool):
     """The sparse attention kernel alone (exact part + optional fill): (out, lse)."""
+    if kbar is None:  # no fill: the landmark pointers are never read
+        kbar, vbar = k, v
     out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     hs = index.shape[1]
@@ -122,11 +130,13 @@ def spa_forward(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, scale: float, 
 
 
 def spa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, index: Tensor,
-                 count: Tensor, vis: Visibility, scale: float, cfg: SPAConfig, deterministic: bool = False):
+                 count: Tensor, vis: Visibility, scale: float, cfg: SPAConfig, deterministic: bool = False,
+                 grad_lse: Tensor | None = None):
     """dq, dk, dv with the selection held fixed (paths through kbar/vbar included).
 
     Always deterministic: no atomics, every gradient element is written by one program
-    (``deterministic`` is accepted for the op's signature).
+    (``deterministic`` is accepted for the op's signature). ``grad_lse`` (the gradient of
+    the returned lse, optional) enters as ``delta - grad_lse``: d lse / d logit = p.
     """
     b, hq, nq, d = q.shape
     nk = k.shape[2]
@@ -140,6 +150,8 @@ def spa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     hs = index.shape[1]
     _, _, kbar, vbar = pool_kv(k, v, info)
     delta = launch_delta(out, grad_out)
+    if grad_lse is not None:
+        delta -= torch.where(torch.isfinite(lse), grad_lse.float(), torch.zeros_like(delta))
     rev_off, rev_i = reverse_map(index, count, info.nkb)
 
     dq = torch.empty_like(q)

@@ -110,6 +110,13 @@ def pick(kernel: str, key: tuple, candidates: list[dict], run, device) -> dict:
     if not timings:
         raise RuntimeError(f"no launch configuration of {kernel} fits the card for {key}")
     best = min(timings, key=lambda x: x[0])[1]
+    log = os.environ.get("SPA_TUNE_LOG")
+    if log:
+        try:
+            with open(log, "a") as f:
+                f.write(json.dumps({"key": full, "timings_ms": [[t, c] for t, c in timings], "best": best}) + "\n")
+        except OSError:
+            pass
     with _LOCK:
         _MEMO[full] = best
         _save()
@@ -124,7 +131,7 @@ def _esize(dtype: torch.dtype) -> int:
 
 
 def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype, group: bool,
-                         backward: bool = False) -> list[dict]:
+                         backward: bool = False, fill: bool = False) -> list[dict]:
     """Configs of the per-query-block kernels (forward, dq). First = heuristic default."""
     bd, bdv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
     es = _esize(dtype)
@@ -140,6 +147,8 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
         w = 8 if bm >= 128 or es == 4 else 4
         fits = [s for s in (3, 2, 1) if es * (bm * bd + (bm * bdv if backward else 0) + s * block * (bd + bdv)) <= SMEM_LIMIT]
         out += [{"GP": gp, "num_warps": w, "num_stages": s, "BJ": 64} for s in fits[:2]]
+    if fill and out and es == 2 and bd <= 128:  # a wider landmark chunk for the fill loop
+        out.insert(1, dict(out[0], BJ=128))
     return out or [{"GP": 1, "num_warps": 4, "num_stages": 1, "BJ": 64}]
 
 

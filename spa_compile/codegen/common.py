@@ -47,9 +47,17 @@ def classify_blocks(
 
 
 @triton.jit
-def block_is_clean(j, nj, t0, t1, OFF, WIN, BS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """True when every (row of t0..t1-1, key of block j) pair is visible: no element mask needed."""
-    clean = nj == BS
+def block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   HAS_KV: tl.constexpr):
+    """True when every (row of t0..t1-1, key of block j) pair is visible: no element mask needed.
+
+    Without key padding this is geometry alone (a block inside the causal/window band has only
+    valid keys); with padding the block's valid-key count must be full.
+    """
+    if HAS_KV:
+        clean = tl.load(NB_b + j) == BS
+    else:
+        clean = j * BS + BS <= Nk
     if CAUSAL:
         clean = clean & (j * BS + BS - 1 <= t0 + OFF)
     if WINDOW:

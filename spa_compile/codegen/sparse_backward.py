@@ -61,7 +61,7 @@ def _dq_kernel(
     PREC: tl.constexpr,
 ):
     BM: tl.constexpr = GP * BS
-    i = tl.program_id(0)
+    i = NQB - 1 - tl.program_id(0)  # causal: the longest rows first
     pid1 = tl.program_id(1)
     HP = Hq // GP
     b = pid1 // HP
@@ -101,8 +101,7 @@ def _dq_kernel(
         k = tl.load(K_h + kpos[:, None].to(tl.int64) * skn + d[None, :], mask=kin[:, None] & (d[None, :] < D), other=0.0)
         v = tl.load(V_h + kpos[:, None].to(tl.int64) * svn + dv[None, :], mask=kin[:, None] & (dv[None, :] < DV), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        nj = tl.load(NB_b + j)
-        clean = block_is_clean(j, nj, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW)
+        clean = block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV)
         if clean == 0:
             msk = pair_mask(t, kpos, Nk, KV_b, OFF, WIN, CAUSAL, WINDOW, HAS_KV)
             qk = tl.where(msk, qk, float("-inf"))
@@ -284,7 +283,7 @@ def _dkdv_kernel(
             lse2 = _load_lse2(LSE + (b64 * Hq + h64) * Nq + t, ok)
             delta = tl.load(DELTA + (b64 * Hq + h64) * Nq + t, mask=ok, other=0.0)
             qkT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-            clean = block_is_clean(j, nj, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW)
+            clean = block_is_clean(j, NB + b * NKB, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV)
             if clean == 0:
                 msk = pair_mask(t, kpos, Nk, KV_b, OFF, WIN, CAUSAL, WINDOW, HAS_KV)
                 qkT = tl.where(tl.trans(msk), qkT, float("-inf"))

@@ -1,0 +1,31 @@
+#!/bin/bash
+# One device call: GPU tests of the SPA kernels, then benchmarks/bench_kernels.py.
+#   run: bash benchmarks/gpu_check.sh   (writes logs and JSON under $OUT)
+# Env: TEST_S / BENCH_S (time limits), BENCH_ARGS (extra arguments), CACHE_IN (a caches.tgz from an
+# earlier call: Triton/Inductor compile caches and the tuning cache, to skip recompiling).
+set -o pipefail
+OUT=${OUT:-/tmp/spa_out}
+mkdir -p "$OUT"
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=/tmp/spa_cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/spa_cache/inductor
+export SPA_TUNE_CACHE=/tmp/spa_cache/tune.json SPA_TUNE_LOG=$OUT/tune_log.jsonl
+mkdir -p /tmp/spa_cache
+if [ -n "$CACHE_IN" ] && [ -f "$CACHE_IN" ]; then tar xzf "$CACHE_IN" -C /tmp/spa_cache && echo "caches restored"; fi
+T0=$(date +%s)
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,memory.used --format=csv 2>&1 | tee "$OUT/smi.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+if [ "${TEST_S:-150}" != "0" ]; then
+  SPA_AUTOTUNE=0 timeout "${TEST_S:-150}" python3 -m pytest -m gpu tests/test_kernels.py -q -x -p no:cacheprovider \
+      --durations=5 2>&1 | tee "$OUT/gpu_tests.log"
+  echo "gpu tests exit $? after $(( $(date +%s) - T0 )) s"
+fi
+if [ "${BENCH_S:-420}" != "0" ]; then
+  timeout "${BENCH_S:-420}" python3 benchmarks/bench_kernels.py --out "$OUT" --budget-s $(( ${BENCH_S:-420} - 120 )) \
+      ${BENCH_ARGS} 2>&1 | tee "$OUT/bench.log"
+  echo "bench exit $? after $(( $(date +%s) - T0 )) s"
+fi
+cp /tmp/spa_cache/tune.json "$OUT/tune.json" 2>/dev/null
+tar czf "$OUT/caches.tgz" -C /tmp/spa_cache . 2>/dev/null
+SZ=$(stat -c %s "$OUT/caches.tgz" 2>/dev/null || echo 0)
+if [ "$SZ" -gt 15000000 ]; then tar czf "$OUT/caches.tgz" -C /tmp/spa_cache triton tune.json 2>/dev/null; fi
+ls -la "$OUT"
