@@ -20,6 +20,7 @@ from .config import SPAConfig
 from .passes import graph_analysis
 from .passes.decision import Decision, decide
 from .passes.find_attention import find_attention_sites
+from .passes.attach_projectors import attach_projectors
 from .passes.rewrite import rewrite_site
 
 log = logging.getLogger("spa_compile")
@@ -70,6 +71,7 @@ def apply_spa_passes(gm: fx.GraphModule, cfg: SPAConfig) -> list[tuple[Any, Any]
             callback(record)
         if decision.decision == "spa":
             rewrite_site(gm, site, cfg)
+    attach_projectors(gm, cfg, results)  # learned Pq/Pk of cfg.projectors onto the rewritten sites
     # the rewritten sites' scores, weights and masks are dead now; in-place ops are kept
     # exactly when they write to a tensor still needed (FX's own DCE drops them all)
     graph_analysis.eliminate_dead_code(gm)
