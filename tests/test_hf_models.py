@@ -193,3 +193,50 @@ def test_output_attentions_keeps_sites_dense_with_reason():
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
     for a, b in zip(out.attentions, ref.attentions):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_mistral_sliding_window_recovered(impl):
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=16,
+    )
+    cfg._attn_implementation = impl
+    model = transformers.MistralForCausalLM(cfg).eval()
+    ids, kw = _inputs(True)
+    with torch.no_grad():
+        ref = model(ids, **kw).logits
+        cap = Capture()
+        out = torch.compile(model, backend=cap)(ids, **kw).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    ((site, decision),) = cap.records
+    assert decision.decision == "spa" and site.mask_kind == "causal+window(16)+key_padding"
+    assert cap.square_tensors(N) == []
+
+
+def test_dynamic_shapes_one_graph_two_lengths_and_symbolic_cache_offset():
+    """dynamic=True: the mask is recovered with symbolic sizes; a cache length is a symbolic offset."""
+    import copy
+
+    model, _ = _model("llama", "eager", layers=1)
+    cap = Capture()
+    compiled = torch.compile(model, backend=cap, dynamic=True)
+    for n in (40, 56):
+        ids, kw = _inputs(True, n=n)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, **kw).logits, model(ids, **kw).logits, rtol=1e-4, atol=1e-4)
+    assert len(cap.graphs) == 1 and [s.mask_kind for s, _ in cap.records] == ["causal+key_padding"]
+    torch._dynamo.reset()
+    cap = Capture()
+    compiled = torch.compile(model, backend=cap, dynamic=True)
+    for past in (16, 21):
+        ids = torch.randint(0, 97, (2, past + 4), generator=torch.Generator().manual_seed(past))
+        mask = torch.ones(2, past + 4, dtype=torch.long)
+        with torch.no_grad():
+            cache = model(ids[:, :past], attention_mask=mask[:, :past]).past_key_values
+            ref = model(ids[:, past:], attention_mask=mask, past_key_values=copy.deepcopy(cache)).logits
+            out = compiled(ids[:, past:], attention_mask=mask, past_key_values=cache).logits
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    (site, _), = cap.records[-1:]
+    assert site.structure.causal and not site.structure.offset.is_number  # the cache length, a symbol

@@ -18,6 +18,7 @@ Two kinds of site:
 
 from __future__ import annotations
 
+import logging
 import operator
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from . import match_decomposed as md
 SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+log = logging.getLogger("spa_compile")
 
 
 @dataclass
@@ -193,14 +195,23 @@ def find_attention_sites(gm: fx.GraphModule, root: str = "model") -> list[Attent
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in SDPA_TARGETS:
             site = _sdpa_site(node, root)
-            _analyse_sdpa(site, ctx)
+            try:
+                _analyse_sdpa(site, ctx)
+            except Exception as e:  # noqa: BLE001 - an analysis bug must not break compilation
+                log.warning("spa: analysis of %s failed (%s); the site keeps its SDPA arguments", site.name, e)
+                site = _sdpa_site(node, root)
+                site.notes.append(f"analysis failed: {e}")
             sites.append(site)
         elif node.op in ("call_function", "call_method") and mr.op_name(node) in md.SOFTMAX_NAMES:
             try:
                 match = md.match_softmax(node)
+                sites.append(_decomposed_site(match, ctx, root))
             except md.NotAttention:
                 continue
-            sites.append(_decomposed_site(match, ctx, root))
+            except Exception as e:  # noqa: BLE001 - an analysis bug must not break compilation
+                log.warning("spa: analysis of the softmax %s failed (%s); left as it is", node.name, e)
+                sites.append(AttentionSite(node=node, name=module_path(node, root), q=None, k=None, v=None,
+                                           pattern="decomposed", reject_reason=f"analysis failed: {e}"))
     _unique_names(sites)
     return sites
 
@@ -335,11 +346,16 @@ def _recover(site: AttentionSite, ctx: _Context, terms, scores_shape) -> bool:
         if expr is not None and not ctx.symbols.can_emit(expr):
             site.mask_note = f"mask kept dense: the offset {expr} has no graph value"
             return False
-    if st.key_valid is not None:
-        free = {s for s in st.key_valid.free_symbols if s not in mr._D_SET}
+    for expr in [st.key_valid, *st.preconditions]:
+        if expr is None:
+            continue
+        free = {s for s in expr.free_symbols if s not in mr._D_SET}
         if not all(ctx.symbols.can_emit(s) for s in free):
             site.mask_note = "mask kept dense: key padding depends on sizes without a graph value"
             return False
+    if st.preconditions:
+        site.notes.append("the padding mask's values are checked at run time (0 or 1)")
+    if st.key_valid is not None or st.preconditions:
         for leaf in st.leaf_nodes():
             if _mutated_in_place(leaf):
                 site.mask_note = f"mask kept dense: {leaf.name} is modified in place"
@@ -358,6 +374,11 @@ def _mutated_in_place(node: fx.Node) -> bool:
 
 def _analyse_sdpa(site: AttentionSite, ctx: _Context) -> None:
     _fold_gqa(site)
+    if isinstance(site.scale, fx.Node):
+        val = site.scale.meta.get("example_value")
+        if isinstance(val, (torch.SymFloat, torch.SymInt)):  # a Python number traced as a graph value
+            site.scale_nodes, site.scale = [("mul", site.scale)], 1.0
+            site.notes.append("graph-valued scale folded into q")
     mask = site.attn_mask
     if not isinstance(mask, fx.Node) or example_value(mask) is None or site.is_causal is True:
         return

@@ -714,24 +714,60 @@ def blocked_value(value) -> bool | None:
     return None
 
 
-def additive_visibility(v: SymVal, factor: float = 1.0) -> Boolean:
-    """Where an additive mask (times ``factor``) leaves the scores alone; raises for a bias."""
+def additive_visibility(v: SymVal, factor: float = 1.0, preconditions: list | None = None) -> Boolean:
+    """Where an additive mask (times ``factor``) leaves the scores alone; raises for a bias.
+
+    A value linear in one integer input tensor ``L`` (``(1 - attention_mask) * finfo.min``)
+    is visible where it is 0 and blocked where it is very negative; the values of ``L`` that
+    give neither (e.g. ``attention_mask == 2``) are excluded by a precondition appended to
+    ``preconditions`` (checked at run time), or the analysis gives up when there is no list.
+    """
     v = to_num(v)
     visible = []
     for cond, value in v.expr:
+        value = sympy.expand(value * sympy.Float(factor)) if factor != 1.0 else value
         if value.has(AppliedUndef):
-            raise Unrecoverable("the additive mask's values come from an input tensor (unknown at compile time)")
+            visible.append(sympy.And(cond, _leaf_linear_visible(value, preconditions)))
+            continue
         if _index_symbols(value):
             raise BiasMask(f"the additive mask's value {value} varies with the positions: a bias (such as ALiBi), "
                            "not a visibility mask")
         if not value.is_number:
             raise Unrecoverable(f"the additive mask's value {value} depends on sizes")
-        kind = blocked_value(value * sympy.Float(factor) if factor != 1.0 else value)
+        kind = blocked_value(value)
         if kind is None:
             raise BiasMask(f"the additive mask has the finite non-zero value {float(value):g}: a bias, not a visibility mask")
         if kind is False:
             visible.append(cond)
     return _b(sympy.Or(*visible))
+
+
+def _leaf_linear_visible(value, preconditions):
+    apps = value.atoms(AppliedUndef)
+    why = "the additive mask's values come from an input tensor (unknown at compile time)"
+    if len(apps) != 1 or preconditions is None:
+        raise Unrecoverable(why)
+    (leaf,) = apps
+    a = value.coeff(leaf)
+    c = sympy.expand(value - a * leaf)
+    if not (a.is_number and c.is_number) or a == 0 or c.has(AppliedUndef) or _index_symbols(c):
+        raise Unrecoverable(why)
+    if not (a.is_finite and c.is_finite):
+        raise Unrecoverable(why)
+    a, c = sympy.Rational(float(a)), sympy.Rational(float(c))  # exact: the edges must not round
+    root = -c / a
+    if not root.is_integer:
+        r = float(root)
+        if not (math.isfinite(r) and r.is_integer()):
+            raise Unrecoverable(why)
+        root = sympy.Integer(int(r))
+    # blocked: a * L + c <= BLOCK_THRESHOLD; L integer
+    edge = (sympy.Rational(BLOCK_THRESHOLD) - c) / a
+    blocked = sympy.Le(leaf, sympy.floor(edge)) if a > 0 else sympy.Ge(leaf, sympy.ceiling(edge))
+    if blocked.subs(leaf, root) is sympy.true:
+        raise Unrecoverable(why)
+    preconditions.append(_b(sympy.Or(sympy.Eq(leaf, root), blocked)))
+    return _b(sympy.Eq(leaf, root))
 
 
 # --------------------------------------------------------------------------------------
@@ -754,6 +790,7 @@ class MaskStructure:
     window: Any = None
     key_valid: Any = None
     leaves: dict = field(default_factory=dict)
+    preconditions: list = field(default_factory=list)  # Booleans in (b, u, leaves) checked at run time
 
     @property
     def batch_symbol(self):
@@ -777,12 +814,13 @@ class MaskStructure:
 
     @property
     def is_trivial(self) -> bool:
-        return not self.causal and self.window is None and self.key_valid is None
+        return not self.causal and self.window is None and self.key_valid is None and not self.preconditions
 
     def leaf_nodes(self) -> list[fx.Node]:
-        if self.key_valid is None:
-            return []
-        used = {f.func for f in self.key_valid.atoms(AppliedUndef) if f.func in self.leaves}
+        used = set()
+        for expr in [self.key_valid, *self.preconditions]:
+            if expr is not None:
+                used |= {f.func for f in expr.atoms(AppliedUndef) if f.func in self.leaves}
         return [self.leaves[f] for f in used]
 
 
@@ -835,6 +873,27 @@ def _band(rel, t, u):
     raise Unrecoverable(f"the mask relation {rel} excludes a single diagonal")
 
 
+def _clause_band(clause, t, u):
+    """A CNF clause as one band: a relation, or a disjunction of bounds on the same side
+    (``u <= t | u <= t - 1`` is ``u <= t``)."""
+    if isinstance(clause, sympy.core.relational.Relational):
+        return _band(clause, t, u)
+    if not isinstance(clause, sympy.Or):
+        raise Unrecoverable(f"the mask condition {clause} is not a band in (t, u)")
+    bands = []
+    for lit in clause.args:
+        if not isinstance(lit, sympy.core.relational.Relational) or _index_symbols(lit) - {t, u}:
+            raise Unrecoverable(f"the mask condition {clause} is not a band in (t, u)")
+        bands.append(_band(lit, t, u))
+    kinds = {k for k, _ in bands}
+    values = [c for _, c in bands]
+    if kinds == {"upper"} and all(c.is_number for c in values):
+        return "upper", max(values)
+    if kinds == {"lower"} and all(c.is_number for c in values):
+        return "lower", min(values)
+    raise Unrecoverable(f"the mask condition {clause} is a union of bands")
+
+
 def _always_true_in_rows(clause, t, nq) -> bool:
     if type(nq) is not int or nq <= 0:
         return False
@@ -853,7 +912,7 @@ def _pick(bounds, fn, what):
     raise Unrecoverable(f"several symbolic {what} bounds")
 
 
-def classify(visible: Boolean, ndim: int, shape, leaves: dict) -> MaskStructure:
+def classify(visible: Boolean, ndim: int, shape, leaves: dict, preconditions=()) -> MaskStructure:
     """Turn ``visible(indices)`` over the scores' dims into a :class:`MaskStructure`."""
     if ndim not in (3, 4):
         raise Unrecoverable(f"scores with {ndim} dims")
@@ -881,15 +940,13 @@ def classify(visible: Boolean, ndim: int, shape, leaves: dict) -> MaskStructure:
             if _always_true_in_rows(clause, t, shape[ndim - 2]):
                 continue
             raise Unrecoverable("the mask hides whole query rows")
-        if b in syms:
-            raise Unrecoverable("the mask's query/key structure differs per batch row")
         if clause.atoms(AppliedUndef):
             raise Unrecoverable(
                 "the mask reads an input tensor at (query, key) positions: its values are not known at compile time"
             )
-        if not isinstance(clause, sympy.core.relational.Relational):
-            raise Unrecoverable(f"the mask condition {clause} is not a band in (t, u)")
-        kind, c = _band(clause, t, u)
+        if b in syms:
+            raise Unrecoverable("the mask's query/key structure differs per batch row")
+        kind, c = _clause_band(clause, t, u)
         if kind in ("upper", "eq"):
             uppers.append(c)
         if kind in ("lower", "eq"):
@@ -899,12 +956,18 @@ def classify(visible: Boolean, ndim: int, shape, leaves: dict) -> MaskStructure:
         st.causal, st.offset = True, _pick(uppers, min, "upper")
     if lowers:
         lo = _pick(lowers, max, "lower")
+        if not st.causal:  # a lower bound alone: u >= t + lo is u > t + offset - window with offset lo, window 1
+            st.offset = lo
         window = sympy.simplify(st.offset - lo + 1)
         if window.is_number and window < 1:
             raise Unrecoverable("the mask's band is empty")
         st.window = window
     if keys:
         st.key_valid = _b(sympy.And(*keys))
+    for pre in preconditions:
+        if _index_symbols(pre) - {b, u}:
+            raise Unrecoverable("a precondition on the mask's values that depends on the query")
+        st.preconditions.append(pre)
     for expr in (st.offset, st.window):
         if expr is not None and _index_symbols(sympy.sympify(expr)):
             raise Unrecoverable("an offset that depends on an index")
@@ -936,7 +999,7 @@ class MaskTerm:
 def analyse(evaluator: MaskEvaluator, terms: list[MaskTerm], scores_shape) -> MaskStructure:
     """The structure of the visibility all ``terms`` give together over scores of ``scores_shape``."""
     n = len(scores_shape)
-    parts = []
+    parts, preconditions = [], []
     for term in terms:
         v = evaluator.value(term.node)
         if v.ndim > n:
@@ -945,15 +1008,17 @@ def analyse(evaluator: MaskEvaluator, terms: list[MaskTerm], scores_shape) -> Ma
         if term.kind == "additive":
             if v.kind == "bool":
                 raise Unrecoverable("a boolean tensor added to the scores")
-            parts.append(additive_visibility(v, term.coef * term.factor))
+            parts.append(additive_visibility(v, term.coef * term.factor, preconditions))
         elif term.kind == "fill":
             parts.append(_b(sympy.Not(to_bool(v).expr)))
         else:  # keep / bool
             parts.append(to_bool(v).expr)
     visible = _b(sympy.And(*parts)) if parts else sympy.true
     # the scores' own size-1 dims index 0
+    norm = {mr_d: sympy.Integer(0) for mr_d, d in zip(D, scores_shape) if _static(d) == 1}
     visible = _normalise(SymVal(n, "bool", visible), scores_shape).expr
-    return classify(visible, n, scores_shape, evaluator.leaves)
+    preconditions = [_b(p.xreplace(norm)) for p in preconditions]
+    return classify(visible, n, scores_shape, evaluator.leaves, preconditions)
 
 
 # --------------------------------------------------------------------------------------
@@ -1035,6 +1100,20 @@ class KeyValidEmitter:
             shape = (-1, 1) if which == "b" else (1, -1)
             self._aranges[which] = self.graph.call_method("view", (a, shape))
         return self._aranges[which]
+
+    def emit_preconditions(self) -> list:
+        """``torch._assert_async`` nodes for the structure's preconditions (values of an input mask)."""
+        out = []
+        for pre in self.st.preconditions:
+            ok = self._expr(pre)
+            if isinstance(ok, fx.Node):
+                ok = self.graph.call_method("all", (ok,))
+                out.append(self._call(torch._assert_async, ok,
+                                      "spa_compile: the attention mask holds values the rewritten graph does not expect "
+                                      "(an additive mask built from a padding vector must be 0 or 1)"))
+            elif not ok:
+                raise Unrecoverable("a precondition that never holds")
+        return out
 
     def emit(self):
         out = self._expr(self.st.key_valid)

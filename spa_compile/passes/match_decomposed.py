@@ -522,7 +522,7 @@ def _walk_scores(m: DecomposedMatch, x: fx.Node) -> None:
     _scores_product(m, spine[0])
     layout = tuple(example_value(spine[0]).shape)
     pending = []  # additive terms waiting for the scale factors applied after them
-    layouts = set()
+    layouts = []  # the layouts the masks are applied in (SymInts do not hash: a list)
     for i, node in enumerate(spine):
         nxt = spine[i + 1] if i + 1 < len(spine) else m.softmax
         steps = [] if i == 0 else [node]
@@ -536,10 +536,10 @@ def _walk_scores(m: DecomposedMatch, x: fx.Node) -> None:
             layout = _apply_step(m, step, src, layout, pending, layouts)
             if m.reason is not None:
                 return
-    if len(layouts) > 1:
+    if any(not _same(x, layouts[0]) for x in layouts[1:]):
         m.reason = "the masks are applied in different layouts of the scores"
         return
-    m.canonical_shape = layouts.pop() if layouts else tuple(example_value(m.scores).shape)
+    m.canonical_shape = layouts[0] if layouts else tuple(example_value(m.scores).shape)
 
 
 def _apply_step(m, step, src, layout, pending, layouts):
@@ -575,14 +575,14 @@ def _apply_step(m, step, src, layout, pending, layouts):
         term = MaskTerm("additive", other, coef=coef)
         m.terms.append(term)
         pending.append(term)
-        layouts.add(layout)
+        layouts.append(layout)
         return layout
     if name == "masked_fill":
         cond, value = _arg(step, 1, "mask"), _arg(step, 2, "value")
         if not _fill_blocks(m, value):
             return layout
         m.terms.append(MaskTerm("fill", cond, value=value))
-        layouts.add(layout)
+        layouts.append(layout)
         return layout
     if name == "where":
         cond, a, b = step.args[0], step.args[1], step.args[2]
@@ -594,7 +594,7 @@ def _apply_step(m, step, src, layout, pending, layouts):
             if not _fill_blocks(m, a):
                 return layout
             m.terms.append(MaskTerm("fill", cond, value=a))
-        layouts.add(layout)
+        layouts.append(layout)
         return layout
     m.reason = m.reason or f"the scores pass through {_describe(step)}"
     return layout

@@ -71,6 +71,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, cfg: SPAConfig) -> fx.
     graph = gm.graph
     node = site.node
     q, k, v = resolve(site.q), resolve(site.k), resolve(site.v)
+    q0 = q
     q_val = example_value(q)
     d = q_val.shape[-1]
     if site.scale is not None:
@@ -89,10 +90,12 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, cfg: SPAConfig) -> fx.
             symbols = mr.SymbolNodes(graph)
             offset = _emit_int(graph, symbols, st.offset, 0)
             window = _emit_int(graph, symbols, st.window, -1)
-            if st.key_valid is not None:
-                batch, nk = _size(graph, q, 0), _size(graph, k, -2)
+            if st.key_valid is not None or st.preconditions:
+                batch, nk = _size(graph, q0, 0), _size(graph, k, -2)
                 emitter = mr.KeyValidEmitter(graph, st, batch, nk, q_val.device, symbols)
-                key_valid = emitter.emit()
+                emitter.emit_preconditions()
+                if st.key_valid is not None:
+                    key_valid = emitter.emit()
         if three_d:  # (B*H, N, D) -> (B*H, 1, N, D)
             q, k, v = (graph.call_method("unsqueeze", (x, 1)) for x in (q, k, v))
             if mask is not None and example_value(mask) is not None and example_value(mask).dim() == 3:
