@@ -123,7 +123,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def file_layers(cwd: str | os.PathLike | None = None) -> list[tuple[Source, dict[str, Any]]]:
     """The config-file layers of ``cwd`` (default: the working directory), lowest first."""
-    base = Path(cwd) if cwd is not None else Path.cwd()
+    try:
+        base = Path(cwd) if cwd is not None else Path.cwd()
+    except OSError:  # the working directory was removed: no file layers
+        return []
     layers: list[tuple[Source, dict[str, Any]]] = []
     pyproject = base / "pyproject.toml"
     if pyproject.is_file():

@@ -17,6 +17,7 @@ a kernel achieves. The built-in SPA efficiencies are *provisional* (listed in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -287,6 +288,7 @@ def cache_dir() -> Path:
     return Path(base) / "spa_compile"
 
 
+@functools.lru_cache(maxsize=1)
 def _kernel_sources_hash() -> str:
     """A short hash of the SPA kernel sources: a changed kernel is measured again."""
     root = Path(__file__).parent / "codegen"
