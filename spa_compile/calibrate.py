@@ -276,10 +276,27 @@ class SiteData:
         return sum(int(s.visible.any(-1).sum()) for s in self.stats)
 
 
-def _loss(proj: Projector, data: SiteData, masks: list[Tensor] | None, loss_blocks: str) -> Tensor:
+def _merged(stats: list[BlockStats]) -> list[BlockStats]:
+    """Batches with the same block counts concatenated along the batch dim: one einsum per step."""
+    groups: dict[tuple, list[BlockStats]] = {}
+    for st in stats:
+        groups.setdefault((tuple(st.qsel.shape[1:]), tuple(st.kbar.shape[1:])), []).append(st)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        cat = lambda name: torch.cat([getattr(g, name) for g in group])  # noqa: E731
+        out.append(BlockStats(cat("qsel"), cat("kbar"), cat("target"), cat("visible"), cat("forced"),
+                              group[0].blocks))
+    return out
+
+
+def _loss(proj: Projector, stats: list[BlockStats], scale: float, masks: list[Tensor] | None,
+          loss_blocks: str) -> Tensor:
     total, rows = 0.0, 0
-    for j, s in enumerate(data.stats):
-        score = block_scores(proj, s.qsel, s.kbar, data.scale)
+    for j, s in enumerate(stats):
+        score = block_scores(proj, s.qsel, s.kbar, scale)
         tgt, blocks = s.loss_target(loss_blocks)
         per_row = distillation_loss(score, tgt, blocks, reduction="none")
         live = blocks.any(-1) & (tgt.sum(-1) > 0)
@@ -317,9 +334,11 @@ def fit_projector(
         qs = torch.cat([s.qsel.permute(0, 2, 1, 3).flatten(0, 1) for s in data.stats])
         ks = torch.cat([s.kbar.permute(0, 2, 1, 3).flatten(0, 1) for s in data.stats])
         start = pca_init(qs.float(), ks.float(), r, hkv)
+    stats = _merged(data.stats)
+    scale = data.scale
     gen = torch.Generator().manual_seed(seed)
     train, held = [], []
-    for s in data.stats:
+    for s in stats:
         m = torch.rand(s.visible.shape[:3], generator=gen) < holdout
         held.append(m)
         train.append(~m)
@@ -329,23 +348,25 @@ def fit_projector(
     pk = start.pk.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([pq, pk], lr=lr)
     with torch.no_grad():
-        loss_pooled = float(_loss(Projector.identity(hkv, d), data, None, loss_blocks))
-        best_held = float(_loss(start, data, held, loss_blocks))
+        loss_pooled = float(_loss(Projector.identity(hkv, d), stats, scale, None, loss_blocks))
+        best_held = float(_loss(start, stats, scale, held, loss_blocks))
     best = (pq.detach().clone(), pk.detach().clone())
-    for _ in range(steps):
+    check = max(1, steps // 40)  # held-out loss every few steps
+    for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
-        loss = _loss(Projector(pq, pk), data, train, loss_blocks)
+        loss = _loss(Projector(pq, pk), stats, scale, train, loss_blocks)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            h = float(_loss(Projector(pq, pk), data, held, loss_blocks))
-        if h < best_held:
-            best_held, best = h, (pq.detach().clone(), pk.detach().clone())
+        if step % check == 0 or step == steps:
+            with torch.no_grad():
+                h = float(_loss(Projector(pq, pk), stats, scale, held, loss_blocks))
+            if h < best_held:
+                best_held, best = h, (pq.detach().clone(), pk.detach().clone())
         if progress is not None:
             progress.update(1)
     proj = Projector(*best)
     with torch.no_grad():
-        loss_fitted = float(_loss(proj, data, None, loss_blocks))
+        loss_fitted = float(_loss(proj, stats, scale, None, loss_blocks))
     return proj, {"kl_pooled": loss_pooled, "kl_fitted": loss_fitted, "kl_heldout": best_held}
 
 

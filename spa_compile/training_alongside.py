@@ -81,8 +81,17 @@ class ProjectorTrainer:
     def file_view(self) -> ProjectorFile | None:
         return self._start
 
-    def tensors_for(self, site: str, shape: SiteShape, device) -> tuple[Tensor, Tensor]:
+    def tensors_for(self, site: str, shape: SiteShape, device, cfg: SPAConfig | None = None) -> tuple[Tensor, Tensor]:
         """The live ``(Pq, Pk)`` of ``site`` (created on first use), sharing the parameters' storage."""
+        if cfg is not None:
+            if self.block_size is not None and self.block_size != cfg.block_size:
+                raise ProjectorFileError(
+                    f"the projector trainer for {self.path!r} fits block_size={self.block_size}, but this "
+                    f"model is compiled with block_size={cfg.block_size}"
+                )
+            self.block_size = cfg.block_size
+            if not self.config:
+                self.config = json.loads(ops.config_to_str(cfg))
         if site not in self.params:
             start = None if self._start is None else self._start.projectors.get(site)
             if start is None:
@@ -115,9 +124,6 @@ class ProjectorTrainer:
             vis = visibility_from_args(q, k, attn_mask, key_valid, causal, offset, window)
         except BiasMaskError:
             return None
-        if self.block_size is None:
-            self.block_size = cfg.block_size
-            self.config = json.loads(ops.config_to_str(cfg))
         nqb = num_blocks(q.shape[2], cfg.block_size)
         blocks = sorted(self._rng.sample(range(nqb), min(self.sample_blocks, nqb)))
         with torch.no_grad():

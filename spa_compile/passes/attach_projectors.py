@@ -120,7 +120,7 @@ def attach_projectors(
             view = live.file_view()
             if view is not None:  # a trainer started from a file: same checks
                 pfile.match_sites(view, shapes, known, cfg.block_size, cfg.selection, warn=False)
-            tensors = {name: live.tensors_for(name, shapes[name], devices[name]) for name in shapes}
+            tensors = {name: live.tensors_for(name, shapes[name], devices[name], cfg) for name in shapes}
         else:
             pf = pfile.load_cached(path)
             match = pfile.match_sites(pf, shapes, known, cfg.block_size, cfg.selection)

@@ -1,0 +1,200 @@
+"""Calibration: block statistics against a naive dense computation, fitting, the report, the CLI hook."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spa_compile import SPAConfig
+from spa_compile import calibrate as C
+from spa_compile import reference as R
+from spa_compile.projector_file import load_projectors
+from spa_compile.visibility import Visibility
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+
+
+def _naive_mass(q, k, vis: Visibility, scale, bs, selection="group"):
+    """A [B, Hs, NQB, NKB] from the full N x N attention (small sizes only)."""
+    b, hq, n, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    kk = k.repeat_interleave(g, 1)
+    logits = torch.einsum("bhtd,bhud->bhtu", q.double(), kk.double()) * scale
+    rows = vis.rows(0, n, q.device).expand(b, hq, n, k.shape[2])
+    p = torch.softmax(logits.masked_fill(~rows, -math.inf), -1).nan_to_num(0.0)
+    nkb, nqb = -(-k.shape[2] // bs), -(-n // bs)
+    mass = F.pad(p, (0, nkb * bs - k.shape[2])).unflatten(-1, (nkb, bs)).sum(-1)  # [B, Hq, N, NKB]
+    live = rows.any(-1).double()
+    out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float64)
+    for i in range(nqb):
+        sl = slice(i * bs, (i + 1) * bs)
+        out[:, :, i] = (mass[:, :, sl] * live[:, :, sl, None]).sum(2) / live[:, :, sl].sum(2)[..., None].clamp_min(1)
+    if selection == "group":
+        out = out.unflatten(1, (hkv, g)).mean(2)
+    return out, torch.einsum("bhtu,bhud->bhtd", p, v_of(k, g).double())
+
+
+def v_of(k, g):
+    return _V[0].repeat_interleave(g, 1)
+
+
+_V = [None]
+
+
+@pytest.mark.parametrize("kind", ["causal", "padding", "window"])
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_block_stats_match_the_dense_attention_mass(kind, selection):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 72, 8, generator=gen) for h in (4, 2, 2))
+    _V[0] = v
+    key_valid = None
+    if kind == "padding":
+        key_valid = torch.ones(2, 72, dtype=torch.bool)
+        key_valid[1, 50:] = False
+    vis = Visibility(nq=72, nk=72, causal=kind != "padding", offset=0,
+                     window=20 if kind == "window" else None, key_valid=key_valid)
+    cfg = SPAConfig(block_size=16, selection=selection)
+    st = C.block_stats(q, k, v, vis, 0.35, cfg, with_output=True)
+    want, dense = _naive_mass(q, k, vis, 0.35, 16, selection)
+    torch.testing.assert_close(st.target.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st.out.double(), dense, rtol=1e-5, atol=1e-5)
+    live = st.visible.any(-1)
+    torch.testing.assert_close(st.target.sum(-1)[live], torch.ones(int(live.sum())), rtol=1e-5, atol=1e-5)
+    assert not (st.target * ~st.visible).any()  # no mass outside the visible blocks
+    # a subset of query blocks gives the same rows
+    sub = C.block_stats(q, k, v, vis, 0.35, cfg, blocks=[1, 3])
+    torch.testing.assert_close(sub.target, st.target[:, :, [1, 3]])
+    torch.testing.assert_close(sub.forced, st.forced[:, :, [1, 3]])
+
+
+@pytest.mark.parametrize("causal,window,offset,nq", [(True, None, 0, 70), (True, 24, 5, 50), (False, 24, 3, 70),
+                                                     (False, None, 0, 70), (True, None, 20, 40)])
+def test_valid_keys_closed_form(causal, window, offset, nq):
+    key_valid = torch.rand(2, 90, generator=torch.Generator().manual_seed(2)) > 0.2
+    vis = Visibility(nq=nq, nk=90, causal=causal, offset=offset, window=window, key_valid=key_valid)
+    assert torch.equal(C.valid_keys(vis, 2, 3, 16, "cpu"), R.valid_keys(vis, 2, 3, 16, "cpu"))
+
+
+# --------------------------------------------------------------------------------------- fitting
+
+
+class SDPA(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _synthetic(b, seed, n=256, bs=16):
+    """Attention the pooled score cannot see but a projector can.
+
+    Keys of block j alternate +s_j / -s_j on dim 0 (mean 0) and every query has q_0 = 4, so a
+    block's mass grows with cosh(2 s_j); its mean key carries s_j^2 on dim 1, which no query
+    reads. The pooled score (mean q . mean k) sees neither; Pq Pk^T with a (0, 1) entry ranks by s_j.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    nb = n // bs
+    s = (torch.rand(b, 1, nb, generator=gen) * 2.5).repeat_interleave(bs, -1)
+    sign = torch.tensor([1.0, -1.0]).repeat(n // 2)
+    k = torch.randn(b, 1, n, 4, generator=gen) * 0.3
+    k[..., 0] = sign * s
+    k[..., 1] = s ** 2 / 4
+    q = torch.randn(b, 1, n, 4, generator=gen)
+    q[..., 0] = 4.0
+    q[..., 1] = 0.0
+    return q, k, torch.randn(b, 1, n, 4, generator=gen)
+
+
+CFG = {"block_size": 16, "density": 0.25, "sink_blocks": 0, "local_blocks": 0}
+
+
+def test_calibrate_learns_what_pooling_misses(tmp_path):
+    model = SDPA()
+    batches = [_synthetic(4, seed) for seed in range(3)]
+    report = C.calibrate(model, batches, CFG, steps=150, lr=0.05, out=tmp_path / "p.safetensors",
+                         eval_batches=[_synthetic(4, 10)], progress=False)
+    (site,) = report.sites
+    rec = site.recall
+    assert rec["oracle"] >= rec["fitted"] - 1e-6 and rec["oracle"] >= rec["pooled"] - 1e-6
+    assert rec["fitted"] > rec["pooled"] + 0.15, rec
+    assert site.rel_err["fitted"] < site.rel_err["pooled"]
+    assert site.kl["kl_fitted"] < site.kl["kl_pooled"]
+    assert not report.in_sample and report.eval_batches == 1
+    pf = load_projectors(tmp_path / "p.safetensors")
+    assert set(pf.projectors) == {site.name} and pf.block_size == 16 and pf.report["steps"] == 150
+    text = str(report)
+    assert site.name in text and "oracle" in text and "overall" in text
+    assert report.to_dict()["overall"]["recall"]["fitted"] == pytest.approx(rec["fitted"])
+
+    # the backend with the file reproduces the fitted selection's output error
+    q, k, v = _synthetic(4, 10)
+    with torch.no_grad():
+        dense = model(q, k, v)
+        errs = {}
+        for label, extra in (("pooled", {}), ("fitted", {"projectors": str(tmp_path / "p.safetensors")})):
+            torch._dynamo.reset()
+            out = torch.compile(model, backend="spa", options={**CFG, "mode": "spa", "inner_backend": "eager", **extra})(q, k, v)
+            errs[label] = float((out - dense).norm() / dense.norm())
+    assert errs["fitted"] == pytest.approx(site.rel_err["fitted"], rel=1e-4)
+    assert errs["pooled"] == pytest.approx(site.rel_err["pooled"], rel=1e-4)
+
+
+def test_rank_below_d_and_selectable_loss():
+    data = C.collect(SDPA(), [_synthetic(2, 0)], CFG)
+    (site,) = data.values()
+    proj, losses = C.fit_projector(site, rank=2, steps=40, lr=0.05, loss_blocks="selectable")
+    assert proj.shape == (1, 4, 2)
+    assert losses["kl_fitted"] <= losses["kl_heldout"] + 1.0 and math.isfinite(losses["kl_fitted"])
+    with pytest.raises(ValueError, match="rank"):
+        C.fit_projector(site, rank=5, steps=1)
+
+
+def test_calibrate_a_gqa_causal_model_with_padding(tmp_path):
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(50, 32)
+            self.q, self.kv = nn.Linear(32, 32), nn.Linear(32, 32)
+
+        def forward(self, idx, mask):
+            x = self.emb(idx)
+            b, n, _ = x.shape
+            q = self.q(x).view(b, n, 4, 8).transpose(1, 2)
+            k, v = self.kv(x).view(b, n, 2, 2, 8).permute(2, 0, 3, 1, 4)
+            m = mask[:, None, None, :].bool()
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+
+    idx = torch.randint(0, 50, (2, 128), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 128, dtype=torch.long)
+    mask[1, 90:] = 0
+    report = C.calibrate(Tiny(), [{"idx": idx, "mask": mask}], {"block_size": 16, "density": 0.3},
+                         steps=10, progress=False)
+    (site,) = report.sites
+    assert site.shape == {"hq": 4, "hkv": 2, "d": 8, "dv": 8} and site.rank == 8
+    assert 0 < site.recall["pooled"] <= site.recall["oracle"] + 1e-9 <= 1 + 1e-9
+    assert report.in_sample
+
+
+def test_cli_hook_writes_the_file(tmp_path, capsys):
+    out = tmp_path / "cli.safetensors"
+    args = types.SimpleNamespace(output=str(out), steps=5)
+    q, k, v = _synthetic(2, 0)
+    target = types.SimpleNamespace(model=SDPA(), args=(q, k, v), kwargs={})
+    assert C.cli_main(args, target, SPAConfig(**CFG)) == 0
+    assert load_projectors(out).block_size == 16
+    assert "SPA projector calibration" in capsys.readouterr().out
+    assert C.calibrate.cli_main is C.cli_main
+
+
+def test_no_site_is_a_clear_error():
+    with pytest.raises(ValueError, match="no attention site"):
+        C.calibrate(nn.Linear(4, 4), [torch.randn(2, 4)], progress=False)
