@@ -8,6 +8,7 @@ the inner backend (Inductor by default), which compiles everything around the op
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
@@ -59,7 +60,7 @@ def apply_spa_passes(gm: fx.GraphModule, cfg: SPAConfig) -> list[tuple[Any, Any]
         reject = getattr(site, "reject_reason", None)
         decision = Decision("dense", reject) if reject else decide(site, cfg)
         if decision.decision == "spa" and getattr(site, "mask_note", None):
-            decision = Decision("spa", f"{decision.reason}; {site.mask_note}")
+            decision = dataclasses.replace(decision, reason=f"{decision.reason}; {site.mask_note}")
         record = (site, decision)
         results.append(record)
         log.info(

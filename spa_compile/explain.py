@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_map
 
 from .backend import recording, spa_backend
 from .config import SPAConfig
+from .passes.decision import fmt_length, fmt_seconds
 
 
 @dataclass
@@ -29,6 +30,9 @@ class SiteReport:
     k_shape: tuple
     v_shape: tuple
     pattern: str = "sdpa"
+    predicted_dense_s: float | None = None  # cost model, on config.device_profile
+    predicted_spa_s: float | None = None
+    n_star: float | None = None  # predicted crossover length (inf: SPA never faster)
 
 
 @dataclass
@@ -44,7 +48,8 @@ class Report:
             SiteReport(
                 name=site.name, decision=decision.decision, reason=decision.reason, mask=site.mask_kind,
                 q_shape=_dims(site.q_shape), k_shape=_dims(site.k_shape), v_shape=_dims(site.v_shape),
-                pattern=site.pattern,
+                pattern=site.pattern, predicted_dense_s=getattr(decision, "predicted_dense_s", None),
+                predicted_spa_s=getattr(decision, "predicted_spa_s", None), n_star=getattr(decision, "n_star", None),
             )
         )
 
@@ -59,9 +64,11 @@ class Report:
         return len(self.sites)
 
     def __str__(self) -> str:
-        head = ("site", "decision", "mask", "q", "k", "reason")
+        head = ("site", "decision", "mask", "q", "k", "t_dense", "t_spa", "N*", "reason")
         rows = [
-            (s.name, s.decision, s.mask, _fmt_shape(s.q_shape), _fmt_shape(s.k_shape), s.reason) for s in self.sites
+            (s.name, s.decision, s.mask, _fmt_shape(s.q_shape), _fmt_shape(s.k_shape),
+             fmt_seconds(s.predicted_dense_s), fmt_seconds(s.predicted_spa_s), fmt_length(s.n_star), s.reason)
+            for s in self.sites
         ]
         if not rows:
             return "spa_compile.explain: no attention sites found"
