@@ -369,3 +369,38 @@ def test_networkx_helpers():
     assert ga.producers(dg, [c]) == {a, b, c}
     assert ga.escapes(dg, [b], allowed=[c]) == [(b, d)]
     assert math.isfinite(len(ga.alias_classes(g)))
+
+
+def test_integer_padding_vector_values_checked_at_run_time():
+    """``(1 - mask) * finfo.min`` on an integer mask is key padding where mask == 1; a value that
+    makes the additive mask neither 0 nor -inf (mask == 2) fails loudly instead of silently."""
+    def fn(q, k, v, pad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=b_bert_extended(q, k, pad))
+
+    q, k, v = _qkv(40, 40)
+    cap = Capture()
+    compiled = torch.compile(fn, backend=cap)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, _pad(40)), fn(q, k, v, _pad(40)), rtol=1e-4, atol=1e-5)
+        ((site, _),) = cap.records
+        assert site.mask_kind == "key_padding" and site.structure.preconditions
+        bad = _pad(40)
+        bad[0, 3] = 2
+        with pytest.raises(RuntimeError, match="padding vector"):
+            compiled(q, k, v, bad)
+
+
+def test_float_input_mask_is_not_assumed_to_be_padding():
+    """A float [B, 1, 1, Nk] input may be a bias: it stays a dense mask (no run-time assumption)."""
+    def fn(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+    q, k, v = _qkv(40, 40)
+    m = torch.zeros(B, 1, 1, 40)
+    m[1, ..., 30:] = float("-inf")
+    cap = Capture()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fn, backend=cap)(q, k, v, m), fn(q, k, v, m), rtol=1e-4, atol=1e-5)
+    ((site, decision),) = cap.records
+    assert site.structure is None and site.attn_mask is not None and site.mask_kind == "additive"
+    assert "input tensor" in decision.reason

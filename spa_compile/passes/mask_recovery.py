@@ -714,20 +714,22 @@ def blocked_value(value) -> bool | None:
     return None
 
 
-def additive_visibility(v: SymVal, factor: float = 1.0, preconditions: list | None = None) -> Boolean:
+def additive_visibility(v: SymVal, factor: float = 1.0, preconditions: list | None = None,
+                        leaves: dict | None = None) -> Boolean:
     """Where an additive mask (times ``factor``) leaves the scores alone; raises for a bias.
 
     A value linear in one integer input tensor ``L`` (``(1 - attention_mask) * finfo.min``)
     is visible where it is 0 and blocked where it is very negative; the values of ``L`` that
     give neither (e.g. ``attention_mask == 2``) are excluded by a precondition appended to
     ``preconditions`` (checked at run time), or the analysis gives up when there is no list.
+    Only integer (or boolean) tensors qualify: a float input may legitimately be a bias.
     """
     v = to_num(v)
     visible = []
     for cond, value in v.expr:
         value = sympy.expand(value * sympy.Float(factor)) if factor != 1.0 else value
         if value.has(AppliedUndef):
-            visible.append(sympy.And(cond, _leaf_linear_visible(value, preconditions)))
+            visible.append(sympy.And(cond, _leaf_linear_visible(value, preconditions, leaves or {})))
             continue
         if _index_symbols(value):
             raise BiasMask(f"the additive mask's value {value} varies with the positions: a bias (such as ALiBi), "
@@ -742,12 +744,15 @@ def additive_visibility(v: SymVal, factor: float = 1.0, preconditions: list | No
     return _b(sympy.Or(*visible))
 
 
-def _leaf_linear_visible(value, preconditions):
+def _leaf_linear_visible(value, preconditions, leaves):
     apps = value.atoms(AppliedUndef)
     why = "the additive mask's values come from an input tensor (unknown at compile time)"
     if len(apps) != 1 or preconditions is None:
         raise Unrecoverable(why)
     (leaf,) = apps
+    node_val = example_value(leaves.get(leaf.func))
+    if not isinstance(node_val, torch.Tensor) or node_val.is_floating_point() or node_val.is_complex():
+        raise Unrecoverable(why)
     a = value.coeff(leaf)
     c = sympy.expand(value - a * leaf)
     if not (a.is_number and c.is_number) or a == 0 or c.has(AppliedUndef) or _index_symbols(c):
@@ -1008,7 +1013,7 @@ def analyse(evaluator: MaskEvaluator, terms: list[MaskTerm], scores_shape) -> Ma
         if term.kind == "additive":
             if v.kind == "bool":
                 raise Unrecoverable("a boolean tensor added to the scores")
-            parts.append(additive_visibility(v, term.coef * term.factor, preconditions))
+            parts.append(additive_visibility(v, term.coef * term.factor, preconditions, evaluator.leaves))
         elif term.kind == "fill":
             parts.append(_b(sympy.Not(to_bool(v).expr)))
         else:  # keep / bool
@@ -1109,8 +1114,8 @@ class KeyValidEmitter:
             if isinstance(ok, fx.Node):
                 ok = self.graph.call_method("all", (ok,))
                 out.append(self._call(torch._assert_async, ok,
-                                      "spa_compile: the attention mask holds values the rewritten graph does not expect "
-                                      "(an additive mask built from a padding vector must be 0 or 1)"))
+                                      "spa_compile: an attention padding vector holds a value that makes its additive "
+                                      "mask neither 0 nor -inf (the rewritten graph assumes it does not)"))
             elif not ok:
                 raise Unrecoverable("a precondition that never holds")
         return out
