@@ -513,6 +513,39 @@ def test_kv_cache_offset_and_sliding_window():
     assert cap.square_tensors(16, 40) == []
 
 
+def test_bart_style_3d_scores_viewed_4d_for_the_mask():
+    """BART/MBart eager attention: bmm on (B*H, N, D), a view to [B, H, N, N] to add the mask, back to 3-D."""
+    def f(q, k, v):
+        b, h, n, d = q.shape
+        q3 = (q * d**-0.5).reshape(b * h, n, d)
+        k3, v3 = k.reshape(b * h, n, d), v.reshape(b * h, n, d)
+        w = torch.bmm(q3, k3.transpose(1, 2))
+        mask = torch.full((n, n), torch.finfo(q.dtype).min).triu(1)[None, None]
+        w = (w.view(b, h, n, n) + mask).view(b * h, n, n)
+        return torch.bmm(F.softmax(w, dim=-1), v3).view(b, h, n, d)
+
+    cap = run(f, *_qkv())
+    (site,) = cap.sites
+    assert site.pattern == "bmm/softmax/bmm" and site.mask_kind == "causal" and site.q_shape == (B, H, N, D)
+    assert cap.square_tensors() == []
+
+
+def test_t5_style_position_bias_runs_dense_inside_the_op():
+    """T5: no scale, a learned position bias added to the scores: a bias, kept as a dense additive mask."""
+    emb = nn.Embedding(2 * N, H)
+
+    def f(q, k, v):
+        rel = torch.arange(N)[None, :] - torch.arange(N)[:, None] + N
+        bias = emb(rel).permute(2, 0, 1)[None]  # [1, H, N, N]
+        s = torch.matmul(q, k.transpose(3, 2))
+        s += bias
+        return F.softmax(s.float(), dim=-1).type_as(s) @ v
+
+    cap = run(f, *_qkv())
+    ((site, d),) = cap.records
+    assert site.structure is None and site.mask_kind == "additive" and "mask kept dense" in d.reason
+
+
 # --------------------------------------------------------------------------------------
 # 7. Negative cases: untouched, with the reason in explain
 # --------------------------------------------------------------------------------------
@@ -589,3 +622,17 @@ def test_inductor_end_to_end():
     fn = m_masked_fill
     out = torch.compile(fn, backend="spa", options={**EXACT, "inner_backend": "inductor"})(q, k, v)
     torch.testing.assert_close(out, fn(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+def test_training_step_through_rewritten_decomposed_attention():
+    """Gradients through a rewritten hand-written attention (recovered causal mask, aot_eager)."""
+    torch.manual_seed(0)
+    model = Blocks(NanoGPTInline).train()  # attention dropout p=0: identity even in training
+    twin = Blocks(NanoGPTInline).train()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(2, 40, 32)
+    compiled = torch.compile(twin, backend="spa", options={**EXACT, "inner_backend": "aot_eager"})
+    model(x).square().mean().backward()
+    compiled(x).square().mean().backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
