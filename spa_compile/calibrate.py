@@ -235,8 +235,10 @@ def _split_batch(batch) -> tuple[tuple, dict]:
     return (batch,), {}
 
 
-def run_with_taps(model: Callable, batches: Iterable, cfg: SPAConfig, tap: Callable, progress=None) -> int:
-    """Run ``model`` on every batch with ``tap`` in place of each SPA site; returns the batch count."""
+def run_with_taps(model: Callable, batches: Iterable, cfg: SPAConfig, tap: Callable, progress=None,
+                  outputs: list | None = None) -> int:
+    """Run ``model`` on every batch with ``tap`` in place of each SPA site; returns the batch count
+    (the model's outputs go to ``outputs`` when given)."""
     from .explain import _isolated_dynamo
 
     backend = functools.partial(_tap_backend, cfg=cfg, tap=tap)
@@ -245,7 +247,9 @@ def run_with_taps(model: Callable, batches: Iterable, cfg: SPAConfig, tap: Calla
     with _isolated_dynamo(), torch.no_grad():
         for batch in batches:
             args, kwargs = _split_batch(batch)
-            compiled(*args, **kwargs)
+            result = compiled(*args, **kwargs)
+            if outputs is not None:
+                outputs.append(result)
             n += 1
             if progress is not None:
                 progress.update(1)
@@ -445,7 +449,8 @@ class _Accumulator:
 def evaluate_site_call(
     q, k, v, vis: Visibility, scale: float, cfg: SPAConfig, fitted: Projector | None, acc: _Accumulator
 ) -> Tensor:
-    """Recall and output error of one attention call for the three selections; returns dense out."""
+    """Recall and output error of one attention call for the three selections; returns the outputs
+    ``{"dense", "pooled", "fitted", "oracle"}``."""
     b, hq, nq, d = q.shape
     bs = cfg.block_size
     valid = valid_keys(vis, b, k.shape[1], bs, q.device)
@@ -467,19 +472,29 @@ def evaluate_site_call(
         "fitted": sel_pooled if fitted is None else reference.select_blocks(q, pooled, vis, valid, scale, cfg, fitted),
         "oracle": oracle_selection(st.target, st.visible, forced, budget, sel_pooled.index.shape[-1]),
     }
+    outs = {"dense": dense}
     for method, sel in sels.items():
         chosen = selection_mask(sel, nkb)
         recall = (st.target * chosen).sum(-1).double()
         out, _ = reference.sparse_attention(q, k, v, sel, pooled, vis, valid, scale, cfg.fill, bs)
         acc.add(method, recall, live, chosen.double(), out, dense)
-    return dense
+        outs[method] = out
+    return outs
 
 
 def evaluate(model: Callable, batches: Iterable, config: SPAConfig | Mapping[str, Any] | None = None,
              projectors: Mapping[str, Projector] | ProjectorFile | None = None,
-             progress: bool = False) -> dict[str, dict[str, Any]]:
+             progress: bool = False, propagate: str = "dense", outputs: list | None = None,
+             ) -> dict[str, dict[str, Any]]:
     """Per site: block recall, output error and selected share for the pooled projector,
-    ``projectors`` ("fitted") and the oracle selection, on ``batches`` (dense activations)."""
+    ``projectors`` ("fitted") and the oracle selection, on ``batches``.
+
+    Every site is measured on the activations that ``propagate`` gives the layers after it:
+    "dense" (each site's error alone) or one of the methods (the model run end to end with that
+    selection; the oracle can only be run this way). ``outputs``, if given, receives the model's
+    output for every batch."""
+    if propagate not in ("dense",) + METHODS:
+        raise ValueError(f"propagate must be 'dense' or one of {METHODS}, got {propagate!r}")
     cfg = config if isinstance(config, SPAConfig) else SPAConfig.from_options(config)
     if isinstance(projectors, ProjectorFile):
         projectors = projectors.projectors
@@ -493,11 +508,11 @@ def evaluate(model: Callable, batches: Iterable, config: SPAConfig | Mapping[str
         except BiasMaskError:
             return ops._dense_with_bias(q, k, v, mask, scale)
         acc = accs.setdefault(site, _Accumulator())
-        return (evaluate_site_call(q, k, v, vis, float(scale), cfg, projectors.get(site), acc),)
+        return (evaluate_site_call(q, k, v, vis, float(scale), cfg, projectors.get(site), acc)[propagate],)
 
     bar = _progress(len(batches), "spa calibrate: measure", progress)
     with _eval_mode(model):
-        run_with_taps(model, batches, _capture_config(cfg), tap, bar)
+        run_with_taps(model, batches, _capture_config(cfg), tap, bar, outputs)
     _close(bar)
     return {name: acc.result() for name, acc in accs.items()}
 
