@@ -236,13 +236,18 @@ def _fake_mode(*vals):
 
 def emit(graph: fx.Graph, anchor: fx.Node, op: str, target, args=(), kwargs=None) -> fx.Node:
     """Insert a node before ``anchor``, with its example value computed on fake tensors."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     kwargs = kwargs or {}
     with graph.inserting_before(anchor):
         node = graph.create_node(op, target, tuple(args), dict(kwargs))
     if "nn_module_stack" in anchor.meta:
         node.meta["nn_module_stack"] = anchor.meta["nn_module_stack"]
+    set_example_value(node)
+    return node
+
+
+def set_example_value(node: fx.Node) -> None:
+    """Record ``node``'s value on the fake tensors of its inputs (nothing when that fails)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     def ev(a):
         if isinstance(a, fx.Node):
@@ -251,19 +256,20 @@ def emit(graph: fx.Graph, anchor: fx.Node, op: str, target, args=(), kwargs=None
             return type(a)(ev(x) for x in a)
         return a
 
-    vals, kws = ev(tuple(args)), {k: ev(v) for k, v in kwargs.items()}
+    vals, kws = ev(tuple(node.args)), {k: ev(v) for k, v in node.kwargs.items()}
+    if any(isinstance(a, fx.Node) and ev(a) is None for a in node.all_input_nodes):
+        return
     try:
         mode = _fake_mode(*[v for v in vals if isinstance(v, torch.Tensor)])
         with unset_fake_temporarily():
             if mode is not None:
                 with mode:
-                    out = _call(op, target, vals, kws)
+                    out = _call(node.op, node.target, vals, kws)
             else:
-                out = _call(op, target, vals, kws)
+                out = _call(node.op, node.target, vals, kws)
         node.meta["example_value"] = out
     except Exception:  # noqa: BLE001 - the value is informative only
         pass
-    return node
 
 
 def _call(op, target, args, kwargs):
