@@ -420,12 +420,39 @@ def _decomposed_site(m: md.DecomposedMatch, ctx: _Context, root: str) -> Attenti
     site.out_ops = list(m.out_ops)
     if site.scale_nodes:
         site.notes.append("size-dependent scale folded into q")
+    why = _shapes_mismatch(q, k, v, m.canonical_shape)
+    if why is not None:
+        site.reject_reason = f"the shapes do not line up: {why}"
+        return site
     _fold_gqa(site)
     if m.terms:
         shape = m.canonical_shape
         if not _recover(site, ctx, m.terms, shape) and site.reject_reason is None:
             site.attn_mask = _dense_mask(graph, anchor, m.terms)
     return site
+
+
+def _shapes_mismatch(q, k, v, scores_shape) -> str | None:
+    """Why q, k, v (SPA layout) do not make attention of ``scores_shape``, or None."""
+    qv, kv, vv = (example_value(x) for x in (q, k, v))
+    if qv is None or kv is None or vv is None:
+        return "q/k/v shapes unknown"
+    if not (qv.dim() == kv.dim() == vv.dim()) or qv.dim() not in (3, 4):
+        return f"q/k/v have {qv.dim()}/{kv.dim()}/{vv.dim()} dims"
+    same = md._same
+    if not same(qv.shape[:1], kv.shape[:1]) or not same(kv.shape[:1], vv.shape[:1]):
+        return f"batch {qv.shape[0]}/{kv.shape[0]}/{vv.shape[0]}"
+    if qv.dim() == 4:
+        hq, hk, hv = qv.shape[1], kv.shape[1], vv.shape[1]
+        if not same((hk,), (hv,)) or not (type(hq) is int and type(hk) is int and hq % hk == 0 or same((hq,), (hk,))):
+            return f"heads {hq}/{hk}/{hv}"
+    if not same(qv.shape[-1:], kv.shape[-1:]):
+        return f"q and k head dims {qv.shape[-1]}/{kv.shape[-1]}"
+    if not same(kv.shape[-2:-1], vv.shape[-2:-1]):
+        return f"k and v lengths {kv.shape[-2]}/{vv.shape[-2]}"
+    if scores_shape is not None and not same(tuple(scores_shape)[-2:], (qv.shape[-2], kv.shape[-2])):
+        return f"scores {tuple(scores_shape)} for q {tuple(qv.shape)} and k {tuple(kv.shape)}"
+    return None
 
 
 def _dense_mask(graph: fx.Graph, anchor: fx.Node, terms) -> fx.Node:

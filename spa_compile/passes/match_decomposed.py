@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -348,17 +349,23 @@ def _is_view_step(node) -> bool:
     return _same(src.shape[-2:], out.shape[-2:])
 
 
+def _dim_expr(x):
+    if type(x) is int:
+        return sympy.Integer(x)
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return None
+
+
 def _same(a, b) -> bool:
+    """Equal sizes, compared symbolically (no guards on symbolic sizes)."""
     if len(a) != len(b):
         return False
     for x, y in zip(a, b):
-        if type(x) is int and type(y) is int:
-            if x != y:
-                return False
-        elif isinstance(x, torch.SymInt) and isinstance(y, torch.SymInt):
-            if x.node.expr != y.node.expr:
-                return False
-        else:
+        ex, ey = _dim_expr(x), _dim_expr(y)
+        if ex is None or ey is None:
+            return False
+        if ex != ey and sympy.expand(ex - ey) != 0:
             return False
     return True
 
