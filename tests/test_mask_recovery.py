@@ -222,6 +222,37 @@ def test_bias_keeps_the_site_dense():
     assert not any("spa" in str(n.target) for gm in cap.graphs for n in gm.graph.nodes)
 
 
+def b_inplace_masked_fill(q, k):
+    n = q.shape[-2]
+    mask = torch.zeros(n, n)
+    mask.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return mask
+
+
+def b_old_hf_make_causal_mask(q, k):  # transformers < 4.36 _make_causal_mask, written in place
+    n = q.shape[-2]
+    mask = torch.full((n, n), torch.finfo(q.dtype).min)
+    cond = torch.arange(mask.size(-1))
+    mask.masked_fill_(cond < (cond + 1).view(mask.size(-1), 1), 0)
+    return mask[None, None].expand(B, 1, n, n)
+
+
+@pytest.mark.parametrize("build", [b_inplace_masked_fill, b_old_hf_make_causal_mask])
+def test_masks_written_in_place_are_followed(build):
+    site, decision, cap = compile_site(build)
+    assert site.mask_kind == "causal" and cap.square_tensors(40, 40) == []
+
+
+def test_mask_written_through_a_slice_stays_dense():
+    def build(q, k):
+        mask = torch.zeros(1, 1, q.shape[-2], k.shape[-2])
+        mask[:, :, :, k.shape[-2] - 5:] = float("-inf")  # setitem: not followed
+        return mask
+
+    site, decision, cap = compile_site(build)
+    assert site.structure is None and "written in place" in site.mask_note
+
+
 # --------------------------------------------------------------------------------------
 # Property: recovered bands agree with the eager mask
 # --------------------------------------------------------------------------------------

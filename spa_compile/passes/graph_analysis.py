@@ -136,6 +136,11 @@ def _may_alias_first_arg(node: fx.Node) -> bool:
     return False
 
 
+def is_view(node) -> bool:
+    """A node whose value may be a view of its first argument (and is not itself a write)."""
+    return isinstance(node, fx.Node) and _may_alias_first_arg(node) and not is_mutation(node)
+
+
 def alias_classes(graph: fx.Graph) -> dict[fx.Node, int]:
     """Node -> alias class id: nodes in one class may share storage (conservative over views)."""
     g = nx.Graph()

@@ -276,6 +276,67 @@ class MaskEvaluator:
         self._memo: dict[fx.Node, SymVal | Unrecoverable] = {}
         self.leaves: dict[sympy.Function, fx.Node] = {}
         self._leaf_of: dict[fx.Node, Any] = {}
+        self._mutations = None  # alias class -> in-place nodes writing to it (computed on first use)
+
+    # -- in-place mutations ------------------------------------------------------------
+    def _mutation_info(self):
+        if self._mutations is None:
+            from . import graph_analysis as ga
+
+            self._classes = ga.alias_classes(self.graph)
+            self._pos = {n: i for i, n in enumerate(self.graph.nodes)}
+            self._mutations = {}
+            for n in self.graph.nodes:
+                target = ga.mutated_arg(n)
+                if target is not None:
+                    self._mutations.setdefault(self._classes.get(target), []).append(n)
+        return self._mutations
+
+    def _after_mutations(self, node: fx.Node, base: SymVal) -> SymVal:
+        """``node``'s value as its readers see it: ``base`` with its in-place writes applied.
+
+        Followed: writes to ``node`` itself whose results are unused (``m.masked_fill_(c, v)``,
+        ``m.add_(x)``), all before any read; or one write whose result replaces ``node``
+        (``m += x`` as Dynamo records it). Anything else (a write through a view,
+        ``m[..., :k] = v``, or reads between writes) stops the analysis.
+        """
+        from . import graph_analysis as ga
+
+        muts = self._mutation_info().get(self._classes.get(node), [])
+        if not muts:
+            return base
+        direct = [m for m in muts if ga.mutated_arg(m) is node]
+        for m in muts:
+            target = ga.mutated_arg(m)
+            if target is not node and ga.is_view(target):
+                raise Unrecoverable("the mask is written in place through a view")
+        if not direct:  # writes to the tensor this one views: its value already has them
+            return base
+        used = [m for m in direct if m.users]
+        if used:  # ``r = m.add_(x)``: r carries the value; m itself must not be read otherwise
+            if len(direct) != 1 or set(node.users) != {used[0]}:
+                raise Unrecoverable("the mask is read and written in place in an order the analysis does not follow")
+            return base
+        last = max(self._pos.get(m, -1) for m in direct)
+        members = [n for n, c in self._classes.items() if c == self._classes.get(node)]
+        for member in members:
+            for user in member.users:
+                if user in members or ga.mutated_arg(user) is not None:
+                    continue
+                if self._pos.get(user, 1 << 60) < last:
+                    raise Unrecoverable("the mask is read before it is written in place")
+        value = base
+        for m in sorted(direct, key=lambda n: self._pos.get(n, 0)):
+            name = op_name(m)
+            handler = getattr(self, f"_op_{name}", None) if name else None
+            mv = example_value(m)
+            if handler is None or not isinstance(mv, torch.Tensor):
+                raise Unrecoverable(f"the mask is written in place by {op_name(m) or m.target} ({m.name})")
+            self._memo[node] = value  # the handler reads node: give it the value so far
+            value = handler(m, mv)
+            value = _normalise(_shift(value, mv.dim()) if value.ndim < mv.dim() else value, mv.shape)
+            value = to_bool(value) if mv.dtype == torch.bool else (to_num(value) if value.kind == "bool" else value)
+        return value
 
     # -- public --------------------------------------------------------------------
     def value(self, node) -> SymVal:
@@ -286,6 +347,7 @@ class MaskEvaluator:
         if got is None:
             try:
                 got = self._eval(node)
+                got = self._after_mutations(node, got)
             except Unrecoverable as e:
                 got = e
             except (TypeError, ValueError, AttributeError, IndexError, KeyError, RecursionError) as e:
@@ -946,8 +1008,10 @@ def classify(visible: Boolean, ndim: int, shape, leaves: dict, preconditions=())
                 continue
             raise Unrecoverable("the mask hides whole query rows")
         if clause.atoms(AppliedUndef):
+            names = sorted({leaves[a.func].name for a in clause.atoms(AppliedUndef) if a.func in leaves})
             raise Unrecoverable(
-                "the mask reads an input tensor at (query, key) positions: its values are not known at compile time"
+                f"the mask reads {', '.join(names) or 'an input tensor'} at (query, key) positions: an input "
+                "tensor whose values are not known at compile time"
             )
         if b in syms:
             raise Unrecoverable("the mask's query/key structure differs per batch row")
@@ -1003,6 +1067,23 @@ class MaskTerm:
 
 def analyse(evaluator: MaskEvaluator, terms: list[MaskTerm], scores_shape) -> MaskStructure:
     """The structure of the visibility all ``terms`` give together over scores of ``scores_shape``."""
+    try:
+        return _analyse(evaluator, terms, scores_shape)
+    except Unrecoverable as e:
+        raise type(e)(_readable(str(e), len(scores_shape), evaluator.leaves)) from None
+
+
+def _readable(msg: str, ndim: int, leaves: dict) -> str:
+    """Index symbols as b/h/t/u (batch, head, query, key) and leaves as their graph names."""
+    names = ["b", "h", "t", "u"] if ndim == 4 else ["b", "t", "u"] if ndim == 3 else [f"i{i}" for i in range(ndim)]
+    for i in reversed(range(min(ndim, _MAX_DIMS))):
+        msg = msg.replace(f"_spa_d{i}", names[i] if i < len(names) else f"i{i}")
+    for fn, node in sorted(leaves.items(), key=lambda kv: -len(str(kv[0]))):
+        msg = msg.replace(str(fn), node.name)
+    return msg
+
+
+def _analyse(evaluator: MaskEvaluator, terms: list[MaskTerm], scores_shape) -> MaskStructure:
     n = len(scores_shape)
     parts, preconditions = [], []
     for term in terms:
