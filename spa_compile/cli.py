@@ -295,46 +295,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import spa_compile
+    from .calibrate import cli_main
 
-    hook = None
-    calibrate = getattr(spa_compile, "calibrate", None)
-    if calibrate is None:
-        try:
-            calibrate = importlib.import_module("spa_compile.calibrate")
-        except ImportError as e:
-            if not (isinstance(e, ModuleNotFoundError) and e.name == "spa_compile.calibrate"):
-                print(f"spa calibrate: error: spa_compile.calibrate could not be imported: {e}", file=sys.stderr)
-                return EXIT_UNAVAILABLE
-    if calibrate is not None:
-        hook = getattr(calibrate, "cli_main", None)
-        if hook is None and callable(calibrate) and not isinstance(calibrate, type(sys)):
-            hook = _call_calibrate_function(calibrate)
-    if hook is None:
-        print(
-            "spa calibrate: not available yet: projector calibration (spa_compile.calibrate, the projector "
-            "issue) is not part of this version of spa_compile. Untrained (identity) projectors are used "
-            "meanwhile; see `spa explain` for what SPA would do.",
-            file=sys.stderr,
-        )
-        return EXIT_UNAVAILABLE
     target = load_target(args.model, args.seq_len)
     cfg = build_config(parse_overrides(args.set))
     args.json = args.format == "json"
-    return int(hook(args, target, cfg) or 0)
-
-
-def _call_calibrate_function(fn: Callable) -> Callable:
-    def run(args, target, cfg):
-        result = fn(target.model, *target.args, config=cfg, **target.kwargs)
-        if args.output and hasattr(result, "save"):
-            result.save(args.output)
-            print(f"spa: wrote {args.output}", file=sys.stderr)
-        elif result is not None:
-            print(result)
-        return EXIT_OK
-
-    return run
+    return int(cli_main(args, target, cfg) or 0)
 
 
 def _flat_tensors(value) -> list:
@@ -591,12 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "calibrate", formatter_class=_Formatter,
-        help="train the projectors of a model's attention sites (not available yet)",
+        help="train the projectors of a model's attention sites (spa_compile.calibrate)",
         description=(
             "Calibrate (distil) the SPA projectors of every attention site on the model's example "
             "inputs (one batch) and write them to --output; prints block recall and output error per "
-            "site. Runs spa_compile.calibrate (the projector issue); where that is missing, it says so "
-            f"and exits with status {EXIT_UNAVAILABLE}.\n"
+            "site (spa_compile.calibrate).\n"
             "Use the file with --set projectors=FILE (or options={'projectors': FILE})."
         ),
         epilog="Example:\n  spa calibrate model.py --seq-len 4096 --steps 200 --output projectors.safetensors",

@@ -242,21 +242,7 @@ def test_config_reports_environment(capsys, monkeypatch):
     assert rc == 0 and json.loads(out)["density"] == {"value": 0.3, "source": "environment variable SPA_DENSITY"}
 
 
-def test_calibrate_not_available_yet(capsys, model_file):
-    import importlib.util
-
-    import spa_compile
-
-    if hasattr(spa_compile, "calibrate") or importlib.util.find_spec("spa_compile.calibrate") is not None:
-        pytest.skip("spa_compile.calibrate exists: spa calibrate is wired to it")
-    rc, out, err = run(capsys, "calibrate", model_file)
-    assert rc == cli.EXIT_UNAVAILABLE and "not available yet" in err and out == ""
-
-
 def test_calibrate_runs_spa_compile_calibrate(capsys, model_file, tmp_path):
-    mod = pytest.importorskip("spa_compile.calibrate")
-    if not hasattr(mod, "cli_main"):
-        pytest.skip("spa_compile.calibrate has no cli_main hook")
     dest = tmp_path / "proj.safetensors"
     rc, out, err = run(capsys, "calibrate", model_file, "--steps", "2", "--output", dest, "--format", "json")
     assert rc == 0, err
