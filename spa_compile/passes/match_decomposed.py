@@ -18,7 +18,6 @@ the ``eager_attention_forward`` of Hugging Face models.
 from __future__ import annotations
 
 import math
-import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any
