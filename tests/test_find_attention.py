@@ -610,7 +610,8 @@ def test_softmax_chains_that_are_not_attention_are_not_sites():
         def forward(self, x):
             probs = self.head(x).softmax(-1)  # a classifier's softmax
             gate = self.gate(x).softmax(-1) * x  # a softmax gate (elementwise, no product)
-            return probs, gate
+            tied = (x @ self.gate.weight.t()).softmax(-1)  # an output head as a product with a weight
+            return probs, gate, tied
 
     cap = run(Classifier().eval(), torch.randn(2, 40, 8), expect_spa=False)
     assert cap.records == []

@@ -435,10 +435,9 @@ def match_softmax(softmax: fx.Node) -> DecomposedMatch:
         raise NotAttention
     m.pv = pv
     # ---- backwards: the scores chain ----
-    try:
-        _walk_scores(m, x)
-    except NotAttention:
-        raise
+    _walk_scores(m, x)
+    if pv is None and not _activation_product(m.scores):
+        raise NotAttention  # softmax(x @ W) not multiplied by anything: a classifier head
     m.chain = m.chain + fwd
     if m.reason is None and fwd_reason is not None:
         m.reason = fwd_reason
@@ -449,6 +448,20 @@ def match_softmax(softmax: fx.Node) -> DecomposedMatch:
     if m.reason is None:
         _check_escapes(m)
     return m
+
+
+def _activation_product(prod: fx.Node) -> bool:
+    """Both operands of the scores product are batched (>= 3 dims): q k^T, not x @ W."""
+    name = _product_name(prod)
+    if name == "einsum":
+        ops = list(prod.args[1:])
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+    elif name == "baddbmm":
+        ops = [prod.args[1] if len(prod.args) > 1 else None, prod.args[2] if len(prod.args) > 2 else None]
+    else:
+        ops = list(prod.args[:2])
+    return len(ops) == 2 and all(_tensor(o) and _ndim(o) >= 3 for o in ops)
 
 
 def _describe(node: fx.Node) -> str:
