@@ -235,6 +235,31 @@ def b_old_hf_make_causal_mask(q, k):  # transformers < 4.36 _make_causal_mask, w
     return mask[None, None].expand(B, 1, n, n)
 
 
+def b_old_hf_expand_mask(q, k, pad):  # transformers 4.3x _expand_mask (masked_fill of 1 - mask)
+    n = q.shape[-2]
+    inverted = 1.0 - pad[:, None, None, :].expand(B, 1, n, pad.shape[1]).to(torch.float32)
+    return inverted.masked_fill(inverted.to(torch.bool), torch.finfo(torch.float32).min)
+
+
+def b_old_hf_4d_causal(q, k, pad):  # _prepare_4d_causal_attention_mask: expanded padding + causal
+    return b_old_hf_expand_mask(q, k, pad) + b_old_hf_make_causal_mask(q, k)
+
+
+def b_bert_extended_plus_causal(q, k, pad):
+    return b_bert_extended(q, k, pad) + b_old_hf_make_causal_mask(q, k)
+
+
+@pytest.mark.parametrize("build,kind,checked", [
+    (b_old_hf_expand_mask, "key_padding", False),
+    (b_old_hf_4d_causal, "causal+key_padding", False),
+    (b_bert_extended_plus_causal, "causal+key_padding", True),
+])
+def test_older_transformers_masks(build, kind, checked):
+    site, decision, cap = compile_site(build, with_pad=True)
+    assert site.mask_kind == kind and bool(site.structure.preconditions) == checked
+    assert cap.square_tensors(40, 40) == []
+
+
 @pytest.mark.parametrize("build", [b_inplace_masked_fill, b_old_hf_make_causal_mask])
 def test_masks_written_in_place_are_followed(build):
     site, decision, cap = compile_site(build)

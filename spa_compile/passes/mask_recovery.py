@@ -791,7 +791,9 @@ def additive_visibility(v: SymVal, factor: float = 1.0, preconditions: list | No
     for cond, value in v.expr:
         value = sympy.expand(value * sympy.Float(factor)) if factor != 1.0 else value
         if value.has(AppliedUndef):
-            visible.append(sympy.And(cond, _leaf_linear_visible(value, preconditions, leaves or {})))
+            vis, core = _leaf_linear_visible(value, preconditions is not None, leaves or {})
+            preconditions.append((cond, core))  # only this piece's positions need the value domain
+            visible.append(sympy.And(cond, vis))
             continue
         if _index_symbols(value):
             raise BiasMask(f"the additive mask's value {value} varies with the positions: a bias (such as ALiBi), "
@@ -806,10 +808,12 @@ def additive_visibility(v: SymVal, factor: float = 1.0, preconditions: list | No
     return _b(sympy.Or(*visible))
 
 
-def _leaf_linear_visible(value, preconditions, leaves):
+def _leaf_linear_visible(value, allowed: bool, leaves):
+    """``(visible, domain)`` for a value ``a * L + c`` of one integer input ``L``: visible where it
+    is 0, and the values of ``L`` that give 0 or a blocked value (the run-time precondition)."""
     apps = value.atoms(AppliedUndef)
     why = "the additive mask's values come from an input tensor (unknown at compile time)"
-    if len(apps) != 1 or preconditions is None:
+    if len(apps) != 1 or not allowed:
         raise Unrecoverable(why)
     (leaf,) = apps
     node_val = example_value(leaves.get(leaf.func))
@@ -833,8 +837,7 @@ def _leaf_linear_visible(value, preconditions, leaves):
     blocked = sympy.Le(leaf, sympy.floor(edge)) if a > 0 else sympy.Ge(leaf, sympy.ceiling(edge))
     if blocked.subs(leaf, root) is sympy.true:
         raise Unrecoverable(why)
-    preconditions.append(_b(sympy.Or(sympy.Eq(leaf, root), blocked)))
-    return _b(sympy.Eq(leaf, root))
+    return _b(sympy.Eq(leaf, root)), _b(sympy.Or(sympy.Eq(leaf, root), blocked))
 
 
 # --------------------------------------------------------------------------------------
@@ -1101,10 +1104,93 @@ def _analyse(evaluator: MaskEvaluator, terms: list[MaskTerm], scores_shape) -> M
             parts.append(to_bool(v).expr)
     visible = _b(sympy.And(*parts)) if parts else sympy.true
     # the scores' own size-1 dims index 0
-    norm = {mr_d: sympy.Integer(0) for mr_d, d in zip(D, scores_shape) if _static(d) == 1}
+    norm = {d_: sympy.Integer(0) for d_, d in zip(D, scores_shape) if _static(d) == 1}
     visible = _normalise(SymVal(n, "bool", visible), scores_shape).expr
-    preconditions = [_b(p.xreplace(norm)) for p in preconditions]
-    return classify(visible, n, scores_shape, evaluator.leaves, preconditions)
+    checks = []
+    keys = {D[0], D[n - 1]}
+    for cond, core in preconditions:
+        cond = _b(cond.xreplace(norm))
+        # the check runs per key: keep the parts of the piece's condition that do not involve the
+        # query (the piece's keys are among those; checking more keys is stronger, never weaker)
+        kept = [c for c in sympy.And.make_args(cond) if not (_index_symbols(c) - keys)]
+        pre = _b(sympy.Or(sympy.Not(sympy.And(*kept)), core.xreplace(norm)))
+        if pre is not sympy.true and not _tautology(pre) and pre not in checks:
+            checks.append(pre)
+    visible = _propagate_equalities(_exclude_outside_domain(visible, checks))
+    return classify(visible, n, scores_shape, evaluator.leaves, checks)
+
+
+def _leaf_equality(rel):
+    """``(L, r)`` when ``rel`` says that one input value ``L`` equals the number ``r``."""
+    if not isinstance(rel, sympy.Eq):
+        return None
+    apps = rel.atoms(AppliedUndef)
+    if len(apps) != 1:
+        return None
+    (app,) = apps
+    e = sympy.expand(rel.lhs - rel.rhs)
+    a = e.coeff(app)
+    rest = sympy.expand(e - a * app)
+    if not a.is_number or a == 0 or not rest.is_number:
+        return None
+    return app, -rest / a
+
+
+def _propagate_equalities(expr):
+    """Inside each conjunction, substitute ``L = r`` into the other conditions on ``L``."""
+    if not isinstance(expr, (sympy.And, sympy.Or, sympy.Not)):
+        return expr
+    expr = _b(expr.func(*[_propagate_equalities(a) for a in expr.args]))
+    if not isinstance(expr, sympy.And):
+        return expr
+    eqs = {}
+    for a in expr.args:
+        sol = _leaf_equality(a)
+        if sol is not None:
+            if sol[0] in eqs and eqs[sol[0]] != sol[1]:
+                return sympy.false
+            eqs[sol[0]] = sol[1]
+    if not eqs:
+        return expr
+    rest = [_b(a.xreplace(eqs)) for a in expr.args if _leaf_equality(a) is None]
+    return _b(sympy.And(*rest, *[sympy.Eq(app, val) for app, val in eqs.items()]))
+
+
+def _tautology(pre) -> bool:
+    """True for a condition on one integer input value ``L`` that holds for every ``L`` (linear
+    relations in ``L`` change truth only at their constants: testing around them decides it)."""
+    apps = pre.atoms(AppliedUndef)
+    if len(apps) != 1 or _index_symbols(pre.xreplace({next(iter(apps)): sympy.Integer(0)})):
+        return False
+    (app,) = apps
+    points = {0}
+    for rel in pre.atoms(sympy.core.relational.Relational):
+        e = sympy.expand(rel.lhs - rel.rhs)
+        a = e.coeff(app)
+        if not a.is_number or a == 0 or sympy.expand(e - a * app).has(app):
+            return False
+        c = -(e - a * app) / a
+        if not c.is_number:
+            return False
+        f = int(math.floor(float(c)))
+        points |= {f - 1, f, f + 1, f + 2}
+    return all(_b(pre.xreplace({app: sympy.Integer(p)})) is sympy.true for p in points)
+
+
+def _exclude_outside_domain(visible, checks):
+    """``L == r`` is False where the run-time checks exclude the value ``r`` of ``L``."""
+    if not checks:
+        return visible
+    repl = {}
+    for eq in visible.atoms(sympy.Eq):
+        app, val = (eq.lhs, eq.rhs) if isinstance(eq.lhs, AppliedUndef) else (eq.rhs, eq.lhs)
+        if not isinstance(app, AppliedUndef) or not val.is_number:
+            continue
+        for pre in checks:
+            if pre.has(app) and _b(pre.xreplace({app: val})) is sympy.false:
+                repl[eq] = sympy.false
+                break
+    return _b(visible.xreplace(repl)) if repl else visible
 
 
 # --------------------------------------------------------------------------------------
