@@ -133,6 +133,11 @@ def b_masked_fill(q, k, pad):
         torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
 
 
+def b_new_full_triu(q, k):
+    n = q.shape[-2]
+    return q.new_full((n, n), float("-inf")).triu(1)
+
+
 def b_static_key_limit(q, k):
     return (torch.arange(k.shape[-2]) < 30)[None, None, None, :].expand(1, 1, q.shape[-2], k.shape[-2])
 
@@ -150,6 +155,7 @@ def b_static_key_limit(q, k):
     (b_where_finfo, 40, 40, True, "causal+key_padding"),
     (b_masked_fill, 40, 40, True, "causal+key_padding"),
     (b_static_key_limit, 40, 40, False, "key_padding"),
+    (b_new_full_triu, 40, 40, False, "causal"),
 ])
 def test_recovered(build, nq, nk, pad, kind):
     site, decision, cap = compile_site(build, nq, nk, pad)

@@ -444,7 +444,8 @@ class MaskEvaluator:
     def _op_full(self, node, val):
         return self._fill(val, _arg(node, 1, "fill_value"))
 
-    _op_new_full = _op_full
+    def _op_new_full(self, node, val):  # x.new_full(size, fill_value)
+        return self._fill(val, _arg(node, 2, "fill_value"))
 
     def _op_full_like(self, node, val):
         return self._fill(val, _arg(node, 1, "fill_value"))
