@@ -311,17 +311,41 @@ def _loss(proj: Projector, stats: list[BlockStats], scale: float, masks: list[Te
     return total / max(rows, 1)
 
 
+def _recall(proj: Projector, stats: list[BlockStats], scale: float, masks: list[Tensor] | None,
+            cfg: SPAConfig) -> float:
+    """Block recall of ``proj`` on the recorded query blocks at ``cfg``'s budget: the forced blocks
+    plus the top-k remaining visible blocks by score, k as in reference.select_blocks."""
+    from .budget import topk_count
+
+    total, rows = 0.0, 0
+    for j, s in enumerate(stats):
+        score = block_scores(proj, s.qsel, s.kbar, scale)
+        remaining = s.visible & ~s.forced
+        k = torch.minimum(topk_count(s.visible.sum(-1), cfg), remaining.sum(-1))
+        masked = torch.where(remaining, score, torch.full_like(score, -math.inf))
+        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+        chosen = s.forced | (remaining & (order.argsort(dim=-1) < k[..., None]))
+        live = s.visible.any(-1) & (s.target.sum(-1) > 0)
+        if masks is not None:
+            live = live & masks[j].to(live.device)
+        total += float(((s.target * chosen).sum(-1) * live).sum())
+        rows += int(live.sum())
+    return total / max(rows, 1)
+
+
 def fit_projector(
     data: SiteData, rank: int | None = None, steps: int = 200, lr: float = 1e-2,
     holdout: float = 0.1, seed: int = 0, progress=None, init: Projector | None = None,
-    loss_blocks: str = "visible",
+    loss_blocks: str = "visible", select_on: SPAConfig | None = None,
 ) -> tuple[Projector, dict[str, float]]:
     """Fit one site's projector by the KL loss of SPEC.md; returns it and the losses.
 
     ``loss_blocks``: "visible" (SPEC.md: KL over every visible block) or "selectable" (only the
     blocks the top-k chooses among, the forced ones left out). A share ``holdout`` of the query
-    blocks is kept out of the fit; the state with the lowest held-out loss is returned (the
-    starting point if no step improves on it).
+    blocks is kept out of the fit. The state returned is the one with the best held-out block
+    recall at ``select_on``'s budget (the config the projectors are for), the starting point
+    included, so a fit never selects worse than the pooled projector on held-out blocks; without
+    ``select_on``, the one with the lowest held-out loss.
     """
     if loss_blocks not in LOSS_BLOCKS:
         raise ValueError(f"loss_blocks must be one of {LOSS_BLOCKS}, got {loss_blocks!r}")
@@ -351,11 +375,16 @@ def fit_projector(
     pq = start.pq.detach().clone().float().requires_grad_(True)
     pk = start.pk.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([pq, pk], lr=lr)
+    def quality(p: Projector) -> tuple[float, float]:  # higher is better
+        h = float(_loss(p, stats, scale, held, loss_blocks))
+        r = _recall(p, stats, scale, held, select_on) if select_on is not None else 0.0
+        return (r, -h)
+
     with torch.no_grad():
         loss_pooled = float(_loss(Projector.identity(hkv, d), stats, scale, None, loss_blocks))
-        best_held = float(_loss(start, stats, scale, held, loss_blocks))
+        best_q = quality(start)
     best = (pq.detach().clone(), pk.detach().clone())
-    check = max(1, steps // 40)  # held-out loss every few steps
+    check = max(1, steps // 40)  # held-out check every few steps
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
         loss = _loss(Projector(pq, pk), stats, scale, train, loss_blocks)
@@ -363,15 +392,20 @@ def fit_projector(
         opt.step()
         if step % check == 0 or step == steps:
             with torch.no_grad():
-                h = float(_loss(Projector(pq, pk), stats, scale, held, loss_blocks))
-            if h < best_held:
-                best_held, best = h, (pq.detach().clone(), pk.detach().clone())
+                q_now = quality(Projector(pq, pk))
+            if q_now > best_q:
+                best_q, best = q_now, (pq.detach().clone(), pk.detach().clone())
         if progress is not None:
             progress.update(1)
     proj = Projector(*best)
     with torch.no_grad():
         loss_fitted = float(_loss(proj, stats, scale, None, loss_blocks))
-    return proj, {"kl_pooled": loss_pooled, "kl_fitted": loss_fitted, "kl_heldout": best_held}
+    out = {"kl_pooled": loss_pooled, "kl_fitted": loss_fitted, "kl_heldout": -best_q[1]}
+    if select_on is not None:
+        with torch.no_grad():
+            out["heldout_recall_pooled"] = _recall(Projector.identity(hkv, d), stats, scale, held, select_on)
+        out["heldout_recall_fitted"] = best_q[0]
+    return proj, out
 
 
 def collect(model: Callable, batches: Iterable, config: SPAConfig | Mapping[str, Any] | None = None,
@@ -404,14 +438,17 @@ def collect(model: Callable, batches: Iterable, config: SPAConfig | Mapping[str,
 
 def fit(data: Mapping[str, SiteData], steps: int = 200, rank: int | None = None, lr: float = 1e-2,
         holdout: float = 0.1, seed: int = 0, loss_blocks: str = "visible", progress: bool = False,
+        select_on: SPAConfig | Mapping[str, Any] | None = None,
         ) -> tuple[dict[str, Projector], dict[str, dict[str, float]]]:
     """:func:`fit_projector` for every site: (projectors, losses) by site."""
+    if select_on is not None and not isinstance(select_on, SPAConfig):
+        select_on = SPAConfig.from_options(select_on)
     bar = _progress(steps * len(data), "spa calibrate: fit", progress)
     fitted, losses = {}, {}
     for name, site_data in data.items():
         fitted[name], losses[name] = fit_projector(
             site_data, rank=rank, steps=steps, lr=lr, holdout=holdout, seed=seed, progress=bar,
-            loss_blocks=loss_blocks,
+            loss_blocks=loss_blocks, select_on=select_on,
         )
     _close(bar)
     return fitted, losses
@@ -666,7 +703,7 @@ def calibrate(
             "(see spa_compile.explain(model, ...) for why)"
         )
     shapes = {name: d.shape for name, d in data.items()}
-    fitted, losses = fit(data, steps, rank, lr, holdout, seed, loss_blocks, progress)
+    fitted, losses = fit(data, steps, rank, lr, holdout, seed, loss_blocks, progress, select_on=cfg)
     del data
     ev = batches if eval_batches is None else list(eval_batches)
     measured = evaluate(model, ev, cfg, fitted, progress)
