@@ -53,6 +53,9 @@ class ProjectorTrainer:
     sample_blocks: query blocks sampled per site and call for the auxiliary loss.
     every:         distil on every n-th call of a site only (1: every call).
     loss_blocks:   "visible" (SPEC.md) or "selectable" (leave the forced blocks out of the loss).
+
+    The taps run on every forward of the compiled model (not under ``torch.inference_mode``):
+    :meth:`pause` them around evaluation passes, :meth:`resume` after.
     """
 
     def __init__(self, path: str | os.PathLike, *, rank: int | None = None, lr: float = 1e-3,
