@@ -86,8 +86,34 @@ def sdpa(backend):
 _FLEX = {}
 
 
+def _patch_flex_backward_configs(block: int) -> None:
+    """FlexAttention's default sm90 backward tile for D=128 is (64, 128, 128, 64), which does not
+    divide 64-key blocks, and Flex then finds no kernel. Offer Flex's own (64, 64, 64, 64) tile
+    (its choice on sm8x and for small heads) when no default fits the block size."""
+    from torch._inductor import choices
+    from torch._inductor.template_heuristics.triton import FlexBwDConfig
+
+    if getattr(choices.InductorChoices, "_spa_patched", False):
+        return
+    orig = choices.InductorChoices.get_flex_attention_bwd_configs
+
+    def patched(self, head_dim, dtype, *args, **kwargs):
+        confs = list(orig(self, head_dim, dtype, *args, **kwargs))
+        fits = [c for c in confs if all(block % x == 0 for x in (c.block_m1, c.block_n1, c.block_m2, c.block_n2))]
+        if not fits:
+            confs.append(FlexBwDConfig(64, 64, 64, 64, 3, 4))
+        return confs
+
+    choices.InductorChoices.get_flex_attention_bwd_configs = patched
+    choices.InductorChoices._spa_patched = True
+
+
 def flex_fn():
     if "fn" not in _FLEX:
+        try:
+            _patch_flex_backward_configs(64)
+        except Exception as e:  # noqa: BLE001
+            log(f"could not patch Flex backward configs: {type(e).__name__}: {e}")
         from torch.nn.attention.flex_attention import flex_attention
 
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
@@ -249,12 +275,14 @@ def parse_args(argv=None):
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--modes", nargs="+", default=["density0.2", "topk32"])
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new points after this many seconds")
-    p.add_argument("--priority", nargs="*", default=["16384:density0.2", "131072:topk32"],
+    p.add_argument("--priority", nargs="*", default=["16384:density0.2", "131072:topk32", "65536:density0.2",
+                                                     "32768:topk32", "131072:density0.2"],
                    help="N:mode points run first (the targets)")
     p.add_argument("--docs", default=None, help="write the results section of this markdown file")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--rep-ms", type=int, default=100)
+    p.add_argument("--from-json", default=None, help="render the table/targets/docs of an earlier run's JSON")
     return p.parse_args(argv)
 
 
@@ -281,6 +309,14 @@ def card_info():
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.from_json:
+        result = json.loads(Path(a.from_json).read_text())
+        result["targets"] = evaluate_targets(result)
+        table = format_table(result)
+        print(table)
+        if a.docs:
+            write_docs(Path(a.docs), result, table, Path(a.from_json))
+        return
     t_start = time.time()
     info = card_info()
     log(json.dumps(info))

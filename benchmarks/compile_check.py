@@ -94,7 +94,7 @@ def main():
                                   WINDOW=False, HAS_KV=kv, FILL=fill, PREC=sparse_forward.dot_precision(dt))
                     ptrs = dict(Q=dt, K=dt, V=dt, KBAR=dt, VBAR=dt, NB=torch.int32,
                                 FIRST=torch.int32, LAST=torch.int32, KVALID=torch.int8, IDX=torch.int32,
-                                CNT=torch.int32, O=dt, LSE=torch.float32, DO=dt, DELTA=torch.float32, DQ=dt)
+                                CNT=torch.int32, SEL=torch.int32, O=dt, LSE=torch.float32, DO=dt, DELTA=torch.float32, DQ=dt)
                     strides = {n: I for n in ["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh",
                                               "son", "sdb", "sdh", "sdn", "sgb", "sgh", "sgn"]}
                     args = {**common, **ptrs, **strides, "scale": 0.1}
@@ -109,15 +109,17 @@ def main():
                         ok &= compile_one(sparse_backward._dkdv_kernel, bargs, a.arch, ww, 2, "dkdv " + tag)
                         if fill:
                             ok &= compile_one(sparse_backward._landmark_kernel, bargs, a.arch, ww, 2, "lmk " + tag)
-    # selection
-    for kpb, qb in [(32, 16), (512, 8), (4096, 1)]:
+    # selection (the launcher's shapes: dot path up to a 128-wide buffer, broadcast products above)
+    for kpb, bj, qb, dot in [(16, 64, 16, True), (64, 128, 16, True), (256, 256, 8, False), (4096, 4096, 1, False)]:
         for causal, window in [(True, False), (False, True)]:
             args = dict(QP=torch.float32, KP=torch.float32, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32,
                         CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
                         KMAX=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
-                        CAUSAL=causal, WINDOW=window, BS=64, QB=qb, KPB=kpb, RC=max(1, min(128, 16384 // (qb * kpb))))
-            w = 4 if qb * kpb <= 1024 else 8
-            ok &= compile_one(selection._select_kernel, args, a.arch, w, 1, f"select kpb{kpb} qb{qb} causal{int(causal)} win{int(window)}")
+                        CAUSAL=causal, WINDOW=window, BS=64, QB=qb, KPB=kpb, BJ=bj,
+                        RC=16 if dot else max(1, min(128, 16384 // (qb * bj))), USE_DOT=dot, NEAR=6)
+            w = 4 if qb * bj < 1024 else 8
+            ok &= compile_one(selection._select_kernel, args, a.arch, w, 1,
+                              f"select kpb{kpb} bj{bj} qb{qb} causal{int(causal)} win{int(window)}")
     args = dict(K=torch.bfloat16, V=torch.bfloat16, VALID=torch.int8, KBAR=torch.float32, VBAR=torch.float32, KLP=torch.bfloat16, VLP=torch.bfloat16, LP=True,
                 skb=I, skh=I, skn=I, svb=I, svh=I, svn=I, H=I, Nk=I, NKB=I, D=128, DV=128, BS=64, BD=128, BDV=128)
     ok &= compile_one(pooling._pool_kv_kernel, args, a.arch, 8, 1, "pool_kv")

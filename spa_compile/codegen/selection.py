@@ -1,19 +1,18 @@
 """Projector scores and streaming top-k selection (SPEC.md sections 1-2).
 
 One program per (batch, selection head, QB consecutive query blocks). It walks the
-key blocks in chunks of KP and keeps, per query block, a running top-KP buffer of
-64-bit keys ``(orderable score bits << 32) | (2**31 - 1 - j)`` (ties: lower j first),
-merged chunk by chunk with the bitonic trick (``max(desc, asc)`` keeps the KP largest
-of the union, then one sort). No (NQB x NKB) score matrix ever reaches global memory.
+key blocks in chunks of BJ and keeps, per query block, a running buffer of the KP largest
+64-bit keys ``(orderable score bits << 32) | (2**31 - 1 - j)`` (ties: lower j first).
+Forced blocks (partial | sink | local) enter the same buffer with the largest score key, so
+after the walk the buffer's first ``n_forced + k`` entries are exactly S; KP is the bound
+``budget.max_selected`` on |S|. A chunk is merged by one ascending sort, its top KP taken
+(the last KP of the sort), and the bitonic step ``sort(max(best_desc, top_asc))``; chunks
+with no key above the buffer's minimum skip the merge. No (NQB x NKB) score matrix ever
+reaches global memory.
 
-Passes over the key blocks of one program:
-
-A. ``local_blocks`` min-scans: the local-th smallest ``|j - diag| * NKB + j`` over
-   visible blocks (the local threshold);
-B. forced flags (partial | sink | local), counts, and the running top-k over the
-   remaining visible blocks;
-C. the same flags and scores again: ``chosen = forced | key >= k-th key``, written in
-   ascending order with a running prefix count.
+The local blocks (the ``local_blocks`` visible blocks nearest the diagonal) are found first
+in a window around the diagonals of the program's rows; a row with too few visible blocks
+in the window falls back to min-scans over its whole key range.
 """
 
 from __future__ import annotations
@@ -28,19 +27,24 @@ from .common import classify_blocks
 
 SENTINEL = tl.constexpr(-(2**63))
 MAXKEY = tl.constexpr(2**63 - 1)
-LOCAL_BIG = tl.constexpr(2**62)
+LOCAL_BIG = tl.constexpr(2**30)  # |j - diag| * NKB + j < 2**30 for NKB < 32K (2M tokens at block 64)
+FORCED_HI = tl.constexpr(2147483647 * 4294967296)  # the score part of a forced block's key
 
 
 @triton.jit
-def _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr):
-    """scale * qp[rows] . kp[jj] in float32 as ``[QB, BJ]``."""
+def _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
+                USE_DOT: tl.constexpr):
+    """scale * qp[rows] . kp[jj] in float32 as ``[QB, BJ]`` (fp32 FMA, no tf32)."""
     acc = tl.zeros([QB, BJ], dtype=tl.float32)
     for r0 in range(0, R, RC):
         rr = r0 + tl.arange(0, RC)
         rm = rr < R
         qv = tl.load(QP_r + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok[:, None] & rm[None, :], other=0.0)
         kv = tl.load(KP_h + jj[:, None].to(tl.int64) * R + rr[None, :], mask=jm[:, None] & rm[None, :], other=0.0)
-        acc += tl.sum(qv[:, None, :] * kv[None, :, :], axis=2)
+        if USE_DOT:
+            acc += tl.dot(qv, tl.trans(kv), input_precision="ieee")
+        else:
+            acc += tl.sum(qv[:, None, :] * kv[None, :, :], axis=2)
     s = acc * scale
     return tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: equal scores must tie
 
@@ -53,21 +57,23 @@ def _encode(s, jj):
 
 
 @triton.jit
-def _flags(
-    jj, t0, t1, diag, seen, lthr, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, SINK,
-    BS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-):
-    visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS, CAUSAL, WINDOW)
-    vi = visible.to(tl.int32)
-    cumv = seen[:, None] + tl.cumsum(vi, axis=1)
-    sink = visible & (cumv <= SINK)
-    dist = tl.abs(jj[None, :] - diag[:, None]).to(tl.int64)
-    lkey = dist * NKB + jj[None, :]
-    local = visible & (lkey <= lthr[:, None])
-    partial = visible & (full == 0)
-    forced = partial | sink | local
-    rem = visible & (forced == 0)
-    return visible, forced, rem, tl.sum(vi, axis=1)
+def _local_threshold(lthr0, lo, hi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, LOCAL,
+                     QB: tl.constexpr, BJ: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
+                     WINDOW: tl.constexpr):
+    """The LOCAL-th smallest ``|j - diag| * NKB + j`` over visible blocks j in [lo, hi)."""
+    lthr = lthr0
+    cols = tl.arange(0, BJ)
+    for _l in range(LOCAL):
+        cur = tl.full([QB], LOCAL_BIG, dtype=tl.int32)
+        for c in range(lo, hi, BJ):
+            jj = c + cols
+            visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS,
+                                               CAUSAL, WINDOW)
+            lkey = tl.abs(jj[None, :] - diag[:, None]) * NKB + jj[None, :]
+            lkey = tl.where(visible & (lkey > lthr[:, None]) & (jj < hi)[None, :], lkey, LOCAL_BIG)
+            cur = tl.minimum(cur, tl.min(lkey, axis=1))
+        lthr = cur
+    return lthr
 
 
 @triton.jit
@@ -77,7 +83,8 @@ def _select_kernel(
     OFF, WIN, scale,
     SINK, LOCAL, TOPK, PPM, MINB, MAXB,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, RC: tl.constexpr,
+    BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
+    USE_DOT: tl.constexpr, NEAR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -105,40 +112,60 @@ def _select_kernel(
         je = tl.minimum(tl.maximum((t1max - 1 + OFF) // BS + 1, 0), NKB)
     if WINDOW:
         js = tl.minimum(tl.maximum((pid * QB * BS + OFF - WIN + 1) // BS, 0), NKB)
-    cols = tl.arange(0, KPB)
+    cols = tl.arange(0, BJ)
 
-    # A. local threshold: the LOCAL-th smallest distance key among visible blocks
-    lthr = tl.full([QB], -1, dtype=tl.int64)
-    for _l in range(LOCAL):
-        cur = tl.full([QB], LOCAL_BIG, dtype=tl.int64)
-        for c in range(js, je, KPB):
+    # A. local threshold: first in a window around the diagonals, then a full scan if needed
+    lthr = tl.full([QB], -1, dtype=tl.int32)
+    if LOCAL > 0:
+        dmin = tl.min(tl.where(row_ok, diag, NKB), axis=0)
+        dmax = tl.max(tl.where(row_ok, diag, 0), axis=0)
+        wlo = tl.maximum(js, dmin - NEAR)
+        whi = tl.minimum(je, dmax + NEAR + 1)
+        near = tl.zeros([QB], dtype=tl.int32)
+        for c in range(wlo, whi, BJ):
             jj = c + cols
-            visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS, CAUSAL, WINDOW)
-            dist = tl.abs(jj[None, :] - diag[:, None]).to(tl.int64)
-            lkey = dist * NKB + jj[None, :]
-            lkey = tl.where(visible & (lkey > lthr[:, None]) & (jj < je)[None, :], lkey, LOCAL_BIG)
-            cur = tl.minimum(cur, tl.min(lkey, axis=1))
-        lthr = cur
+            visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS,
+                                               CAUSAL, WINDOW)
+            close = visible & (tl.abs(jj[None, :] - diag[:, None]) <= NEAR) & (jj < whi)[None, :]
+            near += tl.sum(close.to(tl.int32), axis=1)
+        if tl.min(tl.where(row_ok, near, LOCAL), axis=0) >= LOCAL:
+            lthr = _local_threshold(lthr, wlo, whi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN,
+                                    LOCAL, QB, BJ, BS, CAUSAL, WINDOW)
+        else:
+            lthr = _local_threshold(lthr, js, je, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN,
+                                    LOCAL, QB, BJ, BS, CAUSAL, WINDOW)
 
-    # B. counts and the running top-KP of the remaining visible blocks
+    # B. one walk: forced blocks (largest key) and the remaining visible blocks by score
     best = tl.full([QB, KPB], SENTINEL, dtype=tl.int64)
     seen = tl.zeros([QB], dtype=tl.int32)
     nrem = tl.zeros([QB], dtype=tl.int32)
-    for c in range(js, je, KPB):
+    nforced = tl.zeros([QB], dtype=tl.int32)
+    for c in range(js, je, BJ):
         jj = c + cols
         jm = jj < je
-        visible, forced, rem, nv = _flags(jj, t0, t1, diag, seen, lthr, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, SINK, BS, CAUSAL, WINDOW)
-        seen += nv
+        visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS, CAUSAL,
+                                           WINDOW)
+        visible = visible & jm[None, :] & row_ok[:, None]
+        vi = visible.to(tl.int32)
+        sink = visible & ((seen[:, None] + tl.cumsum(vi, axis=1)) <= SINK)
+        lkey = tl.abs(jj[None, :] - diag[:, None]) * NKB + jj[None, :]
+        forced = (visible & (full == 0)) | sink | (visible & (lkey <= lthr[:, None]))
+        rem = visible & (forced == 0)
+        seen += tl.sum(vi, axis=1)
         nrem += tl.sum(rem.to(tl.int32), axis=1)
+        nforced += tl.sum(forced.to(tl.int32), axis=1)
+        low = (2147483647 - jj).to(tl.int64)[None, :]
+        key = tl.where(forced, FORCED_HI + low, SENTINEL)
         if tl.max(tl.max(rem.to(tl.int32), axis=1), axis=0) > 0:
-            s = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, KPB, RC)
-            key = tl.where(rem, _encode(s, jj), SENTINEL)
-            kth = tl.min(best, axis=1)
-            if tl.max(tl.max((key > kth[:, None]).to(tl.int32), axis=1), axis=0) > 0:
-                asc = tl.sort(key, dim=1, descending=False)
-                best = tl.sort(tl.maximum(best, asc), dim=1, descending=True)
+            sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT)
+            key = tl.where(rem, _encode(sc, jj), key)
+        kth = tl.min(best, axis=1)
+        if tl.max(tl.max((key > kth[:, None]).to(tl.int32), axis=1), axis=0) > 0:
+            asc = tl.sort(key, dim=1, descending=False)
+            top = tl.max(tl.reshape(asc, [QB, BJ // KPB, KPB]), axis=1)  # the KPB largest, ascending
+            best = tl.sort(tl.maximum(best, top), dim=1, descending=True)
 
-    # k per query block (budget.topk_count), then the k-th key as the threshold
+    # k per query block (budget.topk_count); S = the first n_forced + k entries of the buffer
     nvis = seen.to(tl.int64)
     if TOPK >= 0:
         k = tl.zeros_like(nvis) + TOPK
@@ -149,29 +176,15 @@ def _select_kernel(
     if MAXB >= 0:
         k = tl.minimum(k, MAXB)
     k = tl.minimum(k, nrem.to(tl.int64))
-    kth = tl.max(tl.where(cols[None, :].to(tl.int64) == (k - 1)[:, None], best, SENTINEL), axis=1)
-    thr = tl.where(k > 0, kth, MAXKEY)
-
-    # C. write forced | top-k in ascending order
-    base = tl.zeros([QB], dtype=tl.int32)
-    seen = tl.zeros([QB], dtype=tl.int32)
+    take = nforced + k.to(tl.int32)
+    kcols = tl.arange(0, KPB)
+    jsel = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
+    jsel = tl.where(kcols[None, :] < take[:, None], jsel, 2**30)
+    jsel = tl.sort(jsel, dim=1, descending=False)
     IDX_r = IDX + (bh.to(tl.int64) * NQB + rows.to(tl.int64)) * KMAX
-    for c in range(js, je, KPB):
-        jj = c + cols
-        jm = jj < je
-        visible, forced, rem, nv = _flags(jj, t0, t1, diag, seen, lthr, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, SINK, BS, CAUSAL, WINDOW)
-        seen += nv
-        chosen = forced
-        if tl.max(tl.max(rem.to(tl.int32), axis=1), axis=0) > 0:
-            s = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, KPB, RC)
-            key = tl.where(rem, _encode(s, jj), SENTINEL)
-            chosen = chosen | (rem & (key >= thr[:, None]))
-        ci = chosen.to(tl.int32)
-        pos = base[:, None] + tl.cumsum(ci, axis=1) - 1
-        ok = chosen & row_ok[:, None] & (pos < KMAX)
-        tl.store(IDX_r[:, None] + pos, (tl.zeros_like(pos) + jj[None, :]).to(tl.int32), mask=ok)
-        base += tl.sum(ci, axis=1)
-    tl.store(CNT + bh.to(tl.int64) * NQB + rows, base, mask=row_ok)
+    ok = row_ok[:, None] & (kcols[None, :] < take[:, None]) & (kcols[None, :] < KMAX)
+    tl.store(IDX_r[:, None] + kcols[None, :], jsel, mask=ok)
+    tl.store(CNT + bh.to(tl.int64) * NQB + rows, take, mask=row_ok)
 
 
 def topk_capacity(nkb: int, cfg) -> int:
@@ -199,10 +212,17 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     hkv = kp.shape[1]
     index = torch.full((b, hs, nqb, kmax), -1, dtype=torch.int32, device=qp.device)
     count = torch.empty((b, hs, nqb), dtype=torch.int32, device=qp.device)
-    kpb = max(16, triton.next_power_of_2(topk_capacity(info.nkb, cfg)))
-    qb = max(1, min(16, 4096 // kpb, triton.next_power_of_2(nqb)))
-    rc = min(triton.next_power_of_2(r), max(1, 16384 // (qb * kpb)))
-    warps = 4 if qb * kpb <= 1024 else 8
+    kpb = max(16, triton.next_power_of_2(min(kmax, info.nkb)))
+    if kpb <= 128:  # 16 query blocks a program, scores by an fp32 dot, chunks wider than the buffer
+        bj = max(kpb, min(128, triton.next_power_of_2(info.nkb)))
+        qb = 16
+    else:  # wide buffers: fewer rows a program (registers), scores by broadcast products
+        bj = kpb
+        qb = max(1, 2048 // kpb)
+    qb = min(qb, max(1, triton.next_power_of_2(nqb)))
+    use_dot = qb >= 16
+    rc = 16 if use_dot else min(triton.next_power_of_2(r), max(1, 16384 // (qb * bj)))
+    warps = 4 if qb * bj < 1024 else 8
     _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
         qp, kp, info.n, info.first, info.last, info.cs, index, count,
         hs, hkv, info.nq, info.nk, nqb, info.nkb, r, kmax,
@@ -212,7 +232,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         -1 if cfg.min_blocks is None else cfg.min_blocks,
         -1 if cfg.max_blocks is None else cfg.max_blocks,
         CAUSAL=info.causal, WINDOW=info.has_window,
-        BS=info.block, QB=qb, KPB=kpb, RC=rc,
+        BS=info.block, QB=qb, KPB=kpb, BJ=bj, RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
         num_warps=warps,
     )
     return index, count

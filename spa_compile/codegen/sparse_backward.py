@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .blockinfo import BlockInfo
 from .common import block_is_clean, pair_mask
-from .sparse_forward import LOG2E, count_below, dot_precision, fill_range, fill_use
+from .sparse_forward import LOG2E, dot_precision, fill_range, fill_use, selected_bitmap
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _load_lse2(LSE_p, ok):
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, DQ,
+    Q, K, V, DO, LSE, DELTA, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, SEL, DQ,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sgb, sgh, sgn,
     Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, WIN, qk_scale, scale,
     D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
@@ -112,14 +112,14 @@ def _dq_kernel(
 
     if FILL:
         lo, hi = fill_range(t0, t1, NKB, OFF, WIN, BS, CAUSAL, WINDOW)
-        p_idx = count_below(IDX_r, cnt, lo, BJ)
+        SEL_r = SEL + ((b64 * Hs + hs) * NQB + i) * ((NKB + 31) // 32)
         KB_h = KBAR + (b64 * Hkv + kh) * NKB * D
         VB_h = VBAR + (b64 * Hkv + kh) * NKB * DV
         FIRST_b = FIRST + b * NKB
         LAST_b = LAST + b * NKB
         for c0 in range(lo, hi, BJ):
             jj = c0 + tl.arange(0, BJ)
-            use, n, p_idx = fill_use(jj, c0, p_idx, cnt, IDX_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF, WIN, BJ, CAUSAL, WINDOW)
+            use, n = fill_use(jj, SEL_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF, WIN, CAUSAL, WINDOW)
             jm = jj < hi
             kb = tl.load(KB_h + jj[:, None].to(tl.int64) * D + d[None, :], mask=jm[:, None] & (d[None, :] < D), other=0.0)
             vb = tl.load(VB_h + jj[:, None].to(tl.int64) * DV + dv[None, :], mask=jm[:, None] & (dv[None, :] < DV), other=0.0)
@@ -339,15 +339,18 @@ def launch_delta(out: Tensor, grad_out: Tensor) -> Tensor:
     return delta
 
 
-def launch_dq(q, k, v, do, lse, delta, kbar, vbar, info: BlockInfo, index, count, scale, fill, config, dq=None):
+def launch_dq(q, k, v, do, lse, delta, kbar, vbar, info: BlockInfo, index, count, scale, fill, config, dq=None,
+              sel=None):
     b, hq, nq, d = q.shape
     hkv, dvd = k.shape[1], v.shape[-1]
     if dq is None:
         dq = torch.empty_like(q)
     gp = config["GP"]
     kv = info.key_valid if info.key_valid is not None else info.valid
+    if sel is None:
+        sel = selected_bitmap(index, info.nkb) if fill else count
     _dq_kernel[(info.nqb, b * (hq // gp))](
-        q, k, v, do, lse, delta, kbar, vbar, info.n, info.first, info.last, kv, index, count, dq,
+        q, k, v, do, lse, delta, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),

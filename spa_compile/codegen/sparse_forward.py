@@ -37,21 +37,10 @@ def fill_range(t0, t1, NKB, OFF, WIN, BS: tl.constexpr, CAUSAL: tl.constexpr, WI
 
 
 @triton.jit
-def count_below(IDX_r, cnt, lim, BJ: tl.constexpr):
-    """Number of entries of the ascending list IDX_r[0:cnt] below lim."""
-    p = 0
-    if lim > 0:
-        for s0 in range(0, cnt, BJ):
-            ss = s0 + tl.arange(0, BJ)
-            w = tl.load(IDX_r + ss, mask=ss < cnt, other=2**30)
-            p += tl.sum((w < lim).to(tl.int32), axis=0)
-    return p
-
-
-@triton.jit
-def fill_use(jj, c0, p, cnt, IDX_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF, WIN,
-             BJ: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """Landmarks of chunk jj that are fully visible and not selected; advances p."""
+def fill_use(jj, SEL_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF, WIN,
+             CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Landmarks jj ([BJ]) that are fully visible to rows t0..t1-1 and not selected
+    (SEL_r: the query block's selected-block bitmap, 32 blocks a word)."""
     jm = (jj < hi) & (jj < NKB)
     n = tl.load(NB_b + jj, mask=jm, other=0)
     use = jm & (n > 0)
@@ -61,17 +50,14 @@ def fill_use(jj, c0, p, cnt, IDX_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF,
     if WINDOW:
         first = tl.load(FIRST_b + jj, mask=jm, other=-(2**30))
         use = use & (first > t1 - 1 + OFF - WIN)
-    ss = p + tl.arange(0, BJ)
-    win = tl.load(IDX_r + ss, mask=ss < cnt, other=-1)
-    hit = tl.max((win[:, None] == jj[None, :]).to(tl.int32), axis=0)
-    use = use & (hit == 0)
-    p += tl.sum(((win >= 0) & (win < c0 + BJ)).to(tl.int32), axis=0)
-    return use, n, p
+    word = tl.load(SEL_r + jj // 32, mask=jm, other=0)
+    use = use & (((word >> (jj % 32)) & 1) == 0)
+    return use, n
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, O, LSE,
+    Q, K, V, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, SEL, O, LSE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, WIN, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
@@ -134,14 +120,14 @@ def _fwd_kernel(
 
     if FILL:
         lo, hi = fill_range(t0, t1, NKB, OFF, WIN, BS, CAUSAL, WINDOW)
-        p_idx = count_below(IDX_r, cnt, lo, BJ)
+        SEL_r = SEL + ((b64 * Hs + hs) * NQB + i) * ((NKB + 31) // 32)
         KB_h = KBAR + (b64 * Hkv + kh) * NKB * D
         VB_h = VBAR + (b64 * Hkv + kh) * NKB * DV
         FIRST_b = FIRST + b * NKB
         LAST_b = LAST + b * NKB
         for c0 in range(lo, hi, BJ):
             jj = c0 + tl.arange(0, BJ)
-            use, n, p_idx = fill_use(jj, c0, p_idx, cnt, IDX_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF, WIN, BJ, CAUSAL, WINDOW)
+            use, n = fill_use(jj, SEL_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF, WIN, CAUSAL, WINDOW)
             jm = jj < hi
             kb = tl.load(KB_h + jj[:, None].to(tl.int64) * D + d[None, :], mask=jm[:, None] & (d[None, :] < D), other=0.0)
             vb = tl.load(VB_h + jj[:, None].to(tl.int64) * DV + dv[None, :], mask=jm[:, None] & (dv[None, :] < DV), other=0.0)
@@ -168,7 +154,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool, config, out=None, lse=None):
+def selected_bitmap(index: Tensor, nkb: int) -> Tensor:
+    """[B, Hs, NQB, ceil(NKB / 32)] int32: bit j of a query block's row is set when it selected
+    block j (the fill skips those landmarks). 32x smaller than the index lists at density 1/32."""
+    b, hs, nqb, kmax = index.shape
+    words = (nkb + 31) // 32
+    bits = torch.zeros(b, hs, nqb, words + 1, dtype=torch.int32, device=index.device)
+    idx = index.long()
+    ok = idx >= 0
+    w = torch.where(ok, idx // 32, torch.full_like(idx, words))
+    val = torch.where(ok, torch.ones_like(idx).bitwise_left_shift(idx % 32), torch.zeros_like(idx))
+    # distinct bits of a word: their sum is their OR (int64 keeps bit 31 exact, then wraps to int32)
+    acc = torch.zeros(b, hs, nqb, words + 1, dtype=torch.int64, device=index.device)
+    acc.scatter_add_(3, w, val)
+    bits = torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+    return bits[..., :words].contiguous()
+
+
+def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool, config, out=None, lse=None,
+                   sel=None):
     b, hq, nq, d = q.shape
     hkv = k.shape[1]
     dv = v.shape[-1]
@@ -179,8 +183,10 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         lse = torch.empty(b, hq, nq, device=q.device, dtype=torch.float32)
     gp = config["GP"]
     kv = info.key_valid if info.key_valid is not None else info.valid
+    if sel is None:
+        sel = selected_bitmap(index, info.nkb) if fill else count
     _fwd_kernel[(info.nqb, b * (hq // gp))](
-        q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, out, lse,
+        q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, hkv, hs, nq, info.nk, info.nqb, info.nkb, index.shape[-1], info.offset, info.win,
