@@ -19,7 +19,7 @@ import torch.fx as fx
 from . import ops  # noqa: F401  (registers torch.ops.spa.*)
 from .config import SPAConfig
 from .passes import graph_analysis
-from .passes.decision import Decision, decide
+from .passes.decision import decide
 from .passes.find_attention import find_attention_sites
 from .passes.attach_projectors import attach_projectors
 from .passes.rewrite import rewrite_site
@@ -55,10 +55,7 @@ def apply_spa_passes(gm: fx.GraphModule, cfg: SPAConfig) -> list[tuple[Any, Any]
     """Find, decide and rewrite every attention site of ``gm`` in place; returns (site, decision) pairs."""
     results = []
     for site in find_attention_sites(gm):
-        # sites the analyses proved unsafe to rewrite (weights with other users, softmax over
-        # the wrong axis, a bias mask...) stay dense whatever the configuration says
-        reject = getattr(site, "reject_reason", None)
-        decision = Decision("dense", reject) if reject else decide(site, cfg)
+        decision = decide(site, cfg)
         if decision.decision == "spa" and getattr(site, "mask_note", None):
             decision = dataclasses.replace(decision, reason=f"{decision.reason}; {site.mask_note}")
         record = (site, decision)

@@ -62,6 +62,11 @@ class Decision:
 
 def unsupported_reason(site: AttentionSite) -> str | None:
     """Why SPA cannot run this site at all, or None."""
+    # the analyses proved it unsafe to rewrite (weights with other users, softmax over the
+    # wrong axis, a bias mask...): dense whatever the configuration says
+    reject = getattr(site, "reject_reason", None)
+    if reject:
+        return reject
     q, k, v = (example_value(n) for n in (site.q, site.k, site.v))
     if q is None or k is None or v is None:
         return "q/k/v shapes unknown at trace time"
