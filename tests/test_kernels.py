@@ -31,9 +31,17 @@ from spa_compile.codegen import api, sparse_backward, sparse_forward  # noqa: E4
 from spa_compile.codegen.blockinfo import block_info  # noqa: E402
 from spa_compile.codegen.pooling import pool_kv  # noqa: E402
 
+import triton.language as _tl  # noqa: E402
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CPU_OK = INTERPRET  # kernels on CPU tensors need the interpreter
-needs_cpu_kernels = pytest.mark.skipif(not CPU_OK, reason="Triton interpreter not active (CUDA present)")
+# Triton chooses interpreter or compiler when it is imported: if another test module imported
+# triton before TRITON_INTERPRET was set, the interpreter is not really active (tests/conftest.py
+# should set it first on machines without CUDA).
+CPU_OK = INTERPRET and type(_tl.sum).__name__ == "InterpretedFunction"
+needs_cpu_kernels = pytest.mark.skipif(
+    not CPU_OK,
+    reason="Triton interpreter not active: CUDA present, or triton was imported before TRITON_INTERPRET=1 was set",
+)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs a CUDA GPU (compiled kernels)")
 
