@@ -210,8 +210,8 @@ def attention_backward(
     if _is_bias(attn_mask):
         return _dense_with_bias_backward(grad_out, grad_lse, q, k, v, attn_mask, scale)
     vis = _visibility(nq, nk, attn_mask, key_valid, causal, offset, window, check_bias=True)
-    if grad_lse is None and _use_kernels(q, k, v, vis, cfg):
-        return _codegen().spa_backward(grad_out, q, k, v, out, lse, index, count, vis, scale, cfg)
+    if _use_kernels(q, k, v, vis, cfg):
+        return _codegen().spa_backward(grad_out, q, k, v, out, lse, index, count, vis, scale, cfg, grad_lse=grad_lse)
     valid = reference.valid_keys(vis, q.shape[0], k.shape[1], cfg.block_size, q.device)
     sel = reference.Selection(index=index, count=count)
     return reference.sparse_attention_backward(
@@ -230,7 +230,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, index, count, attn_mask, key_valid)
     ctx.args = (scale, causal, offset, window, config)
     ctx.mark_non_differentiable(index, count)
-    ctx.set_materialize_grads(False)  # an unused lse then gives grad_lse None: the kernels' fast path
+    ctx.set_materialize_grads(False)  # an unused lse then gives grad_lse None: no work for it
 
 
 def _backward(ctx, grad_out, grad_lse, _grad_index, _grad_count):
