@@ -33,18 +33,21 @@ def main() -> int:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = TinyLlama().to(device)
+    # head dim 16 on the CPU (fast), 64 on a GPU (the Triton kernels take head dims >= 32)
+    model = (TinyLlama(dim=512) if device == "cuda" else TinyLlama()).to(device)
     idx = torch.randint(0, 256, (1, args.seq_len), device=device)
     options = {"mode": "spa", "density": args.density, "block_size": args.block_size,
                "inner_backend": args.inner_backend}
 
     print(spa_compile.explain(model, idx, config=options), "\n")
+    print("SPA path:", _path(model, idx, options), "\n")
 
     with torch.no_grad():
         dense = model(idx)
         t = time.perf_counter()
         exact = torch.compile(model, backend="spa", options={**options, "density": 1.0})(idx)
-        print(f"forced exact (density 1.0): max |SPA - dense| = {(exact - dense).abs().max():.2e}"
+        exact_err = float((exact - dense).norm() / dense.norm())
+        print(f"forced exact (density 1.0): relative error to dense {exact_err:.2e}"
               f"  (compile + run {time.perf_counter() - t:.1f} s)")
         torch._dynamo.reset()
         sparse = torch.compile(model, backend="spa", options=options)(idx)
@@ -59,9 +62,27 @@ def main() -> int:
     grad_norm = sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None) ** 0.5
     print(f"training step: loss {loss.item():.4f}, gradient norm {grad_norm:.4f}")
 
-    ok = (exact - dense).abs().max() < 1e-3 and torch.isfinite(grad_norm)
+    # fp32 on the CPU; on a GPU the kernels' fp32 dots run in tf32 (about 3e-4 relative)
+    ok = exact_err < (1e-5 if device == "cpu" else 3e-3) and bool(torch.isfinite(grad_norm))
     print("demo", "OK" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def _path(model, idx, options) -> str:
+    """Which implementation the SPA op runs here: the Triton kernels or the reference."""
+    if not idx.is_cuda:
+        return "reference (pure PyTorch, CPU)"
+    from spa_compile import codegen
+    from spa_compile.config import SPAConfig
+    from spa_compile.visibility import Visibility
+
+    attn = model.layers[0].self_attn
+    n = idx.shape[1]
+    q = torch.empty(1, attn.heads, n, attn.hd, device=idx.device)
+    k = torch.empty(1, attn.kv_heads, n, attn.hd, device=idx.device)
+    cfg = SPAConfig.from_options({f: v for f, v in options.items() if f != "inner_backend"})
+    reason = codegen.unsupported_reason(q, k, k, Visibility(nq=n, nk=n, causal=True), cfg)
+    return "Triton kernels (CUDA)" if reason is None else f"reference ({reason})"
 
 
 if __name__ == "__main__":

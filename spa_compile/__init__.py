@@ -29,4 +29,22 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+
+def _register_backend_without_entry_point() -> None:
+    """``backend="spa"`` also where spa_compile is on the path but not installed (no entry point).
+
+    An installed package registers through the ``torch_dynamo_backends`` entry point, which
+    Dynamo loads itself; registering here as well would be a duplicate, so this only fills in.
+    """
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    if "spa" in entry_points(group="torch_dynamo_backends").names or "spa" in registry._COMPILER_FNS:
+        return
+    registry.register_backend(spa_backend, name="spa")
+
+
+_register_backend_without_entry_point()
+
 _configure_logging_from_env()  # SPA_LOG=1 prints each site's decision (see logging_setup)
