@@ -5,6 +5,7 @@
 See SPEC.md for the semantics and README.md for explain, tuning and inspection.
 """
 
+from . import calibrate  # a callable module: spa_compile.calibrate(model, batches, ...)
 from . import ops  # noqa: F401  (registers torch.ops.spa.attention)
 from .backend import spa_backend
 from .config import SPAConfig
@@ -13,15 +14,18 @@ from .functional import spa_attention
 from .inspection import inspect
 from .logging_setup import configure_from_env as _configure_logging_from_env
 from .projector import Projector
+from .training_alongside import ProjectorTrainer
 from .visibility import BiasMaskError, Visibility
 
 __all__ = [
     "SPAConfig",
     "Projector",
+    "ProjectorTrainer",
     "Report",
     "SiteReport",
     "Visibility",
     "BiasMaskError",
+    "calibrate",
     "explain",
     "inspect",
     "spa_attention",

@@ -753,3 +753,14 @@ def cli_main(args, target, cfg: SPAConfig) -> int:
 
 
 calibrate.cli_main = cli_main  # found by spa_compile.cli whether it gets this module or the function
+
+
+class _CallableModule(type(sys)):
+    """``spa_compile.calibrate(model, batches, ...)`` calls :func:`calibrate`, while
+    ``spa_compile.calibrate.collect`` and friends stay reachable as module attributes."""
+
+    def __call__(self, *args, **kwargs):
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
