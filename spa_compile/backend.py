@@ -13,7 +13,6 @@ import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
-import torch
 import torch.fx as fx
 
 from . import ops  # noqa: F401  (registers torch.ops.spa.*)

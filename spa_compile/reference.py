@@ -207,6 +207,42 @@ def _gather_keys(x: Tensor, pos: Tensor) -> Tensor:
     return x.gather(2, pos[..., None].expand(*pos.shape, x.shape[-1]))
 
 
+def _block_probabilities(qf, kf, kbar, log_n, idx, vis, valid, t0, t1, scale, fill, bs):
+    """Softmax of one query block over its exact keys and pseudo-keys (SPEC.md 3-5).
+
+    qf ``[B, Hq, Nq, D]``; kf ``[B, Hs, Nk, D]``; kbar/log_n per query head; idx ``[B, Hs, kmax]``.
+    Returns p ``[B, Hq, R, L (+ NKB)]``, lse and seen_any ``[B, Hq, R, 1]`` (lse is finite
+    everywhere, so gradients stay NaN-free; rows with ``~seen_any`` see nothing), the gathered
+    key positions ``pos`` ``[B, Hs, L]`` and ``slot``, False where a position is padding.
+    """
+    b, hq, _, _ = qf.shape
+    hs, nk = kf.shape[1], kf.shape[2]
+    gs = hq // hs
+    r = t1 - t0
+    pos = (idx[..., None] * bs + torch.arange(bs, device=qf.device)).flatten(-2)
+    slot = (idx[..., None] >= 0).expand(*idx.shape, bs).flatten(-2) & (pos < nk)
+    pos = pos.clamp(0, nk - 1)
+    qi = qf[:, :, t0:t1]
+    exact = torch.einsum("bsgrd,bsld->bsgrl", qi.unflatten(1, (hs, gs)), _gather_keys(kf, pos)) * scale
+    rows = vis.rows(t0, t1, qf.device)
+    rows_h = rows.expand(b, hq if rows.shape[1] > 1 else 1, r, nk)
+    seen = rows_h.unsqueeze(1) if rows_h.shape[1] == 1 else rows_h.unflatten(1, (hs, gs))
+    seen = seen.expand(b, hs, gs, r, nk).gather(-1, pos[:, :, None, None, :].expand(b, hs, gs, r, pos.shape[-1]))
+    parts = [exact.masked_fill(~(seen & slot[:, :, None, None, :]), -math.inf).flatten(1, 2)]
+    if fill == "landmark":
+        _, full = classify_blocks(rows, valid, bs)  # [B, 1|Hq, NKB]
+        chosen = torch.zeros(b, hs, kbar.shape[2] + 1, dtype=torch.bool, device=qf.device)
+        chosen.scatter_(2, torch.where(idx >= 0, idx, kbar.shape[2]), True)
+        use = _to_heads(full, hq) & ~_to_heads(chosen[..., :-1], hq) & (log_n > -math.inf)
+        pseudo = torch.einsum("bhrd,bhjd->bhrj", qi, kbar) * scale + log_n[:, :, None]
+        parts.append(pseudo.masked_fill(~use[:, :, None], -math.inf))
+    logits = torch.cat(parts, dim=-1)
+    seen_any = (logits > -math.inf).any(dim=-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(seen_any, logits, torch.zeros_like(logits)), dim=-1, keepdim=True)
+    p = torch.where(seen_any, (logits - lse).exp(), torch.zeros_like(logits))
+    return p, lse, seen_any, pos, slot
+
+
 def sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -224,8 +260,8 @@ def sparse_attention(
     Differentiable in q, k, v (also through ``pooled``) with the selection fixed.
     Returns the output ``[B, Hq, Nq, Dv]`` in q's dtype and the lse ``[B, Hq, Nq]``.
     """
-    b, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    hq, nq = q.shape[1], q.shape[2]
+    hkv = k.shape[1]
     hs = selection.index.shape[1]
     gs = hq // hs
     bs = block_size
@@ -236,38 +272,12 @@ def sparse_attention(
     kbar, vbar = _to_heads(pooled.kbar.to(dt), hq), _to_heads(pooled.vbar.to(dt), hq)
     log_n = _to_heads(pooled.count.to(dt), hq).log()  # -inf for empty blocks
     outs, lses = [], []
-    offsets = torch.arange(bs, device=q.device)
     for i in range(num_blocks(nq, bs)):
         t0, t1 = i * bs, min((i + 1) * bs, nq)
-        r = t1 - t0
         idx = selection.index[:, :, i].long()  # [B, Hs, kmax]
-        pos = (idx[..., None] * bs + offsets).flatten(-2)  # [B, Hs, L]
-        slot = (idx[..., None] >= 0).expand(*idx.shape, bs).flatten(-2) & (pos < nk)
-        pos = pos.clamp(0, nk - 1)
-        qi = qf[:, :, t0:t1].unflatten(1, (hs, gs))  # [B, Hs, Gs, R, D]
-        exact = torch.einsum("bsgrd,bsld->bsgrl", qi, _gather_keys(kf, pos)) * scale
-        rows = vis.rows(t0, t1, q.device)
-        rows_h = rows.expand(b, hq if rows.shape[1] > 1 else 1, r, nk)
-        seen = rows_h.unsqueeze(1) if rows_h.shape[1] == 1 else rows_h.unflatten(1, (hs, gs))
-        seen = seen.expand(b, hs, gs, r, nk).gather(
-            -1, pos[:, :, None, None, :].expand(b, hs, gs, r, pos.shape[-1])
-        )
-        exact = exact.masked_fill(~(seen & slot[:, :, None, None, :]), -math.inf).flatten(1, 2)
-        parts = [exact]
-        if fill == "landmark":
-            _, full = classify_blocks(rows, valid, bs)  # [B, 1|Hq, NKB]
-            chosen = torch.zeros(b, hs, kbar.shape[2] + 1, dtype=torch.bool, device=q.device)
-            chosen.scatter_(2, torch.where(idx >= 0, idx, kbar.shape[2]), True)
-            use = _to_heads(full, hq) & ~_to_heads(chosen[..., :-1], hq) & (log_n > -math.inf)
-            pseudo = torch.einsum("bhrd,bhjd->bhrj", qf[:, :, t0:t1], kbar) * scale + log_n[:, :, None]
-            parts.append(pseudo.masked_fill(~use[:, :, None], -math.inf))
-        logits = torch.cat(parts, dim=-1)  # [B, Hq, R, L (+ NKB)]
-        seen_any = (logits > -math.inf).any(dim=-1, keepdim=True)
-        safe = torch.where(seen_any, logits, torch.zeros_like(logits))  # keeps grads NaN-free
-        lse = torch.logsumexp(safe, dim=-1, keepdim=True)
-        p = torch.where(seen_any, (logits - lse).exp(), torch.zeros_like(logits))
-        vi = _gather_keys(vf, pos)  # [B, Hs, L, Dv]
+        p, lse, seen_any, pos, _ = _block_probabilities(qf, kf, kbar, log_n, idx, vis, valid, t0, t1, scale, fill, bs)
         L = pos.shape[-1]
+        vi = _gather_keys(vf, pos)  # [B, Hs, L, Dv]
         o = torch.einsum("bsgrl,bsld->bsgrd", p[..., :L].unflatten(1, (hs, gs)), vi).flatten(1, 2)
         if fill == "landmark":
             o = o + torch.einsum("bhrj,bhjd->bhrd", p[..., L:], vbar)
@@ -383,34 +393,13 @@ def sparse_attention_backward(
     dq = torch.zeros_like(qf)
     dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
     dkbar, dvbar = torch.zeros_like(kbar), torch.zeros_like(vbar)
-    offsets = torch.arange(bs, device=q.device)
     for i in range(num_blocks(nq, bs)):
         t0, t1 = i * bs, min((i + 1) * bs, nq)
-        r = t1 - t0
         idx = selection.index[:, :, i].long()
-        pos = (idx[..., None] * bs + offsets).flatten(-2)
-        slot = (idx[..., None] >= 0).expand(*idx.shape, bs).flatten(-2) & (pos < nk)
-        pos = pos.clamp(0, nk - 1)
+        p, _, seen_any, pos, slot = _block_probabilities(qf, kf, kbar, log_n, idx, vis, valid, t0, t1, scale, fill, bs)
         L = pos.shape[-1]
         qi = qf[:, :, t0:t1]
         ki, vi = _gather_keys(kf, pos), _gather_keys(vf, pos)  # [B, Hs, L, D]
-        exact = torch.einsum("bsgrd,bsld->bsgrl", qi.unflatten(1, (hs, gs)), ki) * scale
-        rows = vis.rows(t0, t1, q.device)
-        rows_h = rows.expand(b, hq if rows.shape[1] > 1 else 1, r, nk)
-        seen = rows_h.unsqueeze(1) if rows_h.shape[1] == 1 else rows_h.unflatten(1, (hs, gs))
-        seen = seen.expand(b, hs, gs, r, nk).gather(-1, pos[:, :, None, None, :].expand(b, hs, gs, r, L))
-        parts = [exact.masked_fill(~(seen & slot[:, :, None, None, :]), -math.inf).flatten(1, 2)]
-        if fill == "landmark":
-            _, full = classify_blocks(rows, valid, bs)
-            chosen = torch.zeros(b, hs, kbar.shape[2] + 1, dtype=torch.bool, device=q.device)
-            chosen.scatter_(2, torch.where(idx >= 0, idx, kbar.shape[2]), True)
-            use = _to_heads(full, hq) & ~_to_heads(chosen[..., :-1], hq) & (log_n > -math.inf)
-            pseudo = torch.einsum("bhrd,bhjd->bhrj", qi, kbar) * scale + log_n[:, :, None]
-            parts.append(pseudo.masked_fill(~use[:, :, None], -math.inf))
-        logits = torch.cat(parts, dim=-1)
-        seen_any = (logits > -math.inf).any(dim=-1, keepdim=True)
-        lse = torch.logsumexp(torch.where(seen_any, logits, torch.zeros_like(logits)), dim=-1, keepdim=True)
-        p = torch.where(seen_any, (logits - lse).exp(), torch.zeros_like(logits))
         gi = go[:, :, t0:t1]  # [B, Hq, R, Dv]
         gi_s = gi.unflatten(1, (hs, gs))
         dp = torch.einsum("bsgrd,bsld->bsgrl", gi_s, vi).flatten(1, 2)
