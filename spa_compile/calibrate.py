@@ -468,10 +468,11 @@ class _Accumulator:
         self.visible = 0.0
         self.ref2 = 0.0
 
-    def add(self, method: str, recall: Tensor, live: Tensor, chosen: Tensor, out: Tensor, dense: Tensor):
+    def add(self, method: str, recall: Tensor, live: Tensor, chosen: Tensor, out: Tensor | None, dense: Tensor):
         self.recall[method] += float((recall * live).sum())
         self.selected[method] += float((chosen.sum(-1) * live).sum())
-        self.err2[method] += float((out.double() - dense.double()).pow(2).sum())
+        # out None: the error was not measured (evaluate(errors=False)); the report says nan
+        self.err2[method] += math.nan if out is None else float((out.double() - dense.double()).pow(2).sum())
 
     def result(self) -> dict[str, Any]:
         rows = max(self.rows, 1)
@@ -484,10 +485,12 @@ class _Accumulator:
 
 
 def evaluate_site_call(
-    q, k, v, vis: Visibility, scale: float, cfg: SPAConfig, fitted: Projector | None, acc: _Accumulator
-) -> Tensor:
+    q, k, v, vis: Visibility, scale: float, cfg: SPAConfig, fitted: Projector | None, acc: _Accumulator,
+    errors: bool = True, propagate: str = "dense",
+) -> dict[str, Tensor]:
     """Recall and output error of one attention call for the three selections; returns the outputs
-    ``{"dense", "pooled", "fitted", "oracle"}``."""
+    ``{"dense", "pooled", "fitted", "oracle"}``. ``errors=False`` measures recall only: the sparse
+    outputs of the methods other than ``propagate`` are then not computed (about 4x less work)."""
     b, hq, nq, d = q.shape
     bs = cfg.block_size
     valid = valid_keys(vis, b, k.shape[1], bs, q.device)
@@ -513,8 +516,10 @@ def evaluate_site_call(
     for method, sel in sels.items():
         chosen = selection_mask(sel, nkb)
         recall = (st.target * chosen).sum(-1).double()
-        out, _ = reference.sparse_attention(q, k, v, sel, pooled, vis, valid, scale, cfg.fill, bs)
-        acc.add(method, recall, live, chosen.double(), out, dense)
+        out = None
+        if errors or method == propagate:
+            out, _ = reference.sparse_attention(q, k, v, sel, pooled, vis, valid, scale, cfg.fill, bs)
+        acc.add(method, recall, live, chosen.double(), out if errors else None, dense)
         outs[method] = out
     return outs
 
@@ -522,14 +527,15 @@ def evaluate_site_call(
 def evaluate(model: Callable, batches: Iterable, config: SPAConfig | Mapping[str, Any] | None = None,
              projectors: Mapping[str, Projector] | ProjectorFile | None = None,
              progress: bool = False, propagate: str = "dense", outputs: list | None = None,
-             ) -> dict[str, dict[str, Any]]:
+             errors: bool = True) -> dict[str, dict[str, Any]]:
     """Per site: block recall, output error and selected share for the pooled projector,
     ``projectors`` ("fitted") and the oracle selection, on ``batches``.
 
     Every site is measured on the activations that ``propagate`` gives the layers after it:
     "dense" (each site's error alone) or one of the methods (the model run end to end with that
     selection; the oracle can only be run this way). ``outputs``, if given, receives the model's
-    output for every batch."""
+    output for every batch. ``errors=False`` skips the output errors (reported as nan) and
+    measures recall alone, about 4x faster on long inputs."""
     if propagate not in ("dense",) + METHODS:
         raise ValueError(f"propagate must be 'dense' or one of {METHODS}, got {propagate!r}")
     cfg = config if isinstance(config, SPAConfig) else SPAConfig.from_options(config)
@@ -545,7 +551,8 @@ def evaluate(model: Callable, batches: Iterable, config: SPAConfig | Mapping[str
         except BiasMaskError:
             return ops._dense_with_bias(q, k, v, mask, scale)
         acc = accs.setdefault(site, _Accumulator())
-        return (evaluate_site_call(q, k, v, vis, float(scale), cfg, projectors.get(site), acc)[propagate],)
+        outs = evaluate_site_call(q, k, v, vis, float(scale), cfg, projectors.get(site), acc, errors, propagate)
+        return (outs[propagate],)
 
     bar = _progress(len(batches), "spa calibrate: measure", progress)
     with _eval_mode(model):

@@ -210,3 +210,18 @@ def test_fit_keeps_the_state_with_the_best_heldout_recall():
     proj0, info0 = C.fit_projector(site, steps=0, select_on=SPAConfig(**CFG))
     torch.testing.assert_close(proj0.pq, torch.eye(4).expand(1, 4, 4))
     assert info0["heldout_recall_fitted"] == pytest.approx(info0["heldout_recall_pooled"])
+
+
+def test_evaluate_recall_only_matches_the_full_evaluation():
+    model = SDPA()
+    batches = [_synthetic(4, 3)]
+    data = C.collect(model, [_synthetic(4, 0)], CFG)
+    fitted, _ = C.fit(data, steps=20, lr=0.05)
+    full = C.evaluate(model, batches, CFG, fitted)
+    fast = C.evaluate(model, batches, CFG, fitted, errors=False)
+    assert full.keys() == fast.keys()
+    for site in full:
+        for m in C.METHODS:
+            assert fast[site]["recall"][m] == pytest.approx(full[site]["recall"][m], rel=1e-12)
+            assert fast[site]["density"][m] == pytest.approx(full[site]["density"][m], rel=1e-12)
+            assert math.isnan(fast[site]["rel_err"][m]) and math.isfinite(full[site]["rel_err"][m])
