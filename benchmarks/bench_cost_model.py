@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/bench_cost_model.py --out benchmarks/results [--refit]
         [--docs docs/benchmarks.md] [--write-cache] [--quick]
+    PYTHONPATH=. python3 benchmarks/bench_cost_model.py --out /tmp/cm --from-json RESULT.json   # CPU only:
+        the analysis (steps 5-6) again on a stored run's measurements, with the current code
 
 One run, in this order:
 
@@ -86,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="N up to 16K and densities 0.2, 0.4 (a smoke run)")
     p.add_argument("--skip-checks", action="store_true", help="time even if an output check fails")
     p.add_argument("--check-n", type=int, default=1024, help="sequence length of the output checks")
+    p.add_argument("--from-json", default=None, metavar="RESULT.json",
+                   help="no GPU: re-run the analysis (predictions, decisions, N*, refit, held-out) on the "
+                        "measurements stored in a result JSON of this benchmark, with the current code")
     args = p.parse_args(argv)
     if args.hkv is None:
         args.hkv = args.hq
@@ -229,9 +234,18 @@ def _check_density(q, k, v, qf, kf, vf, vis, scale, args, density, tol, device) 
     ]
 
 
+LONG_CALL_MS = 20.0  # calls longer than this are timed by a few CUDA-event runs instead of do_bench
+LONG_CALL_REPS = 5
+
+
 def bench_s(fn: Callable[[], Any]) -> dict[str, float]:
-    """Median (and 20th/80th percentile) seconds of ``fn`` by ``triton.testing.do_bench``,
-    with at least ~7 timed runs however long a call takes."""
+    """Median (and 20th/80th percentile) seconds of ``fn``.
+
+    Calls up to LONG_CALL_MS: ``triton.testing.do_bench`` (>= 25 ms warm-up, >= 100 ms of timed
+    runs, L2 flushed between runs). Longer calls (N >= 32K here): one warm-up and LONG_CALL_REPS
+    back-to-back runs between CUDA events, L2 flushed before each: do_bench's own estimate, warm-up
+    and repeats would cost ~17 calls each, half of the run's time at 128K, for no better median.
+    """
     from triton.testing import do_bench
 
     fn()
@@ -240,12 +254,28 @@ def bench_s(fn: Callable[[], Any]) -> dict[str, float]:
     fn()
     torch.cuda.synchronize()
     est_ms = (time.perf_counter() - t0) * 1e3
-    p20, p50, p80 = do_bench(fn, warmup=max(25, 2 * est_ms), rep=max(100, 7 * est_ms), quantiles=[0.2, 0.5, 0.8])
-    return {"median": p50 / 1e3, "p20": p20 / 1e3, "p80": p80 / 1e3}
+    if est_ms <= LONG_CALL_MS:
+        p20, p50, p80 = do_bench(fn, warmup=max(25, 2 * est_ms), rep=max(100, 7 * est_ms),
+                                 quantiles=[0.2, 0.5, 0.8])
+        return {"median": p50 / 1e3, "p20": p20 / 1e3, "p80": p80 / 1e3}
+    flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # 256 MB, as do_bench's cache flush
+    times = []
+    for _ in range(LONG_CALL_REPS):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(round(f * (len(times) - 1))))]  # noqa: E731
+    return {"median": q(0.5), "p20": q(0.2), "p80": q(0.8)}
 
 
 def measure_grid(args, device) -> list[dict[str, Any]]:
     points = []
+    t_start = time.perf_counter()
     for n in args.ns:
         q, k, v = make_inputs(args, n, device)
         point: dict[str, Any] = {"n": n, "dense": {}, "spa": {}, "errors": {}}
@@ -263,7 +293,8 @@ def measure_grid(args, device) -> list[dict[str, Any]]:
         dense = point["dense"].get("sdpa", {}).get("median")
         log(f"N={n:>6}  sdpa {_ms(dense)}  flash {_ms(point['dense'].get('flash', {}).get('median'))}  "
             f"cudnn {_ms(point['dense'].get('cudnn', {}).get('median'))}  "
-            + "  ".join(f"spa{d} {_ms(point['spa'].get(str(d), {}).get('median'))}" for d in args.densities))
+            + "  ".join(f"spa{d} {_ms(point['spa'].get(str(d), {}).get('median'))}" for d in args.densities)
+            + f"  [{time.perf_counter() - t_start:.0f} s]")
         points.append(point)
         del q, k, v
         torch.cuda.empty_cache()
@@ -375,37 +406,24 @@ def _unit(profile: HardwareProfile) -> HardwareProfile:
     )
 
 
-def _solve_bounded(rows: list[list[float]], rhs: list[float], prior: list[float], lam: float) -> list[float]:
-    """min |A x - y|^2 + lam |x - prior|^2 subject to x >= 1 (x = 1 / efficiency), by an active set."""
-    m = len(prior)
-    fixed: set[int] = set()
-    x = list(prior)
-    for _ in range(m + 1):
-        free = [j for j in range(m) if j not in fixed]
-        if not free:
-            break
-        a = torch.tensor([[row[j] for j in free] for row in rows] + [
-            [math.sqrt(lam) if j == f else 0.0 for j in free] for f in free], dtype=torch.float64)
-        y = torch.tensor([yi - sum(row[j] * 1.0 for j in fixed) for yi, row in zip(rhs, rows)]
-                         + [math.sqrt(lam) * prior[f] for f in free], dtype=torch.float64)
-        sol = torch.linalg.lstsq(a, y[:, None]).solution[:, 0].tolist()
-        x = [1.0] * m
-        for j, value in zip(free, sol):
-            x[j] = value
-        low = [j for j in free if x[j] < 1.0]
-        if not low:
-            break
-        fixed.add(min(low, key=lambda j: x[j]))
-    return [max(1.0, v) for v in x]
+def spa_points(points: list[dict], args, densities) -> list[tuple]:
+    """``(shape, cfg, seconds)`` of every measured SPA point at ``densities``."""
+    out = []
+    for p in points:
+        for d in densities:
+            t = p["spa"].get(str(d), {}).get("median")
+            if t is not None:
+                out.append((site_shape(args, p["n"]), spa_config(args, d), t))
+    return out
 
 
 def refit(points: list[dict], base: HardwareProfile, args, densities=None, note: str = "") -> HardwareProfile:
-    """Efficiencies fitted to measured points; rates and host overheads stay ``base``'s.
+    """Efficiencies and the SPA op's per-call floor fitted to measured points; rates stay ``base``'s.
 
-    Dense (per SDPA backend): the geometric mean over GPU-bound points of roofline / measured time.
-    SPA: stage efficiencies ``e_s`` from ``t - launches = sum_s roofline_s / e_s`` by least squares in
-    relative error over GPU-bound points, pulled gently towards ``base`` where the points say
-    little about a stage (pooling and selection are small), with ``e_s <= 1``.
+    Dense (per SDPA backend): the geometric mean over GPU-bound points (>= 3x the dense floor) of
+    roofline / measured time. SPA: :func:`spa_compile.hardware.fit_spa`: the four stage efficiencies
+    and the floor ``F`` jointly, least squares in log time of ``t = max(F, sum_s roof_s / e_s +
+    launches)`` over every point (the floor-bound ones inform ``F``, the others the efficiencies).
     """
     densities = list(args.densities if densities is None else densities)
     unit = _unit(base)
@@ -420,27 +438,17 @@ def refit(points: list[dict], base: HardwareProfile, args, densities=None, note:
             logs.append(math.log(roof / max(t - base.launch_s, 1e-12)))
         if logs:
             dense_eff[name] = hardware._clip_eff(math.exp(sum(logs) / len(logs)))
-    rows, rhs = [], []
-    launches = 4 * base.launch_s
-    for p in points:
-        for d in densities:
-            t = p["spa"].get(str(d), {}).get("median")
-            if t is None or t < 2 * base.host_overhead_s["spa"]:
-                continue
-            stages = cm.predict(site_shape(args, p["n"]), spa_config(args, d), unit).stages
-            y = t - launches
-            rows.append([stages[s] / y for s in EFFICIENCY_STAGES])  # relative error: divide by y
-            rhs.append(1.0)
-    spa_eff = dict(base.spa_efficiency)
-    if rows:
-        prior = [1.0 / base.spa_efficiency[s] for s in EFFICIENCY_STAGES]
-        x = _solve_bounded(rows, rhs, prior, lam=1e-3)
-        spa_eff = {s: hardware._clip_eff(1.0 / xs) for s, xs in zip(EFFICIENCY_STAGES, x)}
-    provisional = tuple(p for p in base.provisional if p not in ("spa_efficiency", "dense_efficiency"))
+    spa_eff, fixed, stats = hardware.fit_spa(spa_points(points, args, densities), base)
+    provisional = tuple(p for p in base.provisional
+                        if p not in ("spa_efficiency", "dense_efficiency", "host_overhead_s"))
     sources = {**base.sources,
                "dense_efficiency": f"refit by benchmarks/bench_cost_model.py{note}",
-               "spa_efficiency": f"refit by benchmarks/bench_cost_model.py (densities {densities}){note}"}
+               "spa_efficiency": f"refit by benchmarks/bench_cost_model.py (densities {densities}, jointly with "
+                                 f"the per-call floor; rms log error {stats.get('rms_log_error', 0):.3f}){note}",
+               "host_overhead_s": "spa: fitted per-call floor (bench_cost_model refit); dense: "
+                                  + base.sources.get("host_overhead_s", "")}
     return base.replace(name=f"{base.name}+refit", dense_efficiency=dense_eff, spa_efficiency=spa_eff,
+                        host_overhead_s={**base.host_overhead_s, "spa": fixed},
                         provisional=provisional, sources=sources)
 
 
@@ -526,6 +534,26 @@ def _clean(obj):
     return obj
 
 
+def target_report(analyses: list[dict]) -> list[str]:
+    """PASS/FAIL per target and profile, as printed at the end of a run."""
+    lines = []
+    for a in analyses:
+        if not a.get("points"):
+            continue
+        right = round(a["decision_accuracy"] * a["points"])
+        lines.append(f"== {a['profile']} ({a['label']}):")
+        lines.append(f"   target decision accuracy >= {TARGET_ACCURACY:.0%}: {a['decision_accuracy']:.1%} "
+                     f"({right}/{a['points']} points) -> {'PASS' if a['decision_ok'] else 'FAIL'}")
+        for d, c in a["crossover"].items():
+            ratio = "" if c["ratio"] is None else f", {c['ratio']:.2f}x"
+            lines.append(f"   target N* within {TARGET_CROSSOVER_RATIO}x, density {d}: {_fmt_n(c['measured'])} measured"
+                         f" / {_fmt_n(c['predicted'])} predicted{ratio} -> {'PASS' if c['ok'] else 'FAIL'}")
+        lines.append(f"   median |error| SPA {math.exp(a['median_abs_log_error_spa']) - 1:.0%}, dense "
+                     f"{math.exp(a['median_abs_log_error_dense']) - 1:.0%}; all targets: "
+                     f"{'PASS' if a['decision_ok'] and a['crossover_ok'] else 'FAIL'}")
+    return lines
+
+
 def evaluate(points: list[dict], profiles: list[tuple[str, HardwareProfile]], args, refit_flag: bool,
              base_for_refit: HardwareProfile) -> tuple[list[dict], dict | None, HardwareProfile | None]:
     """Analyses for each profile, plus (with refit) all-points and held-out refits."""
@@ -549,10 +577,87 @@ def evaluate(points: list[dict], profiles: list[tuple[str, HardwareProfile]], ar
     return analyses, refit_info, refit_profile
 
 
+# ---------------------------------------------------------------------------------------
+# Offline: the analysis again, on stored measurements (no GPU)
+# ---------------------------------------------------------------------------------------
+
+SHAPE_ARGS = ("ns", "densities", "batch", "hq", "hkv", "d", "dtype", "causal", "block_size", "margin")
+
+
+def emulated_microbenchmark(data: dict, args) -> tuple[dict[str, Any], str]:
+    """The raw microbenchmark numbers of a stored run, for :func:`hardware.profile_from_measurements`.
+
+    A result written by this version stores them (``measured_profile.measurements``). An older one
+    kept only the resulting profile: its rates and floors are taken from it, and the SDPA and SPA
+    probes are emulated from the grid's points at the probes' lengths (N = DENSE_PROBE / SPA_PROBE n,
+    same density), scaled to the probes' head counts by the model's roofline ratio.
+    """
+    mp = data["measured_profile"]
+    if mp.get("measurements"):
+        return dict(mp["measurements"]), "the run's stored microbenchmark numbers"
+    raw: dict[str, Any] = {
+        "matmul_flops": mp["matmul_flops"], "mem_bw": mp["mem_bw"], "l2_bw": mp["l2_bw"],
+        "launch_s": mp["launch_s"], "host_dense_s": mp["host_overhead_s"]["dense"],
+        "host_spa_s": mp["host_overhead_s"]["spa"],
+    }
+    unit = _unit(hardware.closest_builtin(data["environment"]["card"]))
+    by_n = {p["n"]: p for p in data["points"]}
+    dp, sp = hardware.DENSE_PROBE, hardware.SPA_PROBE
+    if dp["n"] in by_n:
+        probe = cm.SiteShape(b=dp["b"], hq=dp["hq"], hkv=dp["hkv"], nq=dp["n"], nk=dp["n"], d=dp["d"], dv=dp["d"],
+                             causal=True)
+        ratio = (cm.predict(probe, SPAConfig(), unit).dense_s
+                 / cm.predict(site_shape(args, dp["n"]), SPAConfig(), unit).dense_s)
+        raw["dense"] = {name: t["median"] * ratio for name, t in by_n[dp["n"]]["dense"].items()}
+    t = by_n.get(sp["n"], {}).get("spa", {}).get(str(sp["density"]), {}).get("median")
+    if t is not None:
+        cfg = SPAConfig(density=sp["density"], block_size=args.block_size)
+        grid = cm.predict(site_shape(args, sp["n"]), cfg, unit).stages
+        probe = cm.predict(hardware._probe_spa_shape(), cfg, unit).stages
+        raw["spa_s"] = t * sum(probe[s] for s in EFFICIENCY_STAGES) / sum(grid[s] for s in EFFICIENCY_STAGES)
+    return raw, ("emulated: the stored profile's rates and floors, the SDPA/SPA probes from the grid's "
+                 "points at the probe lengths (the run kept no raw microbenchmark numbers)")
+
+
+def offline(args) -> int:
+    data = json.loads(Path(args.from_json).read_text())
+    for key in SHAPE_ARGS:  # the measured shapes, not this command line's
+        if key in data.get("args", {}):
+            setattr(args, key, data["args"][key])
+    env = data["environment"]
+    builtin = hardware.closest_builtin(env["card"])
+    raw, how = emulated_microbenchmark(data, args)
+    measured = hardware.profile_from_measurements(raw, builtin, env["card"], env.get("sm_count", builtin.sm_count),
+                                                  data["measured_profile"].get("versions", {}))
+    log(f"offline analysis of {args.from_json} ({env['card']}, {env['date'][:10]}) with the current code")
+    log(f"built-in profile: {builtin.summary()}")
+    log(f"microbenchmark profile ({how}): {measured.summary()}")
+    profiles = [(f"built-in; its numbers were fitted to the {env['date'][:10]} run, so in-sample there", builtin),
+                ("microbenchmark, re-derived with the current code", measured)]
+    analyses, refit_info, refit_profile = evaluate(data["points"], profiles, args, True, measured)
+    for line in target_report(analyses):
+        log(line)
+    result = {"environment": env, "args": vars(args), "offline_from": str(args.from_json),
+              "microbenchmark_source": how, "builtin_profile": builtin.to_dict(),
+              "measured_profile": measured.to_dict(), "checks": data.get("checks", []), "points": data["points"],
+              "analysis": analyses, "refit": refit_info}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.from_json).stem + "_offline"
+    (out / f"{stem}.json").write_text(json.dumps(_clean(result), indent=2, default=_json_default))
+    (out / f"{stem}.md").write_text(markdown(result))
+    if refit_profile is not None:
+        refit_profile.save(out / f"{stem}_profile.json")
+    log(f"wrote {out / stem}.json and .md")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        return offline(args)
     if not torch.cuda.is_available():
         log("bench_cost_model needs a CUDA GPU")
         return 2
@@ -595,12 +700,8 @@ def main(argv=None) -> int:
     analyses, refit_info, refit_profile = evaluate(result["points"], profiles, args, args.refit, measured)
     result["analysis"] = analyses
     result["refit"] = refit_info
-    for a in analyses:
-        if a.get("points"):
-            log(f"{a['profile']} ({a['label']}): decisions {a['decision_accuracy']:.0%} right, crossover "
-                + ", ".join(f"{d}: {_fmt_n(c['measured'])} measured / {_fmt_n(c['predicted'])} predicted"
-                            for d, c in a["crossover"].items())
-                + f" -> {'pass' if a['decision_ok'] and a['crossover_ok'] else 'FAIL'}")
+    for line in target_report(analyses):
+        log(line)
     if refit_profile is not None:
         path = refit_profile.save(out / f"profile_{hardware._slug(env['card'])}.json")
         snippet = {"name": builtin.name, **refit_info,
