@@ -14,11 +14,12 @@ from ..config import SPAConfig
 from ..projector import Projector
 from ..visibility import Visibility
 from . import autotune
+from .bitmap import build_bitmap
 from .blockinfo import BlockInfo, block_info
 from .pooling import pool_kv, pool_q
 from .selection import select
 from .sparse_backward import launch_delta, launch_dkdv, launch_dq, launch_landmark, landmark_splits, reverse_map
-from .sparse_forward import launch_forward, selected_bitmap
+from .sparse_forward import launch_forward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -108,7 +109,7 @@ def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill
     out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     hs = index.shape[1]
-    sel = selected_bitmap(index, info.nkb) if fill else count
+    sel = build_bitmap(index, count, info.nkb) if fill else count
 
     def run(c):
         return launch_forward(q, k, v, kbar, vbar, info, index, count, scale, fill, c, out, lse, sel)
@@ -156,7 +157,7 @@ def spa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     rev_off, rev_i = reverse_map(index, count, info.nkb)
 
     dq = torch.empty_like(q)
-    sel = selected_bitmap(index, info.nkb) if fill else count
+    sel = build_bitmap(index, count, info.nkb) if fill else count
 
     def run_dq(c):
         return launch_dq(q, k, v, grad_out, lse, delta, kbar, vbar, info, index, count, scale, fill, c, dq, sel)

@@ -23,6 +23,7 @@ Everything here is O(B * Nk) integer work done with torch ops on the device.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +61,32 @@ class BlockInfo:
         return 0 if self.window is None else int(self.window)
 
 
+# Without key padding the summary depends on the shapes and flags alone: it is kept per key
+# (about ten small launches saved per op call; the kernels only read these tensors).
+_CACHE: OrderedDict = OrderedDict()
+CACHE_SIZE = 16
+
+
+def _capturing(device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def block_info(vis: Visibility, batch: int, nq: int, nk: int, block: int, device) -> BlockInfo:
     """The per-key-block summary of ``vis`` that every kernel reads."""
+    if vis.mask is not None or vis.key_valid is not None or _capturing(device):
+        return _block_info(vis, batch, nq, nk, block, device)
+    key = (batch, nq, nk, block, bool(vis.causal), int(vis.offset), vis.window, str(torch.device(device)))
+    info = _CACHE.get(key)
+    if info is None:
+        info = _CACHE[key] = _block_info(vis, batch, nq, nk, block, device)
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return info
+
+
+def _block_info(vis: Visibility, batch: int, nq: int, nk: int, block: int, device) -> BlockInfo:
     if vis.mask is not None:
         raise ValueError("block_info needs a structured visibility (mask None)")
     nkb = num_blocks(nk, block)
