@@ -97,10 +97,12 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(ALPHABET) for _ in range(VALUE_LEN))
 
 
-def plant_retrieval(window: torch.Tensor, rng: random.Random, pairs: int = 4, region: float = 0.25) -> torch.Tensor:
+def plant_retrieval(window: torch.Tensor, rng: random.Random, pairs: int = 4, region: float = 0.25,
+                    lookups: int = 1) -> torch.Tensor:
     """Plant ``pairs`` key/value lines in the first ``region`` of ``window`` and ask for one at the end.
 
-    The value is the last VALUE_LEN bytes of the window."""
+    The value is the last VALUE_LEN bytes of the window. ``lookups > 1`` (training) also asks
+    ``lookups - 1`` times in between, after the planted region: more answer bytes to learn from."""
     buf = bytearray(window.tolist())
     n = len(buf)
     keys = [_word(rng) for _ in range(pairs)]
@@ -108,11 +110,20 @@ def plant_retrieval(window: torch.Tensor, rng: random.Random, pairs: int = 4, re
     lines = [f"\n# key {k} = {v}\n".encode() for k, v in zip(keys, vals)]
     span = max(len(lines[0]) + 1, int(n * region) - len(lines[0]))
     slots = sorted(rng.sample(range(0, span // len(lines[0])), pairs)) if span // len(lines[0]) >= pairs else range(pairs)
+    end = 0
     for slot, line in zip(slots, lines):
         pos = slot * len(line)
         buf[pos:pos + len(line)] = line
+        end = max(end, pos + len(line))
     j = rng.randrange(pairs)
     tail = f"\n# lookup {keys[j]} -> {vals[j]}".encode()
+    if lookups > 1:
+        width = len(tail) + 1
+        room = (n - len(tail) - end) // width
+        for slot in rng.sample(range(room), min(lookups - 1, max(room, 0))):
+            i = rng.randrange(pairs)
+            pos = end + slot * width
+            buf[pos:pos + width] = f"\n# lookup {keys[i]} -> {vals[i]}\n".encode()
     buf[n - len(tail):] = tail
     return torch.tensor(list(buf), dtype=torch.uint8)
 
@@ -287,7 +298,7 @@ def train(args, dev, work: Path) -> dict:
         x = batch_windows(tr, bsz, length + 1, gen)
         for i in range(bsz):
             if rng.random() < args.retrieval_share:
-                x[i] = plant_retrieval(x[i], rng, region=rng.uniform(0.05, 0.9))
+                x[i] = plant_retrieval(x[i], rng, region=rng.uniform(0.05, 0.9), lookups=args.lookups)
         x = x.to(dev, torch.long, non_blocking=True)
         with amp:
             logits = model(x[:, :-1])
@@ -557,6 +568,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens-per-step", type=int, default=65536)
     ap.add_argument("--short-fraction", type=float, default=0.5, help="share of the training time at the shortest context")
     ap.add_argument("--retrieval-share", type=float, default=0.3)
+    ap.add_argument("--lookups", type=int, default=32,
+                    help="lookups per training retrieval sample (1: only the final one; a 240 s run with 1 learned nothing)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--block-size", type=int, default=64)
