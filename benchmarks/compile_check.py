@@ -85,12 +85,15 @@ def main():
     I = 0
     for dt in ([torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]):
         for d in ([128] if a.quick else [64, 128, 256]):
-            for bs, gp, w, s in [(64, 2, 8, 3), (64, 1, 4, 3), (128, 1, 8, 2)]:
+            for bs, gp, w, s, bj, fs in [(64, 4, 16, 2, 64, 0), (64, 4, 16, 2, 32, 3), (64, 2, 8, 3, 64, 0),
+                                         (64, 1, 4, 3, 64, 0), (64, 1, 4, 2, 128, 0), (128, 1, 8, 2, 64, 0)]:
+                if gp == 4 and (dt != torch.bfloat16 or d != 128):
+                    continue
                 if d == 256 and (gp * bs > 64 or s > 2):
                     continue
                 for causal, fill, kv in [(True, True, False), (True, False, True)]:
                     common = dict(Hq=32, Hkv=8, Hs=8, Nq=I, Nk=I, NQB=I, NKB=I, KMAX=I, OFF=I, WIN=I,
-                                  qk_scale=0.1, D=d, DV=d, BS=bs, GP=gp, BD=d, BDV=d, BJ=64, CAUSAL=causal,
+                                  qk_scale=0.1, D=d, DV=d, BS=bs, GP=gp, BD=d, BDV=d, BJ=bj, FILL_STAGES=fs, CAUSAL=causal,
                                   WINDOW=False, HAS_KV=kv, FILL=fill, PREC=sparse_forward.dot_precision(dt))
                     ptrs = dict(Q=dt, K=dt, V=dt, KBAR=dt, VBAR=dt, NB=torch.int32,
                                 FIRST=torch.int32, LAST=torch.int32, KVALID=torch.int8, IDX=torch.int32,
@@ -98,10 +101,11 @@ def main():
                     strides = {n: I for n in ["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh",
                                               "son", "sdb", "sdh", "sdn", "sgb", "sgh", "sgn"]}
                     args = {**common, **ptrs, **strides, "scale": 0.1}
-                    tag = f"{str(dt)[6:]} D{d} bs{bs} gp{gp} w{w} s{s} causal{int(causal)} fill{int(fill)} kv{int(kv)}"
+                    tag = f"{str(dt)[6:]} D{d} bs{bs} gp{gp} w{w} s{s} bj{bj} fs{fs} causal{int(causal)} fill{int(fill)} kv{int(kv)}"
                     ok &= compile_one(sparse_forward._fwd_kernel, args, a.arch, w, s, "fwd " + tag)
-                    ok &= compile_one(sparse_backward._dq_kernel, args, a.arch, w, s, "dq  " + tag)
-                    if gp == 1:
+                    if bj == 64:
+                        ok &= compile_one(sparse_backward._dq_kernel, args, a.arch, w, s, "dq  " + tag)
+                    if gp == 1 and bj == 64:
                         bargs = dict(args, REV_OFF=torch.int32, REV_I=torch.int32, DKBAR=torch.float32, DVBAR=torch.float32,
                                      VALID=torch.int8, DK=dt, DV_=dt, REV_LEN=I, NSTEPS=I, B=I, ISPLIT=I, NSPLIT=I,
                                      skgb=I, skgh=I, skgn=I, svgb=I, svgh=I, svgn=I)

@@ -6,6 +6,10 @@ fastest, in memory and in a JSON file (``$SPA_TUNE_CACHE``, default
 ``~/.cache/spa_compile/tune.json``). Tuned files shipped in ``spa_compile/codegen/tuned/``
 are read first. ``SPA_AUTOTUNE=0`` (and the Triton interpreter) skip the timing and use
 the first candidate, the heuristic default.
+
+Kernels whose code changed since the shipped files were tuned carry a version in their key
+(``KERNEL_VERSION``), so their old entries are not reused and the new candidates are timed.
+``SPA_TUNE_IGNORE_SHIPPED=1`` ignores every shipped file (the user cache still counts).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ _LOCK = threading.Lock()
 _MEMO: dict[str, dict] = {}
 _LOADED = False
 _SHIPPED = Path(__file__).with_name("tuned")
+# bumped when a kernel's code or candidates change enough that shipped timings are stale
+# (fwd v2: fill over [ls, he) with the bias as the score dot's accumulator, BJ / FILL_STAGES
+# candidates, unmasked clamped K/V loads)
+KERNEL_VERSION = {"fwd": 2}
 
 
 def interpreting() -> bool:
@@ -37,7 +45,8 @@ def _load() -> None:
     if _LOADED:
         return
     _LOADED = True
-    files = sorted(_SHIPPED.glob("*.json")) if _SHIPPED.is_dir() else []
+    ignore = os.environ.get("SPA_TUNE_IGNORE_SHIPPED", "0") not in ("", "0")
+    files = sorted(_SHIPPED.glob("*.json")) if _SHIPPED.is_dir() and not ignore else []
     files.append(_cache_path())
     for f in files:
         try:
@@ -85,7 +94,8 @@ def pick(kernel: str, key: tuple, candidates: list[dict], run, device) -> dict:
     if interpreting():
         return candidates[0]
     tune = os.environ.get("SPA_AUTOTUNE", "1") != "0" and len(candidates) > 1
-    full = "|".join([kernel, card_name(device), triton.__version__] + [str(x) for x in key])
+    name = kernel if kernel not in KERNEL_VERSION else f"{kernel}.v{KERNEL_VERSION[kernel]}"
+    full = "|".join([name, card_name(device), triton.__version__] + [str(x) for x in key])
     with _LOCK:
         _load()
         hit = _MEMO.get(full) or _MEMO.get("untuned|" + full)
@@ -151,6 +161,14 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
     if group and g % 4 == 0 and 4 * block == 256 and es == 2 and bd <= 128:
         if es * (256 * bd + (256 * bdv if backward else 0) + 2 * block * (bd + bdv)) <= SMEM_LIMIT:
             out.append({"GP": 4, "num_warps": 16, "num_stages": 2, "BJ": 64})
+            if fill and not backward:
+                # 16 warps sit at 128 registers: a 32-wide fill chunk spills 24-32 bytes where
+                # the 64-wide one spills 128 (compile_check); its own 3-stage fill pipeline
+                out.append({"GP": 4, "num_warps": 16, "num_stages": 2, "BJ": 32, "FILL_STAGES": 3})
+    if fill and not backward and es == 2 and block == 64 and bd <= 128:
+        # one head, 128-landmark fill chunks: half the online-softmax rescales per landmark
+        if es * (block * bd + 2 * 128 * (bd + bdv)) <= SMEM_LIMIT:
+            out.append({"GP": 1, "num_warps": 4, "num_stages": 2, "BJ": 128})
     return out or [{"GP": 1, "num_warps": 4, "num_stages": 1, "BJ": 64}]
 
 

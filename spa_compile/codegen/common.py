@@ -81,3 +81,68 @@ def pair_mask(
     if WINDOW:
         m = m & (kpos[None, :] > (t + OFF - WIN)[:, None])
     return m
+
+
+@triton.jit
+def qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS: tl.constexpr, GP: tl.constexpr):
+    """Shared start of the per-(query block, GP heads) kernels (forward, dq).
+
+    Returns the query block ``i`` (the last block first: causal rows that see the most keys
+    start first), batch ``b`` (int64), kv head ``kh``, selection head ``hs``, the tile's row
+    heads ``rh`` ([GP*BS], int64) and positions ``t`` ([GP*BS]), and the block's row range
+    ``[t0, t1)``.
+    """
+    i = NQB - 1 - tl.program_id(0)
+    pid1 = tl.program_id(1)
+    HP = Hq // GP
+    b = pid1 // HP
+    h0 = (pid1 % HP) * GP
+    kh = h0 // (Hq // Hkv)
+    hs = h0 * Hs // Hq
+    r = tl.arange(0, GP * BS)
+    rh = (h0 + r // BS).to(tl.int64)
+    t = i * BS + r % BS
+    t0 = i * BS
+    t1 = tl.minimum(t0 + BS, Nq)
+    return i, b.to(tl.int64), kh, hs, rh, t, t0, t1
+
+
+@triton.jit
+def load_rows(base, rows, stride, cols, NCOL: tl.constexpr, BCOL: tl.constexpr):
+    """``base[rows[:, None] * stride + cols[None, :]]`` for in-range ``rows`` (callers clamp
+    them); columns masked only when the head dim is not a power of two (``BCOL > NCOL``), so
+    the usual case is an unpredicated (async) copy."""
+    ptr = base + rows[:, None].to(tl.int64) * stride + cols[None, :]
+    if BCOL == NCOL:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=cols[None, :] < NCOL, other=0.0)
+    return x
+
+
+@triton.jit
+def fill_bounds(t0, t1, NKB, OFF, WIN, FIRST_b, LAST_b, BS: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr):
+    """[ls, he): the key blocks that are fully visible to every row of t0..t1-1, as far as
+    causality and the window go (the caller still tests ``n > 0`` and selection). Exact for
+    any key padding: block j with ``(j + 1) * BS - 1 <= t0 + OFF`` is causally full whatever
+    its keys; of the others only the block holding position t0 + OFF can be, when its last
+    valid key is at or before t0 + OFF (one scalar load). The window side mirrors it with
+    ``first > t1 - 1 + OFF - WIN``. Empty blocks (first = 2**30, last = -2**30) may end up
+    inside; ``n > 0`` drops them.
+    """
+    ls = 0
+    he = NKB
+    if CAUSAL:
+        y = t0 + OFF + 1
+        fb = tl.minimum(tl.where(y > 0, y // BS, 0), NKB)
+        tail = fb < NKB
+        last = tl.load(LAST_b + tl.minimum(fb, NKB - 1))
+        he = fb + (tail & (last <= t0 + OFF) & (y > 0)).to(tl.int32)
+    if WINDOW:
+        x = t1 - 1 + OFF - WIN
+        fa = tl.minimum(tl.where(x >= 0, x // BS + 1, 0), NKB)
+        head = fa > 0
+        first = tl.load(FIRST_b + tl.maximum(fa - 1, 0))
+        ls = fa - (head & (first > x)).to(tl.int32)
+    return ls, he

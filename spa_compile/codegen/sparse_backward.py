@@ -25,8 +25,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .blockinfo import BlockInfo
-from .common import block_is_clean, pair_mask
-from .sparse_forward import LOG2E, dot_precision, fill_range, fill_use, selected_bitmap
+from .common import block_is_clean, fill_bounds, load_rows, pair_mask, qblock_prologue
+from .sparse_forward import LOG2E, dot_precision, fill_bias, selected_bitmap
 
 
 @triton.jit
@@ -60,22 +60,8 @@ def _dq_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP)
     BM: tl.constexpr = GP * BS
-    i = NQB - 1 - tl.program_id(0)  # causal: the longest rows first
-    pid1 = tl.program_id(1)
-    HP = Hq // GP
-    b = pid1 // HP
-    h0 = (pid1 % HP) * GP
-    G = Hq // Hkv
-    kh = h0 // G
-    hs = h0 * Hs // Hq
-    b64 = b.to(tl.int64)
-
-    r = tl.arange(0, BM)
-    rh = (h0 + r // BS).to(tl.int64)
-    t = i * BS + r % BS
-    t0 = i * BS
-    t1 = tl.minimum(t0 + BS, Nq)
     row_ok = t < Nq
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
@@ -88,7 +74,7 @@ def _dq_kernel(
     delta = tl.load(DELTA + (b64 * Hq + rh) * Nq + t, mask=row_ok, other=0.0)
     K_h = K + b64 * skb + kh.to(tl.int64) * skh
     V_h = V + b64 * svb + kh.to(tl.int64) * svh
-    NB_b = NB + b * NKB
+    NB_b = NB + b64 * NKB
     KV_b = KVALID + b64 * Nk
     IDX_r = IDX + ((b64 * Hs + hs) * NQB + i) * KMAX
     cnt = tl.load(CNT + (b64 * Hs + hs) * NQB + i)
@@ -98,8 +84,9 @@ def _dq_kernel(
         j = tl.load(IDX_r + s)
         kpos = j * BS + offs_n
         kin = kpos < Nk
-        k = tl.load(K_h + kpos[:, None].to(tl.int64) * skn + d[None, :], mask=kin[:, None] & (d[None, :] < D), other=0.0)
-        v = tl.load(V_h + kpos[:, None].to(tl.int64) * svn + dv[None, :], mask=kin[:, None] & (dv[None, :] < DV), other=0.0)
+        kc = tl.minimum(kpos, Nk - 1)  # clamped rows: masked below (such a block is never clean)
+        k = load_rows(K_h, kc, skn, d, D, BD)
+        v = load_rows(V_h, kc, svn, dv, DV, BDV)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         clean = block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV)
         if clean == 0:
@@ -110,21 +97,21 @@ def _dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
-    if FILL:
-        lo, hi = fill_range(t0, t1, NKB, OFF, WIN, BS, CAUSAL, WINDOW)
+    if FILL:  # the forward's fill walk (sparse_forward._fwd_kernel): same bounds and bias
+        ls, he = fill_bounds(t0, t1, NKB, OFF, WIN, FIRST + b64 * NKB, LAST + b64 * NKB, BS, CAUSAL, WINDOW)
         SEL_r = SEL + ((b64 * Hs + hs) * NQB + i) * ((NKB + 31) // 32)
         KB_h = KBAR + (b64 * Hkv + kh) * NKB * D
         VB_h = VBAR + (b64 * Hkv + kh) * NKB * DV
-        FIRST_b = FIRST + b * NKB
-        LAST_b = LAST + b * NKB
-        for c0 in range(lo, hi, BJ):
-            jj = c0 + tl.arange(0, BJ)
-            use, n = fill_use(jj, SEL_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF, WIN, CAUSAL, WINDOW)
-            jm = jj < hi
-            kb = tl.load(KB_h + jj[:, None].to(tl.int64) * D + d[None, :], mask=jm[:, None] & (d[None, :] < D), other=0.0)
-            vb = tl.load(VB_h + jj[:, None].to(tl.int64) * DV + dv[None, :], mask=jm[:, None] & (dv[None, :] < DV), other=0.0)
-            qk = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
-            qk = tl.where(use[None, :], qk + tl.math.log2(tl.maximum(n, 1).to(tl.float32))[None, :], float("-inf"))
+        tl.static_assert(BJ % 32 == 0)
+        cj = tl.arange(0, BJ)
+        inv_scale = 1.0 / qk_scale
+        for c0 in range(ls - ls % 32, he, BJ):
+            bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW)
+            jc = tl.minimum(c0 + cj, he - 1)
+            kb = load_rows(KB_h, jc, D, d, D, BD)
+            vb = load_rows(VB_h, jc, DV, dv, DV, BDV)
+            qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
+                        input_precision=PREC) * qk_scale
             p = tl.math.exp2(qk - lse2[:, None])
             dp = tl.dot(do, tl.trans(vb), input_precision=PREC)
             ds = p * (dp - delta[:, None])

@@ -4,9 +4,10 @@ One program per (query block, GP query heads of one selection row). GP > 1 packs
 heads of a GQA group into one tile of GP * Bq rows (group selection only), so each
 K/V block is loaded once for GP heads. The exact part walks the ascending index list
 with an online softmax (log2 domain); blocks that need no element mask skip it. The
-fill then walks the key-block means of the blocks that can be fully visible, in
-chunks of BJ, skipping the selected ones by a moving window over the sorted index
-list, as pseudo-keys with logit ``s q . kbar + log n``.
+fill then walks the key-block means of the blocks that are fully visible (a range
+found once per program, ``common.fill_bounds``), in 32-aligned chunks of BJ, as
+pseudo-keys with logit ``s q . kbar + log n``; selected blocks are skipped through the
+query block's selection bitmap.
 """
 
 from __future__ import annotations
@@ -19,40 +20,29 @@ import triton.language as tl
 from torch import Tensor
 
 from .blockinfo import BlockInfo
-from .common import block_is_clean, pair_mask
+from .common import block_is_clean, fill_bounds, load_rows, pair_mask, qblock_prologue
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def fill_range(t0, t1, NKB, OFF, WIN, BS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """Key blocks [lo, hi) that can be fully visible to rows t0..t1-1 (a superset)."""
-    lo = 0
-    hi = NKB
-    if CAUSAL:
-        hi = tl.where(t0 + OFF >= 0, tl.minimum((t0 + OFF) // BS + 1, NKB), 0)
-    if WINDOW:
-        lo = tl.maximum((t1 - 1 + OFF - WIN - BS + 1) // BS, 0)
-    return lo, hi
+def fill_bias(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
+    """Additive log2-domain bias of landmarks c0 + cj (cj = arange(BJ), c0 a multiple of 32)
+    for a fill over [lo, he) (see fill_bounds): log2(n) for non-empty, unselected blocks,
+    -inf for the rest (log2(0) = -inf drops empty blocks without a test).
 
-
-@triton.jit
-def fill_use(jj, SEL_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF, WIN,
-             CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """Landmarks jj ([BJ]) that are fully visible to rows t0..t1-1 and not selected
-    (SEL_r: the query block's selected-block bitmap, 32 blocks a word)."""
-    jm = (jj < hi) & (jj < NKB)
-    n = tl.load(NB_b + jj, mask=jm, other=0)
-    use = jm & (n > 0)
-    if CAUSAL:
-        last = tl.load(LAST_b + jj, mask=jm, other=2**30)
-        use = use & (last <= t0 + OFF)
-    if WINDOW:
-        first = tl.load(FIRST_b + jj, mask=jm, other=-(2**30))
-        use = use & (first > t1 - 1 + OFF - WIN)
-    word = tl.load(SEL_r + jj // 32, mask=jm, other=0)
-    use = use & (((word >> (jj % 32)) & 1) == 0)
-    return use, n
+    Register budget matters here (the 16-warp 4-head tile is at 128 registers): the shift of
+    the selection bit is a constant per column because c0 is 32-aligned, the two loads are
+    plain loads issued before the score dot, and nothing [BJ]-sized crosses pipeline stages.
+    LOW: also drop columns below lo (the loop start was aligned down to 32).
+    """
+    jc = tl.minimum(c0 + cj, he - 1)  # in range: unmasked loads
+    n = tl.load(NB_b + jc)
+    word = tl.load(SEL_r + jc // 32)
+    use = (cj < he - c0) & (((word >> (cj % 32)) & 1) == 0)
+    if LOW:
+        use = use & (cj >= lo - c0)
+    return tl.math.log2(tl.where(use, n, 0).to(tl.float32))
 
 
 @triton.jit
@@ -63,24 +53,10 @@ def _fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0,
 ):
+    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP)
     BM: tl.constexpr = GP * BS
-    i = NQB - 1 - tl.program_id(0)  # causal: the longest rows first
-    pid1 = tl.program_id(1)
-    HP = Hq // GP
-    b = pid1 // HP
-    h0 = (pid1 % HP) * GP
-    G = Hq // Hkv
-    kh = h0 // G
-    hs = h0 * Hs // Hq
-    b64 = b.to(tl.int64)
-
-    r = tl.arange(0, BM)
-    rh = (h0 + r // BS).to(tl.int64)
-    t = i * BS + r % BS
-    t0 = i * BS
-    t1 = tl.minimum(t0 + BS, Nq)
     row_ok = t < Nq
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
@@ -90,7 +66,7 @@ def _fwd_kernel(
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
     K_h = K + b64 * skb + kh.to(tl.int64) * skh
     V_h = V + b64 * svb + kh.to(tl.int64) * svh
-    NB_b = NB + b * NKB
+    NB_b = NB + b64 * NKB
     KV_b = KVALID + b64 * Nk
     IDX_r = IDX + ((b64 * Hs + hs) * NQB + i) * KMAX
     cnt = tl.load(CNT + (b64 * Hs + hs) * NQB + i)
@@ -102,9 +78,11 @@ def _fwd_kernel(
     for s in range(0, cnt):
         j = tl.load(IDX_r + s)
         kpos = j * BS + offs_n
-        kin = kpos < Nk
-        k = tl.load(K_h + kpos[:, None].to(tl.int64) * skn + d[None, :], mask=kin[:, None] & (d[None, :] < D), other=0.0)
-        v = tl.load(V_h + kpos[:, None].to(tl.int64) * svn + dv[None, :], mask=kin[:, None] & (dv[None, :] < DV), other=0.0)
+        # rows past Nk are clamped, not masked (unpredicated copies): their logits are masked
+        # below (a block reaching past Nk is never "clean")
+        kc = tl.minimum(kpos, Nk - 1)
+        k = load_rows(K_h, kc, skn, d, D, BD)
+        v = load_rows(V_h, kc, svn, dv, DV, BDV)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         clean = block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV)
         if clean == 0:
@@ -119,20 +97,28 @@ def _fwd_kernel(
         m_i = m_new
 
     if FILL:
-        lo, hi = fill_range(t0, t1, NKB, OFF, WIN, BS, CAUSAL, WINDOW)
+        # landmarks [ls, he) are fully visible by geometry (one scalar test at each end), so
+        # the chunk loop only tests n > 0 and the selection bit: no first/last vectors, no
+        # per-column visibility test. FILL_STAGES > 0: the fill loop's own pipeline depth.
+        ls, he = fill_bounds(t0, t1, NKB, OFF, WIN, FIRST + b64 * NKB, LAST + b64 * NKB, BS, CAUSAL, WINDOW)
         SEL_r = SEL + ((b64 * Hs + hs) * NQB + i) * ((NKB + 31) // 32)
         KB_h = KBAR + (b64 * Hkv + kh) * NKB * D
         VB_h = VBAR + (b64 * Hkv + kh) * NKB * DV
-        FIRST_b = FIRST + b * NKB
-        LAST_b = LAST + b * NKB
-        for c0 in range(lo, hi, BJ):
-            jj = c0 + tl.arange(0, BJ)
-            use, n = fill_use(jj, SEL_r, NB_b, FIRST_b, LAST_b, NKB, hi, t0, t1, OFF, WIN, CAUSAL, WINDOW)
-            jm = jj < hi
-            kb = tl.load(KB_h + jj[:, None].to(tl.int64) * D + d[None, :], mask=jm[:, None] & (d[None, :] < D), other=0.0)
-            vb = tl.load(VB_h + jj[:, None].to(tl.int64) * DV + dv[None, :], mask=jm[:, None] & (dv[None, :] < DV), other=0.0)
-            qk = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
-            qk = tl.where(use[None, :], qk + tl.math.log2(tl.maximum(n, 1).to(tl.float32))[None, :], float("-inf"))
+        tl.static_assert(BJ % 32 == 0)
+        cj = tl.arange(0, BJ)
+        inv_scale = 1.0 / qk_scale
+        c_lo = ls - ls % 32  # 32-aligned chunks: a selection word's bit of column cj is cj % 32
+        for c0 in tl.range(c_lo, he, BJ, num_stages=FILL_STAGES if FILL_STAGES > 0 else None):
+            bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW)
+            jc = tl.minimum(c0 + cj, he - 1)  # in range: unmasked loads, the extra columns get -inf
+            kb = load_rows(KB_h, jc, D, d, D, BD)
+            vb = load_rows(VB_h, jc, DV, dv, DV, BDV)
+            # the bias enters as the score dot's initial accumulator (in units of the dot, hence
+            # the 1/qk_scale): fewer live registers than an add after the dot, and it keeps the
+            # small loads out of the pipeline's shared-memory stages (compile_check: 228 -> ~195
+            # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
+            qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
+                        input_precision=PREC) * qk_scale
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_s)
@@ -193,7 +179,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         float(scale) * LOG2E,
         D=d, DV=dv, BS=info.block, GP=gp,
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=config.get("BJ", 64),
-        CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
+        FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
