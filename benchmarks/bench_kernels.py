@@ -29,10 +29,7 @@ import argparse
 import datetime
 import gc
 import json
-import math
-import os
 import platform
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -228,12 +225,13 @@ def timed_runs(call, rep_ms, min_reps=3, max_reps=100, before=None):
     """Median ms of ``call`` over CUDA-event-timed runs (L2 flushed before each, as do_bench):
     as many runs as fit in ``rep_ms`` judged by the first, at least ``min_reps``. The first run
     is timed too (callers warm up before), so a 1 s call costs ``min_reps`` runs, not the 8+
-    of do_bench's estimate-then-repeat."""
+    of do_bench's estimate-then-repeat. After the first, the runs are queued back to back with
+    one synchronize at the end (as do_bench does): a synchronize per run would leave the GPU idle
+    while the host launches the next call, and a short call's host time would be counted."""
     if "buf" not in _FLUSH:
         _FLUSH["buf"] = torch.empty(256 * MB // 4, dtype=torch.int32, device="cuda")
-    times = []
-    n = max_reps
-    while len(times) < n:
+
+    def one():
         if before is not None:
             before()
         _FLUSH["buf"].zero_()
@@ -241,10 +239,15 @@ def timed_runs(call, rep_ms, min_reps=3, max_reps=100, before=None):
         s_.record()
         call()
         e_.record()
-        e_.synchronize()
-        times.append(s_.elapsed_time(e_))
-        if len(times) == 1:
-            n = int(min(max_reps, max(min_reps, rep_ms / max(times[0], 1e-3))))
+        return s_, e_
+
+    s_, e_ = one()
+    e_.synchronize()
+    times = [s_.elapsed_time(e_)]
+    n = int(min(max_reps, max(min_reps, rep_ms / max(times[0], 1e-3))))
+    events = [one() for _ in range(n - 1)]
+    torch.cuda.synchronize()
+    times += [s.elapsed_time(e) for s, e in events]
     times.sort()
     return times[len(times) // 2]
 
