@@ -91,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--from-json", default=None, metavar="RESULT.json",
                    help="no GPU: re-run the analysis (predictions, decisions, N*, refit, held-out) on the "
                         "measurements stored in a result JSON of this benchmark, with the current code")
+    p.add_argument("--base-profile", default=None, metavar="NAME|PATH",
+                   help="with --from-json: the profile the microbenchmark is read against (its prior "
+                        "efficiencies; default the card's built-in; e.g. h200-run1, fitted to the first run)")
     args = p.parse_args(argv)
     if args.hkv is None:
         args.hkv = args.hq
@@ -590,33 +593,66 @@ def emulated_microbenchmark(data: dict, args) -> tuple[dict[str, Any], str]:
     A result written by this version stores them (``measured_profile.measurements``). An older one
     kept only the resulting profile: its rates and floors are taken from it, and the SDPA and SPA
     probes are emulated from the grid's points at the probes' lengths (N = DENSE_PROBE / SPA_PROBE n,
-    same density), scaled to the probes' head counts by the model's roofline ratio.
+    same density), scaled to the probes' head counts by the model's roofline ratio. A result of
+    schema 2 or older has no ``spa_probes`` (schema 3's several SPA probes): those with a grid point
+    at the probe's length and density (fill "landmark") are emulated the same way; the fill="none"
+    probe has no grid point and is left out (the fit's prior then splits fill from exact more).
     """
     mp = data["measured_profile"]
+    notes = []
     if mp.get("measurements"):
-        return dict(mp["measurements"]), "the run's stored microbenchmark numbers"
-    raw: dict[str, Any] = {
-        "matmul_flops": mp["matmul_flops"], "mem_bw": mp["mem_bw"], "l2_bw": mp["l2_bw"],
-        "launch_s": mp["launch_s"], "host_dense_s": mp["host_overhead_s"]["dense"],
-        "host_spa_s": mp["host_overhead_s"]["spa"],
-    }
+        raw = dict(mp["measurements"])
+        notes.append("the run's stored microbenchmark numbers")
+    else:
+        raw = {
+            "matmul_flops": mp["matmul_flops"], "mem_bw": mp["mem_bw"], "l2_bw": mp["l2_bw"],
+            "launch_s": mp["launch_s"], "host_dense_s": mp["host_overhead_s"]["dense"],
+            "host_spa_s": mp["host_overhead_s"]["spa"],
+        }
+        notes.append("emulated: the stored profile's rates and floors (the run kept no raw microbenchmark numbers)")
     unit = _unit(hardware.closest_builtin(data["environment"]["card"]))
     by_n = {p["n"]: p for p in data["points"]}
     dp, sp = hardware.DENSE_PROBE, hardware.SPA_PROBE
-    if dp["n"] in by_n:
+    if "dense" not in raw and dp["n"] in by_n:
         probe = cm.SiteShape(b=dp["b"], hq=dp["hq"], hkv=dp["hkv"], nq=dp["n"], nk=dp["n"], d=dp["d"], dv=dp["d"],
                              causal=True)
         ratio = (cm.predict(probe, SPAConfig(), unit).dense_s
                  / cm.predict(site_shape(args, dp["n"]), SPAConfig(), unit).dense_s)
         raw["dense"] = {name: t["median"] * ratio for name, t in by_n[dp["n"]]["dense"].items()}
-    t = by_n.get(sp["n"], {}).get("spa", {}).get(str(sp["density"]), {}).get("median")
-    if t is not None:
-        cfg = SPAConfig(density=sp["density"], block_size=args.block_size)
-        grid = cm.predict(site_shape(args, sp["n"]), cfg, unit).stages
-        probe = cm.predict(hardware._probe_spa_shape(), cfg, unit).stages
-        raw["spa_s"] = t * sum(probe[s] for s in EFFICIENCY_STAGES) / sum(grid[s] for s in EFFICIENCY_STAGES)
-    return raw, ("emulated: the stored profile's rates and floors, the SDPA/SPA probes from the grid's "
-                 "points at the probe lengths (the run kept no raw microbenchmark numbers)")
+        notes.append("SDPA probe emulated from the grid")
+
+    def from_grid(p: dict) -> float | None:
+        t = by_n.get(p["n"], {}).get("spa", {}).get(str(p["density"]), {}).get("median")
+        if t is None or p.get("fill", "landmark") != "landmark":
+            return None
+        cfg = SPAConfig(density=p["density"], block_size=args.block_size)
+        grid = cm.predict(site_shape(args, p["n"]), cfg, unit).stages
+        probe = cm.predict(hardware.spa_probe_shape(p), hardware.spa_probe_config(p), unit).stages
+        return t * sum(probe[s] for s in EFFICIENCY_STAGES) / sum(grid[s] for s in EFFICIENCY_STAGES)
+
+    if "spa_s" not in raw and from_grid(sp) is not None:
+        raw["spa_s"] = from_grid(sp)
+        notes.append("the SPA probe emulated from the grid")
+    if "spa_probes" not in raw:
+        probes = {name: from_grid(p) for name, p in hardware.SPA_PROBES.items()}
+        raw["spa_probes"] = {name: t for name, t in probes.items() if t is not None}
+        missing = [name for name, t in probes.items() if t is None]
+        notes.append(f"schema-3 SPA probes EMULATED from the grid's 32-head points at 32K "
+                     f"({', '.join(raw['spa_probes'])}; scaled to 16 heads by the roofline ratio)"
+                     + (f"; not emulable, left out: {', '.join(missing)}" if missing else ""))
+    return raw, "; ".join(notes)
+
+
+def base_profile(spec: str | None, card: str) -> HardwareProfile:
+    """The profile the microbenchmark numbers are read against (its rates, prior efficiencies):
+    the card's built-in, another built-in or superseded one by name, or a profile JSON."""
+    if spec is None:
+        return hardware.closest_builtin(card)
+    if spec.lower() in hardware.BUILTIN_PROFILES:
+        return hardware.builtin_profile(spec)
+    if spec.lower() in hardware.SUPERSEDED_PROFILES:
+        return hardware.SUPERSEDED_PROFILES[spec.lower()]
+    return HardwareProfile.load(spec)
 
 
 def offline(args) -> int:
@@ -625,14 +661,14 @@ def offline(args) -> int:
         if key in data.get("args", {}):
             setattr(args, key, data["args"][key])
     env = data["environment"]
-    builtin = hardware.closest_builtin(env["card"])
+    builtin = base_profile(args.base_profile, env["card"])
     raw, how = emulated_microbenchmark(data, args)
     measured = hardware.profile_from_measurements(raw, builtin, env["card"], env.get("sm_count", builtin.sm_count),
                                                   data["measured_profile"].get("versions", {}))
     log(f"offline analysis of {args.from_json} ({env['card']}, {env['date'][:10]}) with the current code")
     log(f"built-in profile: {builtin.summary()}")
     log(f"microbenchmark profile ({how}): {measured.summary()}")
-    profiles = [(f"built-in; its numbers were fitted to the {env['date'][:10]} run, so in-sample there", builtin),
+    profiles = [(f"base profile {builtin.name} (the prior of the microbenchmark fit)", builtin),
                 ("microbenchmark, re-derived with the current code", measured)]
     analyses, refit_info, refit_profile = evaluate(data["points"], profiles, args, True, measured)
     for line in target_report(analyses):

@@ -107,24 +107,26 @@ def test_mean_selected_blocks_matches_the_reference_selection():
 
 
 def test_builtin_profiles_reproduce_the_workplace_measurements():
-    """H200 (2026-11-28 bench_cost_model run), bf16 causal, Hq=Hkv=32, D=128, 16K: SDPA flash 6.59 ms,
-    cuDNN 3.84 ms (SDPA's default 3.79 ms); SPA at density 0.2 2.30 ms, 0.5 5.00 ms, 32K 0.3 12.1 ms."""
+    """H200 (2026-11-28 bench_cost_model run 3, the built-in's fit), bf16 causal, Hq=Hkv=32, D=128, 16K:
+    SDPA flash 6.46 ms, cuDNN 3.78 ms (SDPA's default 3.87 ms); SPA at density 0.2 1.84 ms, 0.5 4.14 ms,
+    32K 0.3 10.26 ms; the op's per-call floor 0.64 ms (fitted)."""
     cfg = SPAConfig()
     flash = predict(LLAMA_MHA, cfg, H200.replace(dense_efficiency={"sdpa": H200.dense_efficiency["flash"]})).dense_s
     cudnn = predict(LLAMA_MHA, cfg, H200.replace(dense_efficiency={"sdpa": H200.dense_efficiency["cudnn"]})).dense_s
-    # one efficiency over all N, fitted before the causal tail term (x1.064 at 16K) was added
-    assert flash == pytest.approx(6.59e-3, rel=0.2)
-    assert cudnn == pytest.approx(3.84e-3, rel=0.12)
-    assert predict(LLAMA_MHA, cfg, H200).dense_s == pytest.approx(3.79e-3, rel=0.12)
-    for density, n, ms in ((0.2, 16384, 2.30), (0.5, 16384, 5.00), (0.3, 32768, 12.1)):
+    assert flash == pytest.approx(6.46e-3, rel=0.12)
+    assert cudnn == pytest.approx(3.78e-3, rel=0.12)
+    assert predict(LLAMA_MHA, cfg, H200).dense_s == pytest.approx(3.87e-3, rel=0.12)
+    for density, n, ms in ((0.2, 16384, 1.84), (0.5, 16384, 4.14), (0.3, 32768, 10.26)):
         spa = predict(LLAMA_MHA.with_length(n), SPAConfig(density=density), H200).spa_s
         assert spa == pytest.approx(ms * 1e-3, rel=0.12), (density, n)
-    # short calls: the op's per-call floor of that run (~1.5-1.8 ms measured at N = 512..2K)
-    assert predict(LLAMA_MHA.with_length(1024), cfg, H200).spa_s == pytest.approx(1.59e-3)
+    assert predict(LLAMA_MHA.with_length(1024), cfg, H200).spa_s == pytest.approx(0.637e-3)
     for prof in (H100, A100):
         assert "spa_efficiency" in prof.provisional and "host_overhead_s" in prof.provisional
-    assert "spa_efficiency" not in H200.provisional and "host_overhead_s" in H200.provisional
-    assert H100.matmul_flops == 790e12 and H100.mem_bw == 3.0e12 and H200.mem_bw == 4.3e12
+    assert H200.provisional == () and "run 3" in H200.sources["spa_efficiency"]
+    assert H100.spa_efficiency == H200.spa_efficiency and "derived" in H100.sources["spa_efficiency"]
+    assert H100.matmul_flops == 790e12 and H100.mem_bw == 3.0e12 and H200.mem_bw == 4.04e12
+    old = hardware.SUPERSEDED_PROFILES["h200-run1"]
+    assert old.spa_efficiency["exact"] == 0.59 and "h200-run1" not in BUILTIN_PROFILES
 
 
 def test_profile_validation_and_roundtrip(tmp_path):
@@ -216,6 +218,36 @@ def test_profile_from_measurements_recovers_the_efficiencies():
     # a probe the per-call floor explains says nothing about the kernels: the base's efficiencies stay
     floored = hardware.profile_from_measurements({**raw, "host_spa_s": raw["spa_s"]}, H200, "NVIDIA H200", 132, {})
     assert floored.spa_efficiency == H200.spa_efficiency and "floor" in floored.sources["spa_efficiency"]
+
+
+def test_spa_probes_pin_the_stage_efficiencies():
+    """Schema 3: the SPA probes (density 0.1/0.2/0.3, fill none at 0.2) made by a known card give back
+    its exact and fill efficiencies, which the single probe of schema 2 could not split; the raw
+    probe numbers are kept in the profile. Pool and selection barely change between the probes:
+    the prior (the base profile) splits them."""
+    assert hardware.SCHEMA >= 3 and len(hardware.SPA_PROBES) >= 3
+    assert {p["fill"] for p in hardware.SPA_PROBES.values()} == {"landmark", "none"}
+    truth = H200.replace(spa_efficiency={"pool": 0.8, "select": 0.4, "exact": 0.7, "fill": 0.3},
+                         host_overhead_s={"dense": 2e-5, "spa": 5e-4})
+    no_host = truth.replace(host_overhead_s={"dense": 0.0, "spa": 0.0})
+    probes = {name: predict(hardware.spa_probe_shape(p), hardware.spa_probe_config(p), no_host).spa_s
+              for name, p in hardware.SPA_PROBES.items()}
+    raw = {"matmul_flops": truth.matmul_flops, "mem_bw": truth.mem_bw, "l2_bw": truth.l2_bw,
+           "launch_s": truth.launch_s, "host_dense_s": 2e-5, "host_spa_s": 5e-4, "spa_probes": probes,
+           "spa_s": probes["n32k_d0.3"]}
+    base = H200.replace(spa_efficiency={"pool": 0.8, "select": 0.4, "exact": 0.5, "fill": 0.6})
+    prof = hardware.profile_from_measurements(raw, base, "NVIDIA H200", 132, {})
+    assert prof.spa_efficiency["exact"] == pytest.approx(0.7, rel=0.05)
+    assert prof.spa_efficiency["fill"] == pytest.approx(0.3, rel=0.15)
+    assert "probes" in prof.sources["spa_efficiency"] and "spa_efficiency" not in prof.provisional
+    assert prof.measurements["spa_probes"] == probes
+    # schema 2 (one probe) scales the base's ratios: the fill stays at the base's ratio to exact
+    single = hardware.profile_from_measurements({k: v for k, v in raw.items() if k != "spa_probes"}, base,
+                                                "NVIDIA H200", 132, {})
+    assert single.spa_efficiency["fill"] / single.spa_efficiency["exact"] == pytest.approx(0.6 / 0.5)
+    # probes the floor explains say nothing: the base's efficiencies stay
+    floored = hardware.profile_from_measurements({**raw, "host_spa_s": 1.0}, base, "NVIDIA H200", 132, {})
+    assert floored.spa_efficiency == base.spa_efficiency and "floor" in floored.sources["spa_efficiency"]
 
 
 def test_fit_spa_recovers_the_efficiencies_and_the_floor():
