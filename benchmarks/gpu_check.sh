@@ -6,9 +6,13 @@
 # BENCH_S (bench limit; default: what TOTAL_S leaves after the tests), BENCH_ARGS (extra
 # arguments), CACHE_IN (a caches.tgz from an earlier call: Triton/Inductor compile caches and the
 # tuning cache, to skip recompiling), SPA_TUNE_IGNORE_SHIPPED=1 (retune every kernel instead of
-# using spa_compile/codegen/tuned/*.json; the forward is retuned anyway, its key is versioned).
+# using spa_compile/codegen/tuned/*.json; the forward is retuned anyway, its key is versioned),
+# CM_S (seconds for benchmarks/bench_cost_model.py --refit between the tests and the grid; 0 = skip).
+# Everything is written under $OUT/run and packed at the end into $OUT/gpu_run.tgz (the device tool
+# brings back at most 8 files), with the result JSONs and caches.tgz beside it.
 set -o pipefail
-OUT=${OUT:-/tmp/spa_out}
+FINAL=${OUT:-/tmp/spa_out}
+OUT=$FINAL/run
 mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=/tmp/spa_cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/spa_cache/inductor
@@ -26,6 +30,10 @@ if [ "${TEST_S:-150}" != "0" ]; then
       --durations=5 2>&1 | tee "$OUT/gpu_tests.log"
   echo "gpu tests exit $? after $(( $(date +%s) - T0 )) s"
 fi
+if [ "${CM_S:-0}" != "0" ]; then
+  timeout "$CM_S" python3 benchmarks/bench_cost_model.py --out "$OUT/cm" --refit > "$OUT/cost_model.log" 2>&1
+  echo "cost model exit $? after $(( $(date +%s) - T0 )) s"; grep -A7 "^== " "$OUT/cost_model.log" | head -40
+fi
 LEFT=$(( TOTAL_S - ($(date +%s) - T0) - 15 ))
 BENCH_S=${BENCH_S:-$LEFT}
 if [ "$BENCH_S" -gt 60 ]; then
@@ -40,4 +48,7 @@ cp /tmp/spa_cache/tune.json "$OUT/tune.json" 2>/dev/null
 tar czf "$OUT/caches.tgz" -C /tmp/spa_cache . 2>/dev/null
 SZ=$(stat -c %s "$OUT/caches.tgz" 2>/dev/null || echo 0)
 if [ "$SZ" -gt 15000000 ]; then tar czf "$OUT/caches.tgz" -C /tmp/spa_cache triton tune.json 2>/dev/null; fi
-ls -la "$OUT"
+mv "$OUT/caches.tgz" "$FINAL/" 2>/dev/null
+cp "$OUT"/*.json "$OUT"/cm/*.json "$FINAL/" 2>/dev/null
+tar czf "$FINAL/gpu_run.tgz" -C "$OUT" .
+ls -la "$FINAL"
