@@ -1,8 +1,14 @@
-"""Projector scores and streaming top-k selection (SPEC.md sections 1-2).
+"""Projector scores and top-k selection (SPEC.md sections 1-2): two kernels, the same result.
 
-One program per (batch, selection head, QB consecutive query blocks). It walks the
-key blocks in chunks of BJ and keeps, per query block, a running buffer of the KP largest
-64-bit keys ``(orderable score bits << 32) | (2**31 - 1 - j)`` (ties: lower j first).
+Dense (``_select_dense_kernel``, NKB <= DENSE_MAX_NKB by default): a program holds all
+``[QB, NKBP]`` scores of its query blocks in registers, finds each row's k-th largest remaining
+score by a 32-step binary search on the orderable score bits (count of keys >= candidate), takes
+the keys above it and, of those equal to it, the lowest j first (a prefix count: the order of the
+64-bit keys below), and writes S ascending plus the -1 padding by prefix counts (no sort).
+
+Streaming (``_select_kernel``, longer rows): one program per (batch, selection head, QB
+consecutive query blocks). It walks the key blocks in chunks of BJ and keeps, per query block,
+a running buffer of the KP largest 64-bit keys ``(orderable score bits << 32) | (2**31 - 1 - j)`` (ties: lower j first).
 Forced blocks (partial | sink | local) enter the same buffer with the largest score key, so
 after the walk the buffer's first ``n_forced + k`` entries are exactly S; KP is the bound
 ``budget.max_selected`` on |S|. A chunk is merged by one ascending sort, its top KP taken
@@ -13,9 +19,16 @@ reaches global memory.
 The local blocks (the ``local_blocks`` visible blocks nearest the diagonal) are found first
 in a window around the diagonals of the program's rows; a row with too few visible blocks
 in the window falls back to min-scans over its whole key range.
+
+Both kernels use the same score arithmetic for a shape (``_dense_config`` copies the streaming
+launcher's dot/broadcast choice and RC), write the whole index row (``-1`` padding included:
+``index`` is ``torch.empty``), and can sum the query heads of a group themselves (``group=``).
+``SPA_SELECT_PATH=dense|stream`` or ``select(..., path=)`` forces a path.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -33,13 +46,20 @@ FORCED_HI = tl.constexpr(2147483647 * 4294967296)  # the score part of a forced 
 
 @triton.jit
 def _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
-                USE_DOT: tl.constexpr):
-    """scale * qp[rows] . kp[jj] in float32 as ``[QB, BJ]`` (fp32 FMA, no tf32)."""
+                USE_DOT: tl.constexpr, GS, sqg):
+    """scale * qp[rows] . kp[jj] in float32 as ``[QB, BJ]`` (fp32 FMA, no tf32).
+
+    With GS > 1 the query rows are the sum of GS heads ``sqg`` elements apart (the group sum of
+    "group" selection, done here instead of by a torch launch)."""
     acc = tl.zeros([QB, BJ], dtype=tl.float32)
     for r0 in range(0, R, RC):
         rr = r0 + tl.arange(0, RC)
         rm = rr < R
-        qv = tl.load(QP_r + rows[:, None].to(tl.int64) * R + rr[None, :], mask=row_ok[:, None] & rm[None, :], other=0.0)
+        qptr = QP_r + rows[:, None].to(tl.int64) * R + rr[None, :]
+        qm = row_ok[:, None] & rm[None, :]
+        qv = tl.load(qptr, mask=qm, other=0.0)
+        for g in range(1, GS):
+            qv += tl.load(qptr + g * sqg, mask=qm, other=0.0)
         kv = tl.load(KP_h + jj[:, None].to(tl.int64) * R + rr[None, :], mask=jm[:, None] & rm[None, :], other=0.0)
         if USE_DOT:
             acc += tl.dot(qv, tl.trans(kv), input_precision="ieee")
@@ -79,7 +99,7 @@ def _local_threshold(lthr0, lo, hi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, N
 @triton.jit
 def _select_kernel(
     QP, KP, NB, FIRST, LAST, CS, IDX, CNT,
-    Hs, Hkv, Nq, Nk, NQB, NKB, R, KMAX,
+    Hs, Hkv, Nq, Nk, NQB, NKB, R, KMAX, GS,
     OFF, WIN, scale,
     SINK, LOCAL, TOPK, PPM, MINB, MAXB,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
@@ -95,7 +115,7 @@ def _select_kernel(
     FIRST_b = FIRST + b * NKB
     LAST_b = LAST + b * NKB
     CS_b = CS + b.to(tl.int64) * (Nk + 1)
-    QP_r = QP + bh.to(tl.int64) * NQB * R
+    QP_r = QP + (bh * GS).to(tl.int64) * NQB * R
     KP_h = KP + (b * Hkv + kh).to(tl.int64) * NKB * R
 
     rows = pid * QB + tl.arange(0, QB)
@@ -157,7 +177,7 @@ def _select_kernel(
         low = (2147483647 - jj).to(tl.int64)[None, :]
         key = tl.where(forced, FORCED_HI + low, SENTINEL)
         if tl.max(tl.max(rem.to(tl.int32), axis=1), axis=0) > 0:
-            sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT)
+            sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT, GS, NQB * R)
             key = tl.where(rem, _encode(sc, jj), key)
         kth = tl.min(best, axis=1)
         if tl.max(tl.max((key > kth[:, None]).to(tl.int32), axis=1), axis=0) > 0:
@@ -182,8 +202,109 @@ def _select_kernel(
     jsel = tl.where(kcols[None, :] < take[:, None], jsel, 2**30)
     jsel = tl.sort(jsel, dim=1, descending=False)
     IDX_r = IDX + (bh.to(tl.int64) * NQB + rows.to(tl.int64)) * KMAX
-    ok = row_ok[:, None] & (kcols[None, :] < take[:, None]) & (kcols[None, :] < KMAX)
+    jsel = tl.where(kcols[None, :] < take[:, None], jsel, -1)  # KPB >= KMAX: the row's padding too
+    ok = row_ok[:, None] & (kcols[None, :] < KMAX)
     tl.store(IDX_r[:, None] + kcols[None, :], jsel, mask=ok)
+    tl.store(CNT + bh.to(tl.int64) * NQB + rows, take, mask=row_ok)
+
+
+@triton.jit
+def _select_dense_kernel(
+    QP, KP, NB, FIRST, LAST, CS, IDX, CNT,
+    Hs, Hkv, Nq, Nk, NQB, NKB, R, KMAX, GS,
+    OFF, WIN, scale,
+    SINK, LOCAL, TOPK, PPM, MINB, MAXB,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
+):
+    """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
+    k-th largest remaining score of each row by a 32-step binary search on its orderable bits,
+    ties at the threshold to the lower j by a prefix count; S ascending by a prefix count."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hs
+    hs = bh % Hs
+    kh = hs * Hkv // Hs
+    NB_b = NB + b * NKB
+    FIRST_b = FIRST + b * NKB
+    LAST_b = LAST + b * NKB
+    CS_b = CS + b.to(tl.int64) * (Nk + 1)
+    QP_r = QP + (bh * GS).to(tl.int64) * NQB * R
+    KP_h = KP + (b * Hkv + kh).to(tl.int64) * NKB * R
+
+    rows = pid * QB + tl.arange(0, QB)
+    row_ok = rows < NQB
+    t0 = rows * BS
+    t1 = tl.minimum(t0 + BS, Nq)
+    diag = tl.minimum(tl.maximum((t1 - 1 + OFF) // BS, 0), NKB - 1)
+    js = 0
+    je = NKB
+    if CAUSAL:
+        t1max = tl.minimum(pid * QB * BS + QB * BS, Nq)
+        je = tl.minimum(tl.maximum((t1max - 1 + OFF) // BS + 1, 0), NKB)
+    if WINDOW:
+        js = tl.minimum(tl.maximum((pid * QB * BS + OFF - WIN + 1) // BS, 0), NKB)
+
+    jj = tl.arange(0, NKBP)
+    jm = (jj >= js) & (jj < je)
+    visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS, CAUSAL,
+                                       WINDOW)
+    visible = visible & jm[None, :] & row_ok[:, None]
+    vi = visible.to(tl.int32)
+    sink = visible & (tl.cumsum(vi, axis=1) <= SINK)
+    # local: the LOCAL smallest |j - diag| * NKB + j over visible j (all of them when fewer)
+    lkey = tl.where(visible, tl.abs(jj[None, :] - diag[:, None]) * NKB + jj[None, :], LOCAL_BIG)
+    lthr = tl.full([QB], -1, dtype=tl.int32)
+    for _l in range(LOCAL):
+        lthr = tl.min(tl.where(lkey > lthr[:, None], lkey, LOCAL_BIG), axis=1)
+    forced = (visible & (full == 0)) | sink | (visible & (lkey <= lthr[:, None]))
+    rem = visible & (forced == 0)
+    nvis = tl.sum(vi, axis=1)
+    nrem = tl.sum(rem.to(tl.int32), axis=1)
+    nforced = tl.sum(forced.to(tl.int32), axis=1)
+
+    # k per query block (budget.topk_count)
+    nv = nvis.to(tl.int64)
+    if TOPK >= 0:
+        k = tl.zeros_like(nv) + TOPK
+    else:
+        k = (nv * PPM + 999999) // 1000000
+    if MINB >= 0:
+        k = tl.maximum(k, MINB)
+    if MAXB >= 0:
+        k = tl.minimum(k, MAXB)
+    k = tl.minimum(k, nrem.to(tl.int64)).to(tl.int32)
+
+    sel = forced
+    if tl.max(nrem, axis=0) > 0:
+        sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, NKBP, RC, USE_DOT, GS, NQB * R)
+        bits = sc.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order = float order (as _encode)
+        ordered = tl.where(rem, ordered, -2147483647 - 1)
+        # T = the largest t with #{rem: ordered >= t} >= k, bit by bit from the top (in t + 2**31)
+        tu = tl.zeros([QB], dtype=tl.int64)
+        step = tl.full([QB], 2147483648, dtype=tl.int64)
+        for _b in range(32):
+            cand = tu + step
+            ct = (cand - 2147483648).to(tl.int32)
+            c = tl.sum((rem & (ordered >= ct[:, None])).to(tl.int32), axis=1)
+            tu = tl.where(c >= k, cand, tu)
+            step = step // 2
+        thr = (tu - 2147483648).to(tl.int32)
+        gt = rem & (ordered > thr[:, None])
+        eq = rem & (ordered == thr[:, None])
+        need = k - tl.sum(gt.to(tl.int32), axis=1)  # ties at T: the lowest j first (the key's low half)
+        sel = sel | gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=1) <= need[:, None]))
+    take = nforced + k
+
+    # S ascending at slots [0, take), then -1 up to KMAX: selected j to slot (its prefix count - 1),
+    # the others to take + (their prefix count - 1): every slot below NKBP >= KMAX written once
+    si = sel.to(tl.int32)
+    csum = tl.cumsum(si, axis=1)
+    slot = tl.where(sel, csum - 1, take[:, None] + jj[None, :] - csum)
+    val = tl.where(sel, jj[None, :] + tl.zeros([QB, NKBP], dtype=tl.int32), -1)
+    IDX_r = IDX + (bh.to(tl.int64) * NQB + rows.to(tl.int64)) * KMAX
+    tl.store(IDX_r[:, None] + slot, val, mask=row_ok[:, None] & (slot < KMAX))
     tl.store(CNT + bh.to(tl.int64) * NQB + rows, take, mask=row_ok)
 
 
@@ -200,21 +321,30 @@ def topk_capacity(nkb: int, cfg) -> int:
     return max(1, min(k, nkb))
 
 
-def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int) -> tuple[Tensor, Tensor]:
-    """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
+DENSE_MAX_NKB = 256  # "auto" takes the dense path up to here (sm_90: no spills, see docs/kernels.md)
+DENSE_FORCE_MAX_NKB = 512  # a forced "dense" is honoured up to here (may spill), else streaming
+PATH_ENV = "SPA_SELECT_PATH"  # "auto" (default), "dense" or "stream": force a path (tests, benchmarks)
 
-    qp: projected (and for "group" selection, group-summed) query block means
-    ``[B, Hs, NQB, r]`` float32; kp: projected key block means ``[B, Hkv, NKB, r]`` float32.
-    """
-    qp = qp.contiguous().float()
-    kp = kp.contiguous().float()
-    b, hs, nqb, r = qp.shape
-    hkv = kp.shape[1]
-    index = torch.full((b, hs, nqb, kmax), -1, dtype=torch.int32, device=qp.device)
-    count = torch.empty((b, hs, nqb), dtype=torch.int32, device=qp.device)
-    kpb = max(16, triton.next_power_of_2(min(kmax, info.nkb)))
+
+def select_path(nkb: int, path: str | None = None) -> str:
+    """"dense" (all scores of a program at once, binary search for the k-th) or "stream" (chunks and
+    a running top-k buffer). ``path`` (else $SPA_SELECT_PATH) forces one; "auto" takes dense up to
+    DENSE_MAX_NKB key blocks; a forced "dense" beyond DENSE_FORCE_MAX_NKB still streams."""
+    path = path or os.environ.get(PATH_ENV, "") or "auto"
+    if path not in ("auto", "dense", "stream"):
+        raise ValueError(f"{PATH_ENV}/path must be auto, dense or stream, not {path!r}")
+    if path == "auto":
+        return "dense" if nkb <= DENSE_MAX_NKB else "stream"
+    if path == "dense" and nkb > DENSE_FORCE_MAX_NKB:
+        return "stream"
+    return path
+
+
+def _stream_config(nqb: int, nkb: int, r: int, kmax: int):
+    """(QB, KPB, BJ, RC, USE_DOT, warps) of the streaming kernel."""
+    kpb = max(16, triton.next_power_of_2(min(kmax, nkb)))
     if kpb <= 128:  # 16 query blocks a program, scores by an fp32 dot, chunks wider than the buffer
-        bj = max(kpb, min(128, triton.next_power_of_2(info.nkb)))
+        bj = max(kpb, min(128, triton.next_power_of_2(nkb)))
         qb = 16
     else:  # wide buffers: fewer rows a program (registers), scores by broadcast products
         bj = kpb
@@ -223,16 +353,104 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     use_dot = qb >= 16
     rc = 16 if use_dot else min(triton.next_power_of_2(r), max(1, 16384 // (qb * bj)))
     warps = 4 if qb * bj < 1024 else 8
-    _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
-        qp, kp, info.n, info.first, info.last, info.cs, index, count,
-        hs, hkv, info.nq, info.nk, nqb, info.nkb, r, kmax,
-        info.offset, info.win, float(scale),
-        cfg.sink_blocks, cfg.local_blocks,
-        -1 if cfg.topk is None else cfg.topk, cfg.density_ppm,
-        -1 if cfg.min_blocks is None else cfg.min_blocks,
-        -1 if cfg.max_blocks is None else cfg.max_blocks,
-        CAUSAL=info.causal, WINDOW=info.has_window,
-        BS=info.block, QB=qb, KPB=kpb, BJ=bj, RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
-        num_warps=warps,
-    )
+    return qb, kpb, bj, rc, use_dot, warps
+
+
+def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
+    """(QB, NKBP, RC, USE_DOT, warps) of the dense kernel. The score arithmetic (dot or broadcast
+    products, RC) is the streaming kernel's for the same shape, so both paths see the same fp32
+    scores (bit-identical selections where the two compile to the same FMA order)."""
+    sqb, _kpb, _bj, src, sdot, _w = _stream_config(nqb, nkb, r, kmax)
+    nkbp = max(16, triton.next_power_of_2(nkb))
+    if sdot:  # tl.dot needs 16 rows
+        qb, rc, use_dot = 16, 16, True
+    else:
+        rc, use_dot = min(src, max(1, 16384 // nkbp)), False  # a single row: cap the broadcast product
+        qb = max(1, min(16384 // (nkbp * rc), 4096 // nkbp, triton.next_power_of_2(nqb)))
+    warps = 4 if qb * nkbp < 1024 else (8 if qb * nkbp < 4096 else 16)  # 16 rows x 256: 126 regs at 16 warps
+    return qb, nkbp, rc, use_dot, warps
+
+
+def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
+           path: str | None = None) -> tuple[Tensor, Tensor]:
+    """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
+
+    qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
+    ``group`` consecutive heads of each selection head are summed in the kernel ("group"
+    selection without the torch sum; ``group=1``: qp already summed, or "head" selection).
+    kp: projected key block means ``[B, Hkv, NKB, r]`` float32. ``path``: see ``select_path``.
+    """
+    qp = qp.contiguous().float()
+    kp = kp.contiguous().float()
+    b, hq, nqb, r = qp.shape
+    if hq % group:
+        raise ValueError(f"{hq} query heads are not a multiple of group={group}")
+    hs = hq // group
+    hkv = kp.shape[1]
+    index = torch.empty((b, hs, nqb, kmax), dtype=torch.int32, device=qp.device)  # the kernels write the -1s
+    count = torch.empty((b, hs, nqb), dtype=torch.int32, device=qp.device)
+    common = (qp, kp, info.n, info.first, info.last, info.cs, index, count,
+              hs, hkv, info.nq, info.nk, nqb, info.nkb, r, kmax, group,
+              info.offset, info.win, float(scale),
+              cfg.sink_blocks, cfg.local_blocks,
+              -1 if cfg.topk is None else cfg.topk, cfg.density_ppm,
+              -1 if cfg.min_blocks is None else cfg.min_blocks,
+              -1 if cfg.max_blocks is None else cfg.max_blocks)
+    if select_path(info.nkb, path) == "dense":
+        qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
+        _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
+            *common, CAUSAL=info.causal, WINDOW=info.has_window,
+            BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, num_warps=warps,
+        )
+    else:
+        qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
+        _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
+            *common, CAUSAL=info.causal, WINDOW=info.has_window,
+            BS=info.block, QB=qb, KPB=kpb, BJ=bj, RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
+            num_warps=warps,
+        )
     return index, count
+
+
+def _bench() -> None:  # pragma: no cover - GPU only
+    """``python -m spa_compile.codegen.selection``: the selection kernel alone on a GPU, both paths,
+    B=1, Hq=32, D=128, causal, block 64 (the issue's shapes); the group sum by torch vs in the kernel."""
+    import math
+
+    from ..budget import max_selected
+    from ..config import SPAConfig
+    from ..visibility import Visibility
+    from .api import _project
+    from .blockinfo import block_info
+    from .pooling import pool_kv, pool_q
+
+    for n, hkv, mode in [(16384, 8, "density0.2"), (16384, 32, "density0.2"), (16384, 8, "topk32"),
+                         (8192, 8, "density0.2"), (32768, 8, "density0.2"), (131072, 8, "topk32")]:
+        cfg = SPAConfig(density=0.2) if mode == "density0.2" else SPAConfig(topk=32)
+        q = torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, n, 128, device="cuda", dtype=torch.bfloat16)
+        vis = Visibility(n, n, causal=True)
+        info = block_info(vis, 1, n, n, 64, q.device)
+        kb = pool_kv(k, k, info)[0]
+        kmax = int(max_selected(n, n, vis, cfg))
+        qbar = pool_q(q, 64)
+        qp, kp = _project(qbar, kb, None, cfg, hkv)
+        scale = 1 / math.sqrt(128)
+        res = {}
+        for p in ("stream", "dense"):
+            if p == "dense" and info.nkb > DENSE_FORCE_MAX_NKB:
+                continue
+            res[p] = select(qp, kp, info, scale, cfg, kmax, path=p)
+            gs = select(qbar, kp, info, scale, cfg, kmax, group=32 // hkv, path=p)
+            t = triton.testing.do_bench(lambda: select(qp, kp, info, scale, cfg, kmax, path=p))
+            tg = triton.testing.do_bench(lambda: select(qbar, kp, info, scale, cfg, kmax, group=32 // hkv, path=p))
+            tp = triton.testing.do_bench(lambda: _project(qbar, kb, None, cfg, hkv))
+            same_gs = torch.equal(gs[1], res[p][1]) and torch.equal(gs[0], res[p][0])
+            print(f"N={n} Hkv={hkv} {mode} {p:6s}: select {t * 1e3:7.1f} us, torch group sum {tp * 1e3:5.1f} us, "
+                  f"select with the sum in the kernel {tg * 1e3:7.1f} us (same lists: {same_gs})", flush=True)
+        if len(res) == 2:
+            print("  dense == stream:", all(torch.equal(a, b) for a, b in zip(res["dense"], res["stream"])), flush=True)
+
+
+if __name__ == "__main__":
+    _bench()

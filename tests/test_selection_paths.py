@@ -1,0 +1,138 @@
+"""The two selection kernels (spa_compile/codegen/selection.py) against reference.select_blocks.
+
+"dense" (all key blocks of a program in registers, k-th largest score by a binary search on
+its bits) and "stream" (chunks, running top-k buffer) must give the reference's index lists
+(exactly, up to blocks whose scores tie within rounding) and, on the same fp32 scores, the
+same lists as each other. Small shapes in Triton's interpreter on CPU; block 16 gives
+enough key blocks for several chunks, the 16-row dot path and the group-sum in the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from spa_compile import SPAConfig, Visibility  # noqa: E402
+from spa_compile import reference as R  # noqa: E402
+from spa_compile.budget import max_selected  # noqa: E402
+from spa_compile.projector import Projector  # noqa: E402
+
+codegen = pytest.importorskip("spa_compile.codegen")
+from spa_compile.codegen import api, selection  # noqa: E402
+from spa_compile.codegen.blockinfo import block_info  # noqa: E402
+from spa_compile.codegen.pooling import pool_kv, pool_q  # noqa: E402
+from test_kernels import CPU_OK, assert_same_selection, block_scores, make_qkv, padding, reference_stages  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not CPU_OK, reason="Triton interpreter not active (CUDA present, or triton imported before TRITON_INTERPRET=1)")
+
+
+def _holes(b, nk, seed):
+    """Key padding with holes: whole blocks and single keys invalid, not only a suffix."""
+    gen = torch.Generator().manual_seed(seed)
+    valid = torch.rand(b, nk, generator=gen) > 0.15
+    valid[:, 32:48] = False  # a whole block at block 16
+    valid[:, 0] = True
+    return valid
+
+
+def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ties=False, gs_paths=("dense",)):
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=seed)
+    if ties:  # integer-valued, repeated key rows: many exactly equal scores (ties -> lower j)
+        q = q.round()
+        k = k.round().clamp(-1, 1)
+        k[:, :, nk // 2:] = k[:, :, : nk - nk // 2].clone()
+    kw = dict(visk)
+    if isinstance(kw.get("key_valid"), str):
+        kind = kw["key_valid"]
+        lengths = [nk - 13 * (i + 1) for i in range(b)]
+        kw["key_valid"] = _holes(b, nk, seed) if kind == "holes" else padding(b, nk, lengths, left=kind == "left")
+    vis = Visibility(nq, nk, **kw)
+    cfg = SPAConfig(block_size=bs, **cfgk)
+    scale = 1.0 / math.sqrt(d)
+    info = block_info(vis, b, nq, nk, bs, q.device)
+    kbar = pool_kv(k, v, info)[0]
+    kmax = int(max_selected(nq, nk, vis, cfg))
+    qbar = pool_q(q, bs)
+    qp, kp = api._project(qbar, kbar, projector, cfg, hkv)  # group-summed by torch for "group"
+    got = {p: selection.select(qp, kp, info, scale, cfg, kmax, path=p) for p in ("dense", "stream")}
+    if cfg.selection == "group" and hq > hkv:  # the group sum in the kernel
+        proj = projector or Projector.identity(hkv, d)
+        qh = proj.project_queries(qbar)
+        for p in gs_paths:  # the streaming kernel is slow in the interpreter (sorts): one case
+            got[p + "-gs"] = selection.select(qh, kp, info, scale, cfg, kmax, group=hq // hkv, path=p)
+    valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
+    ref = R.select_blocks(q.double(), pooled, vis, valid, scale, cfg, projector)
+    scores = block_scores(q, pooled, scale, cfg, projector)
+    for name, (idx, cnt) in got.items():
+        try:
+            assert_same_selection(ref, idx, cnt, scores)
+        except AssertionError as e:
+            raise AssertionError(f"path {name}: {e}") from e
+    # the same fp32 scores in both kernels: the same lists (ties included)
+    assert torch.equal(got["dense"][0], got["stream"][0]) and torch.equal(got["dense"][1], got["stream"][1])
+    return got, ref
+
+
+CASES = [
+    # b, hq, hkv, nq, nk, d, bs, vis kwargs, cfg kwargs
+    pytest.param(1, 4, 1, 270, 270, 16, 16, dict(causal=True), dict(), id="causal-gqa4-odd-dot"),
+    pytest.param(1, 2, 2, 150, 150, 16, 16, dict(), dict(selection="head"), id="none-mha-head"),
+    pytest.param(2, 4, 1, 180, 180, 16, 16, dict(causal=True, key_valid="holes"), dict(density=0.3), id="causal-holes"),
+    pytest.param(2, 2, 1, 140, 140, 16, 16, dict(key_valid="left"), dict(selection="head", sink_blocks=0, topk=3),
+                 id="leftpad-head-topk"),
+    pytest.param(1, 4, 2, 180, 320, 16, 16, dict(causal=True, offset=140, window=120),
+                 dict(local_blocks=1, sink_blocks=2), id="offset-window"),
+    pytest.param(1, 2, 1, 80, 300, 32, 16, dict(window=66, offset=200), dict(min_blocks=2, max_blocks=3),
+                 id="window-minmax"),
+    pytest.param(1, 2, 2, 200, 200, 16, 16, dict(causal=True, key_valid="right"),
+                 dict(topk=5, local_blocks=0, sink_blocks=0), id="causal-pad-topk-nolocal"),
+    pytest.param(1, 1, 1, 16, 600, 16, 16, dict(causal=True, offset=584), dict(density=0.5, min_blocks=4),
+                 id="one-qblock-wide"),
+    pytest.param(1, 4, 1, 260, 260, 8, 16, dict(causal=True), dict(topk=2, local_blocks=3), id="causal-ties"),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,bs,visk,cfgk", CASES)
+def test_paths_match_reference(b, hq, hkv, nq, nk, d, bs, visk, cfgk, request):
+    name = request.node.callspec.id
+    _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, seed=zlib.crc32(name.encode()) % 1000, ties="ties" in name,
+               gs_paths=("dense", "stream") if name == "causal-gqa4-odd-dot" else ("dense",))
+
+
+def test_paths_with_projector():
+    """A learned low-rank projector (r < D), group selection with GQA 4."""
+    hkv, d, r = 2, 16, 6
+    gen = torch.Generator().manual_seed(3)
+    proj = Projector(torch.randn(hkv, d, r, generator=gen), torch.randn(hkv, d, r, generator=gen))
+    _run_paths(1, 8, hkv, 200, 200, d, 16, dict(causal=True), dict(density=0.25), projector=proj, seed=3)
+
+
+def test_path_choice(monkeypatch):
+    monkeypatch.delenv(selection.PATH_ENV, raising=False)
+    assert selection.select_path(256) == "dense"
+    assert selection.select_path(selection.DENSE_MAX_NKB + 1) == "stream"
+    assert selection.select_path(4, "stream") == "stream"
+    monkeypatch.setenv(selection.PATH_ENV, "dense")
+    assert selection.select_path(selection.DENSE_FORCE_MAX_NKB) == "dense"
+    assert selection.select_path(10_000) == "stream"  # beyond the dense kernel's tiles
+    assert selection.select_path(10_000, "stream") == "stream"  # the argument wins
+    monkeypatch.setenv(selection.PATH_ENV, "bogus")
+    with pytest.raises(ValueError):
+        selection.select_path(8)
+
+
+def test_dense_config_fits():
+    """Dense tiles stay within the register budget the launcher assumes; dot rows are 16."""
+    for nqb, nkb, kmax in [(256, 256, 56), (256, 256, 36), (512, 512, 110), (256, 256, 200), (1, 300, 30), (3, 40, 9)]:
+        qb, nkbp, rc, dot, warps = selection._dense_config(nqb, nkb, 128, kmax)
+        assert nkbp >= nkb and nkbp >= kmax
+        assert (qb == 16 and rc == 16) if dot else qb * nkbp * rc <= 16384
