@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spa_compile import SPAConfig
 from spa_compile import calibrate as C
 from spa_compile import reference as R
 from spa_compile.projector_file import load_projectors
-from spa_compile.visibility import Visibility
+from spa_compile.visibility import Visibility, num_blocks
 
 
 @pytest.fixture(autouse=True)
@@ -225,3 +227,169 @@ def test_evaluate_recall_only_matches_the_full_evaluation():
             assert fast[site]["recall"][m] == pytest.approx(full[site]["recall"][m], rel=1e-12)
             assert fast[site]["density"][m] == pytest.approx(full[site]["density"][m], rel=1e-12)
             assert math.isnan(fast[site]["rel_err"][m]) and math.isfinite(full[site]["rel_err"][m])
+
+
+# --------------------------------------------------------------------------------------- chunked block_stats
+
+
+def _block_stats_per_block(
+    q, k, v, vis: Visibility, scale: float, cfg: SPAConfig, blocks=None, with_output: bool = False,
+    valid=None, kbar=None,
+):
+    """The block-by-block block_stats (before chunking), kept verbatim as the oracle of the chunked one."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    bs = cfg.block_size
+    hs = hkv if cfg.selection == "group" else hq
+    nkb = num_blocks(nk, bs)
+    dt = R.compute_dtype(q)
+    if valid is None:
+        valid = C.valid_keys(vis, b, hkv, bs, q.device)
+    if kbar is None:
+        kbar = R.pool_blocks(k, v, valid, bs).kbar
+    blocks = list(range(num_blocks(nq, bs))) if blocks is None else list(blocks)
+    kf, vf = k.to(dt), v.to(dt)
+    pad = nkb * bs - nk
+    out = torch.empty(b, hq, nq, v.shape[-1], dtype=q.dtype, device=q.device) if with_output else None
+    qsels, targets, visibles, forceds = [], [], [], []
+    for i in blocks:
+        t0, t1 = i * bs, min((i + 1) * bs, nq)
+        r = t1 - t0
+        qi = q[:, :, t0:t1].to(dt)
+        rows = vis.rows(t0, t1, q.device)  # [B|1, Hm|1, R, Nk]
+        rows_h = rows if rows.shape[1] == 1 else rows.unflatten(1, (hkv, g))
+        rows_h = rows_h.unsqueeze(1) if rows.shape[1] == 1 else rows_h  # [B|1, 1|Hkv, 1|G, R, Nk]
+        logits = torch.einsum("bhgrd,bhud->bhgru", qi.unflatten(1, (hkv, g)), kf) * scale
+        logits = logits.masked_fill(~rows_h, -math.inf)
+        seen = rows_h.any(-1, keepdim=True).expand(b, hkv, g, r, 1)
+        p = torch.softmax(torch.where(seen, logits, torch.zeros_like(logits)), dim=-1)
+        p = torch.where(seen, p, torch.zeros_like(p))
+        if with_output:
+            out[:, :, t0:t1] = torch.einsum("bhgru,bhud->bhgrd", p, vf).flatten(1, 2).to(q.dtype)
+        mass = torch.nn.functional.pad(p, (0, pad)).unflatten(-1, (nkb, bs)).sum(-1)  # [B,Hkv,G,R,NKB]
+        live = seen.to(dt)
+        a = (mass * live).sum(3) / live.sum(3).clamp_min(1)  # [B, Hkv, G, NKB]
+        qbar = qi.mean(dim=2)  # [B, Hq, D]
+        if hs == hkv:
+            a, qsel = a.mean(2), qbar.unflatten(1, (hkv, g)).sum(2)
+        else:
+            a, qsel = a.flatten(1, 2), qbar
+        visible_h, full_h = R.classify_blocks(rows, valid, bs)  # [B, Hm, NKB]
+        visible = R._to_selection_heads(visible_h, hs).expand(b, hs, nkb)
+        partial = R._to_selection_heads(visible_h & ~full_h, hs).expand(b, hs, nkb)
+        # the forced blocks exactly as R.select_blocks forms them
+        sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
+        diag = min(max((t1 - 1 + vis.offset) // bs, 0), nkb - 1)
+        forceds.append(partial | sink | R._local_mask(visible, diag, cfg.local_blocks))
+        visibles.append(visible)
+        targets.append(a)
+        qsels.append(qsel)
+    stack = lambda xs, shape: torch.stack(xs, 2) if xs else torch.zeros(shape)  # noqa: E731
+    return C.BlockStats(
+        qsel=stack(qsels, (b, hs, 0, d)), kbar=kbar.to(dt), target=stack(targets, (b, hs, 0, nkb)),
+        visible=stack(visibles, (b, hs, 0, nkb)).bool(), forced=stack(forceds, (b, hs, 0, nkb)).bool(),
+        blocks=blocks, out=out,
+    )
+
+
+def _assert_same_stats(got, want, exact_float=False):
+    tol = {"rtol": 0, "atol": 0} if exact_float else {}
+    for name in ("qsel", "kbar", "target"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    for name in ("visible", "forced"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == torch.bool and torch.equal(a, b), name
+    assert got.blocks == want.blocks
+    assert (got.out is None) == (want.out is None)
+    if got.out is not None:
+        assert got.out.dtype == want.out.dtype
+        torch.testing.assert_close(got.out, want.out, **tol)
+
+
+def _case(kind, b=2, hkv=2, g=2, nq=72, nk=72, d=8, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * g, nq, d, generator=gen).to(dtype)
+    k = torch.randn(b, hkv, nk, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, nk, d + 1, generator=gen).to(dtype)
+    kw = {}
+    if kind == "padding":
+        kv = torch.ones(b, nk, dtype=torch.bool)
+        kv[-1, nk // 2:] = False
+        kw = {"key_valid": kv}
+    elif kind == "mask":  # per-head bool mask with rows that see nothing
+        m = torch.rand(b, hkv * g, nq, nk, generator=gen) > 0.6
+        m[:, :, 3] = False
+        m[0, 1, 20:40] = False
+        kw = {"mask": m}
+    elif kind == "mask2d":  # one [Nq, Nk] mask for every batch row and head
+        kw = {"mask": torch.rand(nq, nk, generator=gen) > 0.5}
+    vis = Visibility(nq=nq, nk=nk, causal=kind in ("causal", "window", "offset"),
+                     offset=7 if kind == "offset" else 0, window=20 if kind == "window" else None, **kw)
+    return q, k, v, vis
+
+
+@pytest.mark.parametrize("kind", ["causal", "padding", "window", "offset", "mask", "mask2d"])
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_chunked_block_stats_equal_the_per_block_ones(kind, selection):
+    # 72 rows, block 16: 4 full blocks and a partial one; chunks of 1, 2 and 3 blocks (not
+    # dividing the count), all at once (None: the memory budget allows it), subsets in any order
+    q, k, v, vis = _case(kind)
+    cfg = SPAConfig(block_size=16, selection=selection, sink_blocks=1, local_blocks=2)
+    want = _block_stats_per_block(q, k, v, vis, 0.35, cfg, with_output=True)
+    subsets = {blocks: _block_stats_per_block(q, k, v, vis, 0.35, cfg, blocks=blocks)
+               for blocks in ((4, 0, 2, 1), (1, 2, 3, 4))}
+    for chunk in (1, 2, 3, None):
+        got = C.block_stats(q, k, v, vis, 0.35, cfg, with_output=True, chunk_blocks=chunk)
+        _assert_same_stats(got, want)
+        if chunk in (3, None):
+            for blocks, sub_want in subsets.items():
+                sub = C.block_stats(q, k, v, vis, 0.35, cfg, blocks=list(blocks), chunk_blocks=chunk)
+                _assert_same_stats(sub, sub_want)
+
+
+def test_chunked_block_stats_float64_and_the_memory_budget():
+    q, k, v, vis = _case("window", dtype=torch.float64, nq=100, nk=100)
+    cfg = SPAConfig(block_size=16, selection="group")
+    want = _block_stats_per_block(q, k, v, vis, 0.35, cfg, with_output=True)
+    # one row of logits is b * hq * nk * 8 bytes = 6400: a budget of 3 blocks' rows gives chunks of 3
+    assert C.chunk_blocks_for(2, 4, 100, 16, torch.float64, 3 * 16 * 6400 + 5) == 3
+    assert C.chunk_blocks_for(2, 4, 100, 16, torch.float64, 1) == 1  # never below one block
+    assert C.chunk_blocks_for(1, 16, 4096, 64, torch.float32) == 16  # 256 MiB default: 16 MiB a block
+    for budget in (1, 3 * 16 * 6400, 1 << 30):
+        got = C.block_stats(q, k, v, vis, 0.35, cfg, with_output=True, chunk_bytes=budget)
+        assert got.out.dtype == torch.float64 and got.target.dtype == torch.float64
+        _assert_same_stats(got, want)
+    assert C._chunks([0, 1, 2, 3, 6, 5, 4], 100, 16, 3) == [[0, 1, 2], [3], [6], [5, 4]]  # 6 is partial
+    empty = C.block_stats(q, k, v, vis, 0.35, cfg, blocks=[])
+    _assert_same_stats(empty, _block_stats_per_block(q, k, v, vis, 0.35, cfg, blocks=[]))
+
+
+_shapes = st.fixed_dictionaries({
+    "b": st.integers(1, 2), "hkv": st.integers(1, 2), "g": st.sampled_from([1, 3]),
+    "nq": st.integers(1, 90), "extra_k": st.integers(0, 40), "bs": st.just(16),
+    "causal": st.booleans(), "window": st.one_of(st.none(), st.integers(1, 40)), "offset": st.integers(0, 20),
+    "padding": st.booleans(), "selection": st.sampled_from(["group", "head"]),
+    "sink": st.integers(0, 2), "local": st.integers(0, 2), "chunk": st.integers(1, 4),
+    "seed": st.integers(0, 1000),
+})
+
+
+@settings(max_examples=30, deadline=None)
+@given(_shapes, st.randoms(use_true_random=False))
+def test_chunked_block_stats_property(p, rnd):
+    nq, nk = p["nq"], p["nq"] + p["extra_k"]
+    gen = torch.Generator().manual_seed(p["seed"])
+    q = torch.randn(p["b"], p["hkv"] * p["g"], nq, 4, generator=gen)
+    k = torch.randn(p["b"], p["hkv"], nk, 4, generator=gen)
+    v = torch.randn(p["b"], p["hkv"], nk, 3, generator=gen)
+    kv = torch.rand(p["b"], nk, generator=gen) > 0.3 if p["padding"] else None
+    vis = Visibility(nq=nq, nk=nk, causal=p["causal"], offset=p["offset"] if p["causal"] or p["window"] else 0,
+                     window=p["window"], key_valid=kv)
+    cfg = SPAConfig(block_size=p["bs"], selection=p["selection"], sink_blocks=p["sink"], local_blocks=p["local"])
+    nqb = -(-nq // p["bs"])
+    blocks = rnd.sample(range(nqb), rnd.randint(0, nqb)) if rnd.random() < 0.5 else None
+    got = C.block_stats(q, k, v, vis, 0.5, cfg, blocks=blocks, with_output=blocks is None, chunk_blocks=p["chunk"])
+    _assert_same_stats(got, _block_stats_per_block(q, k, v, vis, 0.5, cfg, blocks=blocks, with_output=blocks is None))
