@@ -34,9 +34,11 @@ def signature(fn, args: dict):
     for pos, name in enumerate(fn.arg_names):
         val = args[name]
         p = fn.params[fn.arg_names.index(name)]
-        if p.is_constexpr:
+        if p.is_constexpr or val is None:  # None: what a launch passes for an unused descriptor
             sig[name] = "constexpr"
             consts[name] = val
+        elif isinstance(val, str) and val.startswith("tensordesc"):  # host-built TMA descriptor
+            sig[name] = val
         elif isinstance(val, torch.dtype):
             sig[name] = "*" + _TY[val]
             attrs[(pos,)] = [["tt.divisibility", 16]]
@@ -70,9 +72,14 @@ def compile_one(fn, args, arch, num_warps, num_stages, label):
         except OSError:
             pass
     ttgir = c.asm["ttgir"]
-    pipe = "async" if "async_copy_global_to_local" in ttgir else ("tma" if "async_tma" in ttgir else "sync")
-    sass_mma = "wgmma" if "wgmma" in c.asm["ptx"] else ("mma" if "mma.sync" in c.asm["ptx"] else "fma")
-    print(f"ok   {label}: regs {regs} stack {spill} smem {c.metadata.shared} mma {sass_mma} loads {pipe}")
+    kinds = [n for n, key in (("async", "async_copy_global_to_local"), ("tma", "async_tma_copy")) if key in ttgir]
+    pipe = "+".join(kinds) or "sync"
+    ptx = c.asm["ptx"]
+    sass_mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
+    # bulk tensor copies (TMA) in the PTX: the descriptor loads that reached the hardware copy engine
+    bulk = ptx.count("cp.async.bulk.tensor")
+    extra = f" bulk-tensor-copies {bulk}" if bulk else ""
+    print(f"ok   {label}: regs {regs} stack {spill} smem {c.metadata.shared} mma {sass_mma} loads {pipe}{extra}")
     return True
 
 
@@ -80,18 +87,31 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tma-only", action="store_true", help="only the forward's TMA variants (and the rest below)")
     a = ap.parse_args()
     ok = True
     I = 0
     for dt in ([torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]):
         for d in ([128] if a.quick else [64, 128, 256]):
-            for bs, gp, w, s, bj, fs in [(64, 4, 16, 2, 64, 0), (64, 4, 16, 2, 32, 3), (64, 2, 8, 3, 64, 0),
-                                         (64, 1, 4, 3, 64, 0), (64, 1, 4, 2, 128, 0), (128, 1, 8, 2, 64, 0)]:
+            for bs, gp, w, s, bj, fs, tma in [(64, 4, 16, 2, 64, 0, 0), (64, 4, 16, 2, 32, 3, 0), (64, 2, 8, 3, 64, 0, 0),
+                                              (64, 1, 4, 3, 64, 0, 0), (64, 1, 4, 2, 128, 0, 0), (128, 1, 8, 2, 64, 0, 0),
+                                              # the TMA variants (16-bit dtypes only) of the main forward configs:
+                                              # 1 = K/V of the exact loop, 2 = also kbar/vbar of the fill
+                                              (64, 4, 16, 2, 64, 0, 1), (64, 4, 16, 2, 32, 3, 1), (64, 2, 8, 3, 64, 0, 1),
+                                              (64, 2, 8, 2, 64, 0, 1), (64, 2, 8, 4, 64, 0, 1), (64, 1, 4, 3, 64, 0, 1), (64, 1, 4, 4, 64, 0, 2),
+                                              (64, 4, 16, 2, 64, 0, 2), (64, 4, 16, 2, 32, 3, 2), (64, 2, 8, 3, 64, 0, 2),
+                                              (64, 1, 4, 3, 64, 0, 2), (64, 1, 4, 2, 128, 0, 2)]:
                 if gp == 4 and (dt != torch.bfloat16 or d != 128):
                     continue
                 if d == 256 and (gp * bs > 64 or s > 2):
                     continue
+                if tma and dt == torch.float32:
+                    continue
+                if a.tma_only and not tma:
+                    continue
                 for causal, fill, kv in [(True, True, False), (True, False, True)]:
+                    if tma == 2 and not fill:
+                        continue
                     common = dict(Hq=32, Hkv=8, Hs=8, Nq=I, Nk=I, NQB=I, NKB=I, KMAX=I, OFF=I, WIN=I,
                                   qk_scale=0.1, D=d, DV=d, BS=bs, GP=gp, BD=d, BDV=d, BJ=bj, FILL_STAGES=fs, CAUSAL=causal,
                                   WINDOW=False, HAS_KV=kv, FILL=fill, PREC=sparse_forward.dot_precision(dt))
@@ -100,9 +120,14 @@ def main():
                                 CNT=torch.int32, SEL=torch.int32, O=dt, LSE=torch.float32, DO=dt, DELTA=torch.float32, DQ=dt)
                     strides = {n: I for n in ["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh",
                                               "son", "sdb", "sdh", "sdn", "sgb", "sgh", "sgn"]}
-                    args = {**common, **ptrs, **strides, "scale": 0.1}
-                    tag = f"{str(dt)[6:]} D{d} bs{bs} gp{gp} w{w} s{s} bj{bj} fs{fs} causal{int(causal)} fill{int(fill)} kv{int(kv)}"
+                    desc = {n: (f"tensordesc<{_TY[dt]}[1,1,{bs},{d}]>" if tma else None) for n in ("KD", "VD")}
+                    desc.update({n: (f"tensordesc<{_TY[dt]}[1,1,{bj},{d}]>" if tma == 2 else None) for n in ("KBD", "VBD")})
+                    args = {**common, **ptrs, **strides, **desc, "scale": 0.1, "TMA": bool(tma), "TMA_FILL": tma == 2}
+                    tag = (f"{str(dt)[6:]} D{d} bs{bs} gp{gp} w{w} s{s} bj{bj} fs{fs} causal{int(causal)} fill{int(fill)}"
+                           f" kv{int(kv)}" + ("" if not tma else " TMA" if tma == 1 else " TMA+fill"))
                     ok &= compile_one(sparse_forward._fwd_kernel, args, a.arch, w, s, "fwd " + tag)
+                    if tma:
+                        continue
                     if bj == 64:
                         ok &= compile_one(sparse_backward._dq_kernel, args, a.arch, w, s, "dq  " + tag)
                     if gp == 1 and bj == 64:

@@ -200,6 +200,77 @@ def test_fill_chunk_variants(visk):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("hq,hkv,gp", [(2, 1, 2), (1, 1, 1)], ids=["gqa-gp2", "mha"])
+def test_forward_tma_variant(hq, hkv, gp):
+    """The forward's TMA variants (K/V, and kbar/vbar with TMA_FILL, through host-built tensor
+    descriptors, rows past Nk / NKB zero-filled by the descriptor's bounds) against the
+    reference and bitwise against the pointer path: an Nk that is not a multiple of the
+    block, key padding, fill on. The interpreter runs descriptor loads; the autotuner never
+    offers the variants there."""
+    b, n, d, bs = 1, 150, 16, 16
+    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.float16, seed=11)
+    vis = Visibility(n, n, causal=True, key_valid=padding(b, n, [n - 7]))
+    cfg = SPAConfig(block_size=bs, topk=3)
+    scale = d**-0.5
+    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
+    info = block_info(vis, b, n, n, bs, q.device)
+    _, _, kb, vb = pool_kv(k, v, info)
+    assert sparse_forward.tma_ok(k, v, bs)
+    base = {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64}
+    o1, l1 = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, base)
+    assert sparse_forward.tma_ok(kb, vb, 32)
+    for extra in ({"TMA": True}, {"TMA": True, "TMA_FILL": True}):
+        o2, l2 = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, dict(base, **extra))
+        assert torch.equal(o1, o2) and torch.equal(l1, l2), extra
+    # 32-landmark fill chunks through descriptors (rows past NKB zero-filled)
+    c32 = dict(base, BJ=32, FILL_STAGES=3)
+    o3, l3 = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c32)
+    o4, l4 = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, dict(c32, TMA=True, TMA_FILL=True))
+    assert torch.equal(o3, o4) and torch.equal(l3, l4)
+    valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
+    ro, rl = R.sparse_attention(q.double(), k.double(), v.double(), R.Selection(idx, cnt), pooled, vis, valid, scale,
+                                cfg.fill, bs)
+    assert rel(o2, ro) < 2e-3
+    fin = torch.isfinite(rl)
+    assert torch.equal(fin, torch.isfinite(l2))
+
+
+def test_tma_eligibility_and_candidates():
+    """TMA needs 16-bit dtypes, power-of-two head dims and 16-byte strides (else the launcher
+    keeps the pointer loads); the candidate list offers it only on a compiled Hopper path,
+    never as the heuristic default, and never under the interpreter."""
+    k = torch.zeros(1, 2, 100, 64, dtype=torch.bfloat16)
+    assert sparse_forward.tma_ok(k, k, 64) == codegen.autotune.interpreting()
+    assert not sparse_forward.tma_ok(k.float(), k.float(), 64)
+    odd = torch.zeros(1, 2, 100, 72, dtype=torch.bfloat16)[..., :64]  # row stride 72 * 2 = 144 bytes: aligned
+    assert sparse_forward.tma_ok(odd, odd, 64) == codegen.autotune.interpreting()
+    bad = torch.zeros(1, 2, 100, 68, dtype=torch.bfloat16)[..., :64]  # 136-byte rows: not 16-byte aligned
+    assert not sparse_forward.tma_ok(bad, bad, 64)
+    assert not sparse_forward.tma_ok(torch.zeros(1, 2, 100, 96, dtype=torch.bfloat16), k, 64)
+    nc = torch.zeros(1, 2, 64, 100, dtype=torch.bfloat16).transpose(-1, -2)  # inner dim not contiguous
+    assert not sparse_forward.tma_ok(nc, nc, 64)
+    ex = torch.zeros(1, 1, 100, 64, dtype=torch.bfloat16).expand(1, 2, 100, 64)  # stride 0 over heads
+    assert not sparse_forward.tma_ok(ex, ex, 64)
+    one = torch.zeros(1, 2, 100, 64, dtype=torch.bfloat16).as_strided((1, 2, 100, 64), (1, 6400, 64, 1))
+    assert sparse_forward.tma_ok(one, one, 64) == codegen.autotune.interpreting()  # size-1 dim: stride ignored
+    cands = codegen.autotune.attention_candidates(4, 64, 128, 128, torch.bfloat16, True, fill=True, tma=True)
+    assert not cands[0].get("TMA", False)
+    if codegen.autotune.interpreting():
+        assert not any(c.get("TMA", False) for c in cands)
+    else:
+        plain = codegen.autotune.attention_candidates(4, 64, 128, 128, torch.bfloat16, True, fill=True, tma=False)
+        assert [c for c in cands if not c.get("TMA", False)] == plain
+        tma_cands = [c for c in cands if c.get("TMA")]
+        assert [dict(c, TMA=True, TMA_FILL=True) for c in plain] == tma_cands[:len(plain)]
+        assert [dict(c, TMA=True) for c in plain[:2]] == tma_cands[len(plain):len(plain) + 2]
+        assert all(c["num_stages"] == 4 for c in tma_cands[len(plain) + 2:])
+    for dt, d in [(torch.float32, 128), (torch.bfloat16, 96)]:
+        assert not any(c.get("TMA") for c in codegen.autotune.attention_candidates(4, 64, d, d, dt, True, tma=True))
+    assert not any(c.get("TMA") for c in codegen.autotune.attention_candidates(4, 64, 128, 128, torch.bfloat16, True,
+                                                                               backward=True, tma=True))
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,visk,cfgk", CASES)
 def test_kernels_match_reference(b, hq, hkv, nq, nk, d, visk, cfgk):
     q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=nq + nk)
@@ -401,3 +472,41 @@ def test_gpu_kernel_writes_every_output():
         else:  # other chunk widths change the online-softmax order only
             assert torch.isfinite(o2).all() and rel(o2, out) < 1e-2, c
             assert maxabs(l2 - lse) < 1e-2, c
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("hkv,nk,d", [(2, 3000, 128), (8, 2049, 64), (8, 1500, 256)], ids=["gqa-d128", "mha-d64", "mha-d256"])
+def test_gpu_forward_tma_variants(hkv, nk, d):
+    """Every forward candidate with TMA (K/V, and kbar/vbar with TMA_FILL, through tensor
+    descriptors; Nk not a multiple of 64, key padding) bitwise against the same config with
+    pointer loads, on the card; skipped before Hopper."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    b, hq, n = 1, 8, nk
+    q, k, v = make_qkv(b, hq, hkv, n, nk, d, dtype=torch.bfloat16, device="cuda", seed=13)
+    vis = Visibility(n, nk, causal=True, key_valid=padding(b, nk, [nk - 37], device="cuda"))
+    cfg = SPAConfig()
+    scale = d**-0.5
+    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
+    info = block_info(vis, b, n, nk, cfg.block_size, q.device)
+    _, _, kb, vb = pool_kv(k, v, info)
+    assert sparse_forward.tma_ok(k, v, 64) and sparse_forward.tma_ok(kb, vb, 64)
+    g = hq // hkv
+    cands = codegen.autotune.attention_candidates(g, 64, d, d, q.dtype, g > 1, fill=True, tma=True)
+    tma_cands = [c for c in cands if c.get("TMA")]
+    assert tma_cands
+    # a few (compiles cost time in the GPU run): the first (TMA + TMA_FILL), an exact-only one
+    # and the deeper pipeline, at D=128; the first elsewhere
+    pick = [tma_cands[0]]
+    if d == 128:
+        pick += [c for c in tma_cands if not c.get("TMA_FILL")][:1] + [c for c in tma_cands if c["num_stages"] == 4]
+    for c in pick:
+        plain = {key: val for key, val in c.items() if key not in ("TMA", "TMA_FILL")}
+        o1 = torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
+        l1 = torch.full(q.shape[:3], float("nan"), device="cuda")
+        o2, l2 = o1.clone(), l1.clone()
+        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, plain, o1, l1)
+        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o2, l2)
+        assert torch.isfinite(o2).all(), c
+        assert torch.equal(o1, o2) and torch.equal(l1, l2), c

@@ -14,6 +14,7 @@ Kernels whose code changed since the shipped files were tuned carry a version in
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -28,8 +29,9 @@ _LOADED = False
 _SHIPPED = Path(__file__).with_name("tuned")
 # bumped when a kernel's code or candidates change enough that shipped timings are stale
 # (fwd v2: fill over [ls, he) with the bias as the score dot's accumulator, BJ / FILL_STAGES
-# candidates, unmasked clamped K/V loads)
-KERNEL_VERSION = {"fwd": 2}
+# candidates, unmasked clamped K/V loads; v3: TMA candidates, K/V of the exact loop and kbar/vbar
+# of the fill through tensor descriptors)
+KERNEL_VERSION = {"fwd": 3}
 
 
 def interpreting() -> bool:
@@ -140,9 +142,49 @@ def _esize(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.float32 else 2
 
 
+@functools.lru_cache(maxsize=None)
+def _tma_card(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def tma_card() -> bool:
+    """A compiled (not interpreted) run on a card with bulk tensor copies (Hopper or newer);
+    ``SPA_TMA=0`` turns the TMA candidates off (fewer configs to compile and time)."""
+    if interpreting() or not torch.cuda.is_available() or os.environ.get("SPA_TMA", "1") == "0":
+        return False
+    return _tma_card(torch.cuda.current_device())
+
+
 def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype, group: bool,
-                         backward: bool = False, fill: bool = False) -> list[dict]:
-    """Configs of the per-query-block kernels (forward, dq). First = heuristic default."""
+                         backward: bool = False, fill: bool = False, tma: bool | None = None) -> list[dict]:
+    """Configs of the per-query-block kernels (forward, dq). First = heuristic default.
+
+    tma: also offer the forward's TMA variant of every config (``"TMA": True``: K/V of the exact
+    loop through tensor descriptors; with the fill also ``"TMA_FILL": True``, its kbar/vbar),
+    after the pointer-load ones; None = when ``tma_card()``.
+    Never under the interpreter, for backward, fp32, or head dims that are not powers of two
+    in 16..256 (the launcher also falls back per call on strides the descriptors cannot take).
+    """
+    out = _attention_candidates(g, block, d, dv, dtype, group, backward, fill)
+    if tma is None:
+        tma = tma_card()
+    pow2 = all(x == triton.next_power_of_2(x) and 16 <= x <= 256 for x in (d, dv, block))
+    if tma and not interpreting() and not backward and _esize(dtype) == 2 and pow2:
+        # with the fill, its landmark loads go through descriptors too (TMA_FILL); the first two
+        # configs also without, so that the measurement can tell the two loops apart
+        extra = [dict(c, TMA=True, TMA_FILL=True) if fill else dict(c, TMA=True) for c in out]
+        if fill:
+            extra += [dict(c, TMA=True) for c in out[:2]]
+        # copies in flight cost no registers with TMA: the default config one stage deeper
+        first = out[0]
+        if first["num_stages"] == 3 and 2 * (first["GP"] * block * d + 4 * block * (d + dv)) <= SMEM_LIMIT:
+            extra.append(dict(extra[0], num_stages=4))
+        out = out + extra
+    return out
+
+
+def _attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype, group: bool,
+                          backward: bool = False, fill: bool = False) -> list[dict]:
     bd, bdv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
     es = _esize(dtype)
     gps = [1]

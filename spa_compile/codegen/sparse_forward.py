@@ -7,7 +7,9 @@ with an online softmax (log2 domain); blocks that need no element mask skip it. 
 fill then walks the key-block means of the blocks that are fully visible (a range
 found once per program, ``common.fill_bounds``), in 32-aligned chunks of BJ, as
 pseudo-keys with logit ``s q . kbar + log n``; selected blocks are skipped through the
-query block's selection bitmap.
+query block's selection bitmap. TMA / TMA_FILL (autotune candidates on Hopper): the
+exact loop's K/V, and the fill's kbar/vbar, through host-built tensor descriptors
+(bulk tensor copies) instead of pointer loads; same arithmetic, same results.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .autotune import interpreting
 from .blockinfo import BlockInfo
 from .common import block_is_clean, fill_bounds, load_rows, pair_mask, qblock_prologue
 
@@ -47,13 +50,14 @@ def fill_bias(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, SEL, O, LSE,
+    Q, K, V, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, SEL, O, LSE, KD, VD, KBD, VBD,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, WIN, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
-    PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0,
+    PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
+    TMA_FILL: tl.constexpr = False,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP)
     BM: tl.constexpr = GP * BS
@@ -65,6 +69,7 @@ def _fwd_kernel(
     q = tl.load(Q + b64 * sqb + rh[:, None] * sqh + t[:, None].to(tl.int64) * sqn + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
     K_h = K + b64 * skb + kh.to(tl.int64) * skh
+    b32 = b64.to(tl.int32)
     V_h = V + b64 * svb + kh.to(tl.int64) * svh
     NB_b = NB + b64 * NKB
     KV_b = KVALID + b64 * Nk
@@ -78,11 +83,18 @@ def _fwd_kernel(
     for s in range(0, cnt):
         j = tl.load(IDX_r + s)
         kpos = j * BS + offs_n
-        # rows past Nk are clamped, not masked (unpredicated copies): their logits are masked
-        # below (a block reaching past Nk is never "clean")
-        kc = tl.minimum(kpos, Nk - 1)
-        k = load_rows(K_h, kc, skn, d, D, BD)
-        v = load_rows(V_h, kc, svn, dv, DV, BDV)
+        if TMA:
+            # Hopper bulk tensor copies through host-built descriptors of K, V as
+            # [B, Hkv, Nk, D] (tma_descriptors): rows past Nk come back as zeros (the
+            # descriptor's bounds), their logits are masked below like the clamped rows
+            k = KD.load([b32, kh, j * BS, 0]).reshape(BS, BD)
+            v = VD.load([b32, kh, j * BS, 0]).reshape(BS, BDV)
+        else:
+            # rows past Nk are clamped, not masked (unpredicated copies): their logits are masked
+            # below (a block reaching past Nk is never "clean")
+            kc = tl.minimum(kpos, Nk - 1)
+            k = load_rows(K_h, kc, skn, d, D, BD)
+            v = load_rows(V_h, kc, svn, dv, DV, BDV)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         clean = block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV)
         if clean == 0:
@@ -110,9 +122,15 @@ def _fwd_kernel(
         c_lo = ls - ls % 32  # 32-aligned chunks: a selection word's bit of column cj is cj % 32
         for c0 in tl.range(c_lo, he, BJ, num_stages=FILL_STAGES if FILL_STAGES > 0 else None):
             bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW)
-            jc = tl.minimum(c0 + cj, he - 1)  # in range: unmasked loads, the extra columns get -inf
-            kb = load_rows(KB_h, jc, D, d, D, BD)
-            vb = load_rows(VB_h, jc, DV, dv, DV, BDV)
+            if TMA_FILL:
+                # rows c0 .. c0 + BJ - 1 (the descriptor zero-fills past NKB; columns at or past
+                # he, or below ls, get a -inf bias like the clamped rows of the pointer loads)
+                kb = KBD.load([b32, kh, c0, 0]).reshape(BJ, BD)
+                vb = VBD.load([b32, kh, c0, 0]).reshape(BJ, BDV)
+            else:
+                jc = tl.minimum(c0 + cj, he - 1)  # in range: unmasked loads, the extra columns get -inf
+                kb = load_rows(KB_h, jc, D, d, D, BD)
+                vb = load_rows(VB_h, jc, DV, dv, DV, BDV)
             # the bias enters as the score dot's initial accumulator (in units of the dot, hence
             # the 1/qk_scale): fewer live registers than an add after the dot, and it keeps the
             # small loads out of the pipeline's shared-memory stages (compile_check: 228 -> ~195
@@ -157,6 +175,47 @@ def selected_bitmap(index: Tensor, nkb: int) -> Tensor:
     return bits[..., :words].contiguous()
 
 
+def tma_ok(k: Tensor, v: Tensor, block: int) -> bool:
+    """Whether K and V can be read through TMA descriptors of shape [B, Hkv, Nk, D] with
+    [1, 1, block, D] boxes: 16-bit dtypes, power-of-two head dims 16..256 (the box is the
+    whole head dim: no column masking), a contiguous last dim, 16-byte aligned base and
+    strides, and a Hopper-or-newer card (or the interpreter, for the tests). Otherwise the
+    kernel keeps its pointer loads (the same config without ``TMA``)."""
+    if k.dtype not in (torch.float16, torch.bfloat16) or v.dtype != k.dtype or k.dim() != 4 or v.dim() != 4:
+        return False
+    if block & (block - 1) or not 16 <= block <= 256:
+        return False
+    for x in (k, v):
+        d = x.shape[-1]
+        if d & (d - 1) or not 16 <= d <= 256 or x.stride(-1) != 1 or x.data_ptr() % 16 or x.shape[2] >= 2**31:
+            return False
+        if any(st <= 0 or (st * x.element_size()) % 16 for st in _tma_strides(x)[:-1]):
+            return False
+    if interpreting():
+        return True
+    return k.is_cuda and v.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9
+
+
+def _tma_strides(x: Tensor) -> list[int]:
+    """x's strides, those of size-1 dims (only index 0 is read, any stride is right; torch
+    may report 1 there) replaced by the extent of the dims inside: an aligned value."""
+    st = list(x.stride())
+    for i in range(x.dim() - 2, -1, -1):
+        if x.shape[i] == 1:
+            st[i] = st[i + 1] * x.shape[i + 1]
+    return st
+
+
+def tma_descriptors(k: Tensor, v: Tensor, block: int):
+    """Host-built descriptors of K and V (or the landmarks kbar, vbar) with [1, 1, block, D]
+    boxes, for bulk tensor copies (passed by value: no device allocation, no
+    ``triton.set_allocator``). The shape's Nk (NKB) bounds the copies: rows past it come
+    back as zeros."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor(x, list(x.shape), _tma_strides(x), [1, 1, block, x.shape[-1]]) for x in (k, v))
+
+
 def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool, config, out=None, lse=None,
                    sel=None):
     b, hq, nq, d = q.shape
@@ -171,16 +230,22 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
     kv = info.key_valid if info.key_valid is not None else info.valid
     if sel is None:
         sel = selected_bitmap(index, info.nkb) if fill else count
+    # TMA: a config flag; shapes or strides the descriptors cannot take keep the pointer loads
+    tma = bool(config.get("TMA", False)) and tma_ok(k, v, info.block)
+    kd, vd = tma_descriptors(k, v, info.block) if tma else (None, None)
+    bj = config.get("BJ", 64)
+    tma_fill = fill and bool(config.get("TMA_FILL", False)) and tma_ok(kbar, vbar, bj)
+    kbd, vbd = tma_descriptors(kbar, vbar, bj) if tma_fill else (None, None)
     _fwd_kernel[(info.nqb, b * (hq // gp))](
-        q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse,
+        q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse, kd, vd, kbd, vbd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         hq, hkv, hs, nq, info.nk, info.nqb, info.nkb, index.shape[-1], info.offset, info.win,
         float(scale) * LOG2E,
         D=d, DV=dv, BS=info.block, GP=gp,
-        BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=config.get("BJ", 64),
+        BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
-        PREC=dot_precision(q.dtype),
+        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
