@@ -15,6 +15,8 @@ FINAL=${OUT:-/tmp/spa_out}
 OUT=$FINAL/run
 mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+# the TMA forward candidates are opt-in in the package until measured: this script checks and times them
+export SPA_TMA=${SPA_TMA:-1}
 export TRITON_CACHE_DIR=/tmp/spa_cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/spa_cache/inductor
 export SPA_TUNE_CACHE=/tmp/spa_cache/tune.json SPA_TUNE_LOG=$OUT/tune_log.jsonl
 mkdir -p /tmp/spa_cache

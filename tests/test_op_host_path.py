@@ -75,3 +75,50 @@ def test_block_info_is_cached_without_padding_and_recomputed_with_it():
     for i in range(blockinfo.CACHE_SIZE + 3):
         blockinfo.block_info(Visibility(100, 100, causal=True, offset=i), 1, 100, 100, 16, DEV)
     assert len(blockinfo._CACHE) == blockinfo.CACHE_SIZE
+
+
+def test_tuning_skips_a_failing_optional_candidate_but_not_the_default(monkeypatch, tmp_path):
+    from spa_compile.codegen import autotune
+
+    monkeypatch.setenv("SPA_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setenv("SPA_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    times = {1: 3.0, 2: 1.0, 3: 2.0}
+    timed = []
+
+    def fake_bench(fn, **kw):
+        fn()
+        return times[timed[-1]]
+
+    monkeypatch.setattr(autotune.triton.testing, "do_bench", fake_bench)
+
+    def run(cand):
+        timed.append(cand["c"])
+        if cand["c"] == 2:
+            raise RuntimeError("descriptor not supported here")
+
+    cands = [{"c": 1}, {"c": 2}, {"c": 3}]
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        best = autotune.pick("test_kernel", ("k", 1), cands, run, "cpu")
+    assert best == {"c": 3}  # the failing (otherwise fastest) variant is left out
+
+    def run_bad_default(cand):
+        timed.append(cand["c"])
+        if cand["c"] == 1:
+            raise RuntimeError("a real bug")
+
+    with pytest.raises(RuntimeError, match="a real bug"):
+        autotune.pick("test_kernel", ("k", 2), cands, run_bad_default, "cpu")
+
+
+def test_tma_candidates_are_opt_in(monkeypatch):
+    from spa_compile.codegen import autotune
+
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    monkeypatch.setattr(autotune.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(autotune.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(autotune, "_tma_card", lambda index: True)
+    monkeypatch.delenv("SPA_TMA", raising=False)
+    assert autotune.tma_card() is False
+    monkeypatch.setenv("SPA_TMA", "1")
+    assert autotune.tma_card() is True
