@@ -23,7 +23,8 @@ in the window falls back to min-scans over its whole key range.
 Both kernels use the same score arithmetic for a shape (``_dense_config`` copies the streaming
 launcher's dot/broadcast choice and RC), write the whole index row (``-1`` padding included:
 ``index`` is ``torch.empty``), and can sum the query heads of a group themselves (``group=``).
-``SPA_SELECT_PATH=dense|stream`` or ``select(..., path=)`` forces a path.
+``SPA_SELECT_PATH=auto|dense|stream`` or ``select(..., path=)`` chooses a path; the default is
+"stream" until the dense kernel has been measured on a GPU (``DEFAULT_PATH``).
 """
 
 from __future__ import annotations
@@ -323,14 +324,18 @@ def topk_capacity(nkb: int, cfg) -> int:
 
 DENSE_MAX_NKB = 256  # "auto" takes the dense path up to here (sm_90: no spills, see docs/kernels.md)
 DENSE_FORCE_MAX_NKB = 512  # a forced "dense" is honoured up to here (may spill), else streaming
-PATH_ENV = "SPA_SELECT_PATH"  # "auto" (default), "dense" or "stream": force a path (tests, benchmarks)
+PATH_ENV = "SPA_SELECT_PATH"  # "auto", "dense" or "stream": choose a path (tests, benchmarks)
+# "stream" until the dense kernel has been checked and timed on a GPU (it compiles for sm_90 with
+# triton 3.6 and equals the streaming kernel and the reference in the interpreter); then "auto".
+DEFAULT_PATH = "stream"
 
 
 def select_path(nkb: int, path: str | None = None) -> str:
     """"dense" (all scores of a program at once, binary search for the k-th) or "stream" (chunks and
-    a running top-k buffer). ``path`` (else $SPA_SELECT_PATH) forces one; "auto" takes dense up to
-    DENSE_MAX_NKB key blocks; a forced "dense" beyond DENSE_FORCE_MAX_NKB still streams."""
-    path = path or os.environ.get(PATH_ENV, "") or "auto"
+    a running top-k buffer). ``path`` (else $SPA_SELECT_PATH, else DEFAULT_PATH) chooses; "auto"
+    takes dense up to DENSE_MAX_NKB key blocks; a forced "dense" beyond DENSE_FORCE_MAX_NKB still
+    streams."""
+    path = path or os.environ.get(PATH_ENV, "") or DEFAULT_PATH
     if path not in ("auto", "dense", "stream"):
         raise ValueError(f"{PATH_ENV}/path must be auto, dense or stream, not {path!r}")
     if path == "auto":
