@@ -98,6 +98,37 @@ def _local_threshold(lthr0, lo, hi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, N
 
 
 @triton.jit
+def _program_rows(QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr):
+    """What both selection kernels start from: the (batch, selection head)'s pointers, the
+    program's QB query-block rows, their diagonals and the key-block range [js, je) any of
+    them may see."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hs
+    kh = (bh % Hs) * Hkv // Hs
+    NB_b = NB + b * NKB
+    FIRST_b = FIRST + b * NKB
+    LAST_b = LAST + b * NKB
+    CS_b = CS + b.to(tl.int64) * (Nk + 1)
+    QP_r = QP + (bh * GS).to(tl.int64) * NQB * R
+    KP_h = KP + (b * Hkv + kh).to(tl.int64) * NKB * R
+    rows = pid * QB + tl.arange(0, QB)
+    row_ok = rows < NQB
+    t0 = rows * BS
+    t1 = tl.minimum(t0 + BS, Nq)
+    diag = tl.minimum(tl.maximum((t1 - 1 + OFF) // BS, 0), NKB - 1)
+    js = 0
+    je = NKB
+    if CAUSAL:
+        t1max = tl.minimum(pid * QB * BS + QB * BS, Nq)
+        je = tl.minimum(tl.maximum((t1max - 1 + OFF) // BS + 1, 0), NKB)
+    if WINDOW:
+        js = tl.minimum(tl.maximum((pid * QB * BS + OFF - WIN + 1) // BS, 0), NKB)
+    return bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je
+
+
+@triton.jit
 def _select_kernel(
     QP, KP, NB, FIRST, LAST, CS, IDX, CNT,
     Hs, Hkv, Nq, Nk, NQB, NKB, R, KMAX, GS,
@@ -107,32 +138,8 @@ def _select_kernel(
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
     USE_DOT: tl.constexpr, NEAR: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hs
-    hs = bh % Hs
-    kh = hs * Hkv // Hs
-    NB_b = NB + b * NKB
-    FIRST_b = FIRST + b * NKB
-    LAST_b = LAST + b * NKB
-    CS_b = CS + b.to(tl.int64) * (Nk + 1)
-    QP_r = QP + (bh * GS).to(tl.int64) * NQB * R
-    KP_h = KP + (b * Hkv + kh).to(tl.int64) * NKB * R
-
-    rows = pid * QB + tl.arange(0, QB)
-    row_ok = rows < NQB
-    t0 = rows * BS
-    t1 = tl.minimum(t0 + BS, Nq)
-    diag = tl.minimum(tl.maximum((t1 - 1 + OFF) // BS, 0), NKB - 1)
-
-    # key-block range any row of this program may see
-    js = 0
-    je = NKB
-    if CAUSAL:
-        t1max = tl.minimum(pid * QB * BS + QB * BS, Nq)
-        je = tl.minimum(tl.maximum((t1max - 1 + OFF) // BS + 1, 0), NKB)
-    if WINDOW:
-        js = tl.minimum(tl.maximum((pid * QB * BS + OFF - WIN + 1) // BS, 0), NKB)
+    (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
+        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
     cols = tl.arange(0, BJ)
 
     # A. local threshold: first in a window around the diagonals, then a full scan if needed
@@ -221,30 +228,8 @@ def _select_dense_kernel(
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a 32-step binary search on its orderable bits,
     ties at the threshold to the lower j by a prefix count; S ascending by a prefix count."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hs
-    hs = bh % Hs
-    kh = hs * Hkv // Hs
-    NB_b = NB + b * NKB
-    FIRST_b = FIRST + b * NKB
-    LAST_b = LAST + b * NKB
-    CS_b = CS + b.to(tl.int64) * (Nk + 1)
-    QP_r = QP + (bh * GS).to(tl.int64) * NQB * R
-    KP_h = KP + (b * Hkv + kh).to(tl.int64) * NKB * R
-
-    rows = pid * QB + tl.arange(0, QB)
-    row_ok = rows < NQB
-    t0 = rows * BS
-    t1 = tl.minimum(t0 + BS, Nq)
-    diag = tl.minimum(tl.maximum((t1 - 1 + OFF) // BS, 0), NKB - 1)
-    js = 0
-    je = NKB
-    if CAUSAL:
-        t1max = tl.minimum(pid * QB * BS + QB * BS, Nq)
-        je = tl.minimum(tl.maximum((t1max - 1 + OFF) // BS + 1, 0), NKB)
-    if WINDOW:
-        js = tl.minimum(tl.maximum((pid * QB * BS + OFF - WIN + 1) // BS, 0), NKB)
+    (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
+        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
 
     jj = tl.arange(0, NKBP)
     jm = (jj >= js) & (jj < je)
