@@ -98,6 +98,22 @@ def _local_threshold(lthr0, lo, hi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, N
 
 
 @triton.jit
+def _topk_count(nvis, nrem, TOPK, PPM, MINB, MAXB):
+    """k per query block, int32: budget.topk_count (integer ppm arithmetic, so it equals the
+    reference exactly), capped by the nrem unforced visible blocks left."""
+    nv = nvis.to(tl.int64)
+    if TOPK >= 0:
+        k = tl.zeros_like(nv) + TOPK
+    else:
+        k = (nv * PPM + 999999) // 1000000
+    if MINB >= 0:
+        k = tl.maximum(k, MINB)
+    if MAXB >= 0:
+        k = tl.minimum(k, MAXB)
+    return tl.minimum(k, nrem.to(tl.int64)).to(tl.int32)
+
+
+@triton.jit
 def _program_rows(QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr):
     """What both selection kernels start from: the (batch, selection head)'s pointers, the
@@ -194,17 +210,8 @@ def _select_kernel(
             best = tl.sort(tl.maximum(best, top), dim=1, descending=True)
 
     # k per query block (budget.topk_count); S = the first n_forced + k entries of the buffer
-    nvis = seen.to(tl.int64)
-    if TOPK >= 0:
-        k = tl.zeros_like(nvis) + TOPK
-    else:
-        k = (nvis * PPM + 999999) // 1000000
-    if MINB >= 0:
-        k = tl.maximum(k, MINB)
-    if MAXB >= 0:
-        k = tl.minimum(k, MAXB)
-    k = tl.minimum(k, nrem.to(tl.int64))
-    take = nforced + k.to(tl.int32)
+    k = _topk_count(seen, nrem, TOPK, PPM, MINB, MAXB)
+    take = nforced + k
     kcols = tl.arange(0, KPB)
     jsel = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
     jsel = tl.where(kcols[None, :] < take[:, None], jsel, 2**30)
@@ -250,16 +257,7 @@ def _select_dense_kernel(
     nforced = tl.sum(forced.to(tl.int32), axis=1)
 
     # k per query block (budget.topk_count)
-    nv = nvis.to(tl.int64)
-    if TOPK >= 0:
-        k = tl.zeros_like(nv) + TOPK
-    else:
-        k = (nv * PPM + 999999) // 1000000
-    if MINB >= 0:
-        k = tl.maximum(k, MINB)
-    if MAXB >= 0:
-        k = tl.minimum(k, MAXB)
-    k = tl.minimum(k, nrem.to(tl.int64)).to(tl.int32)
+    k = _topk_count(nvis, nrem, TOPK, PPM, MINB, MAXB)
 
     sel = forced
     if tl.max(nrem, axis=0) > 0:
