@@ -239,6 +239,8 @@ def _check_density(q, k, v, qf, kf, vf, vis, scale, args, density, tol, device) 
 
 LONG_CALL_MS = 20.0  # calls longer than this are timed by a few CUDA-event runs instead of do_bench
 LONG_CALL_REPS = 5
+SHORT_CALL_MS = 3.0  # calls up to this long are timed SHORT_CALL_TRIES times (host-bound region)
+SHORT_CALL_TRIES = 3
 
 
 def bench_s(fn: Callable[[], Any]) -> dict[str, float]:
@@ -258,9 +260,14 @@ def bench_s(fn: Callable[[], Any]) -> dict[str, float]:
     torch.cuda.synchronize()
     est_ms = (time.perf_counter() - t0) * 1e3
     if est_ms <= LONG_CALL_MS:
-        p20, p50, p80 = do_bench(fn, warmup=max(25, 2 * est_ms), rep=max(100, 7 * est_ms),
-                                 quantiles=[0.2, 0.5, 0.8])
-        return {"median": p50 / 1e3, "p20": p20 / 1e3, "p80": p80 / 1e3}
+        # SHORT_CALL_TRIES do_bench runs, the one with the lowest median kept: a host-bound call's
+        # event time is its host time, and background host work (it came and went within one run,
+        # doubling some medians at 0.5-8K: H200 run 4) only ever adds to it
+        runs = [do_bench(fn, warmup=max(25, 2 * est_ms), rep=max(100, 7 * est_ms), quantiles=[0.2, 0.5, 0.8])
+                for _ in range(SHORT_CALL_TRIES if est_ms <= SHORT_CALL_MS else 1)]
+        p20, p50, p80 = min(runs, key=lambda r: r[1])
+        return {"median": p50 / 1e3, "p20": p20 / 1e3, "p80": p80 / 1e3,
+                "medians_of_tries": [r[1] / 1e3 for r in runs]}
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # 256 MB, as do_bench's cache flush
     times = []
     for _ in range(LONG_CALL_REPS):
@@ -276,7 +283,8 @@ def bench_s(fn: Callable[[], Any]) -> dict[str, float]:
     return {"median": q(0.5), "p20": q(0.2), "p80": q(0.8)}
 
 
-def measure_grid(args, device) -> list[dict[str, Any]]:
+def measure_grid(args, device, on_point=None) -> list[dict[str, Any]]:
+    """Dense and SPA times per N; ``on_point(points)`` after each N (a killed run keeps what it measured)."""
     points = []
     t_start = time.perf_counter()
     for n in args.ns:
@@ -299,6 +307,8 @@ def measure_grid(args, device) -> list[dict[str, Any]]:
             + "  ".join(f"spa{d} {_ms(point['spa'].get(str(d), {}).get('median'))}" for d in args.densities)
             + f"  [{time.perf_counter() - t_start:.0f} s]")
         points.append(point)
+        if on_point is not None:
+            on_point(points)
         del q, k, v
         torch.cuda.empty_cache()
     return points
@@ -728,7 +738,11 @@ def main(argv=None) -> int:
         log(f"output checks failed: no timing (see {out / stem}.json; --skip-checks times anyway)")
         return 1
 
-    result["points"] = measure_grid(args, device)
+    def partial(points):
+        result["points"] = points
+        save()
+
+    result["points"] = measure_grid(args, device, partial)
     save()
     profiles = [("built-in, provisional", builtin)]
     if measured is not builtin:

@@ -111,7 +111,7 @@ def test_tuning_skips_a_failing_optional_candidate_but_not_the_default(monkeypat
         autotune.pick("test_kernel", ("k", 2), cands, run_bad_default, "cpu")
 
 
-def test_tma_candidates_are_opt_in(monkeypatch):
+def test_tma_candidates_on_by_default_off_by_env(monkeypatch):
     from spa_compile.codegen import autotune
 
     monkeypatch.setattr(autotune, "interpreting", lambda: False)
@@ -119,6 +119,9 @@ def test_tma_candidates_are_opt_in(monkeypatch):
     monkeypatch.setattr(autotune.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(autotune, "_tma_card", lambda index: True)
     monkeypatch.delenv("SPA_TMA", raising=False)
-    assert autotune.tma_card() is False
-    monkeypatch.setenv("SPA_TMA", "1")
     assert autotune.tma_card() is True
+    monkeypatch.setenv("SPA_TMA", "0")
+    assert autotune.tma_card() is False
+    monkeypatch.setattr(autotune, "_tma_card", lambda index: False)  # pre-Hopper card
+    monkeypatch.delenv("SPA_TMA", raising=False)
+    assert autotune.tma_card() is False

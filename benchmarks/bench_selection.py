@@ -1,0 +1,162 @@
+"""Where the selection stage's time goes, and which selection path is faster.
+
+    PYTHONPATH=. python3 benchmarks/bench_selection.py --out $OUT/selection.json
+
+For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each N and Hkv in {8, 32}:
+
+* ``do_bench`` (CUDA events, L2 flushed: what ``bench_kernels.py`` reports; host-bound calls
+  show their host time) and ``do_bench_cudagraph`` (the same calls replayed from a CUDA graph:
+  GPU time alone) of: pool_q, the projection with the group sum in torch, the selection
+  kernel on the summed queries for each path (stream, dense where NKB allows), the selection
+  kernel summing the group itself (``group=G``), the whole ``api.selection_stage`` and the
+  whole op forward with each selection path;
+* the CUDA kernels of one op forward (``torch.profiler``): name, count and device time.
+
+Every selection path is checked against the streaming path's (index, count) before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spa_compile import SPAConfig, spa_attention  # noqa: E402
+from spa_compile.budget import max_selected  # noqa: E402
+from spa_compile.codegen import api  # noqa: E402
+from spa_compile.codegen.blockinfo import block_info  # noqa: E402
+from spa_compile.codegen.pooling import pool_kv, pool_q  # noqa: E402
+from spa_compile.codegen.selection import DENSE_MAX_NKB, PATH_ENV, select  # noqa: E402
+from spa_compile.visibility import Visibility  # noqa: E402
+
+
+def timings(fn) -> dict[str, float]:
+    """ms: do_bench median (events) and do_bench_cudagraph median (GPU only; None if capture fails)."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    out = {"events_ms": do_bench(fn, warmup=25, rep=200, return_mode="median")}
+    try:
+        out["graph_ms"] = do_bench_cudagraph(fn, rep=200, return_mode="median")
+    except Exception as exc:  # noqa: BLE001 - recorded, the event time stands
+        out["graph_ms"] = None
+        out["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    return out
+
+
+def kernel_table(fn) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append({"name": e.key[:80], "count": e.count, "device_us": e.device_time_total})
+    return sorted(rows, key=lambda r: -r["device_us"])
+
+
+def _with_path(path: str, fn):
+    """fn() with $SPA_SELECT_PATH set to path (read per call by selection.select_path)."""
+    old = os.environ.get(PATH_ENV)
+    os.environ[PATH_ENV] = path
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[PATH_ENV]
+        else:
+            os.environ[PATH_ENV] = old
+
+
+def one_point(n: int, hkv: int, cfg: SPAConfig, dev) -> dict:
+    hq, d, bs = 32, 128, cfg.block_size
+    g = hq // hkv
+    q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    vis = Visibility(causal=True)
+    scale = d ** -0.5
+    info = block_info(vis, 1, n, n, bs, dev)
+    kmax = int(max_selected(n, n, vis, cfg))
+    kbar, vbar, _, _ = pool_kv(k, v, info)
+    qbar = pool_q(q, bs)
+    qsum = qbar.unflatten(1, (hkv, g)).sum(dim=2)
+    pt: dict = {"N": n, "Hkv": hkv, "nkb": info.nkb, "kmax": kmax}
+    ref = select(qsum, kbar, info, scale, cfg, kmax, path="stream")
+    paths = ["stream"] + (["dense"] if info.nkb <= DENSE_MAX_NKB else [])
+    checks = {}
+    for path in paths:
+        for grp in (1, g):
+            got = select(qbar if grp > 1 else qsum, kbar, info, scale, cfg, kmax, group=grp, path=path)
+            checks[f"{path}_group{grp}"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
+    pt["selection_equal_to_stream"] = checks
+    stages = {
+        "pool_q": lambda: pool_q(q, bs),
+        "project_group_sum": lambda: api._project(qbar, kbar, None, cfg, hkv),
+        "selection_stage": lambda: api.selection_stage(q, kbar, info, scale, cfg, None, kmax),
+    }
+    for path in paths:
+        stages[f"op_fwd_{path}"] = lambda path=path: _with_path(
+            path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
+    for path in paths:
+        stages[f"select_{path}"] = lambda path=path: select(qsum, kbar, info, scale, cfg, kmax, path=path)
+        if g > 1:
+            stages[f"select_{path}_group_in_kernel"] = lambda path=path: select(qbar, kbar, info, scale, cfg, kmax,
+                                                                                 group=g, path=path)
+    pt["times"] = {name: timings(fn) for name, fn in stages.items()}
+    pt["op_kernels"] = kernel_table(stages[f"op_fwd_{paths[-1]}"])
+    return pt
+
+
+def main(argv=None) -> int:
+    import triton
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ns", type=int, nargs="+", default=[16384, 131072])
+    ap.add_argument("--hkvs", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--modes", nargs="+", default=["density0.2", "topk32"])
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    result = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+              "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for n in args.ns:
+        for hkv in args.hkvs:
+            for mode in args.modes:
+                cfg = SPAConfig(mode="spa", density=0.2) if mode == "density0.2" else SPAConfig(mode="spa", topk=32)
+                t0 = time.perf_counter()
+                try:
+                    pt = one_point(n, hkv, cfg, dev)
+                except Exception as exc:  # noqa: BLE001 - record and go on
+                    pt = {"N": n, "Hkv": hkv, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                pt["mode"] = mode
+                pt["wall_s"] = round(time.perf_counter() - t0, 1)
+                result["points"].append(pt)
+                out.write_text(json.dumps(result, indent=1))
+                times = pt.get("times", {})
+                print(f"N={n} Hkv={hkv} {mode} [{pt['wall_s']} s] " + "  ".join(
+                    f"{k} {t['events_ms']:.3f}/{t['graph_ms'] if t['graph_ms'] is None else round(t['graph_ms'], 3)}"
+                    for k, t in times.items()) + f"  equal {pt.get('selection_equal_to_stream')}", flush=True)
+                for r in pt.get("op_kernels", [])[:8]:
+                    print(f"    {r['device_us']:9.1f} us  x{r['count']}  {r['name']}", flush=True)
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
