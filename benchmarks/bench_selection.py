@@ -6,7 +6,7 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
 
 * ``do_bench`` (CUDA events, L2 flushed: what ``bench_kernels.py`` reports; host-bound calls
   show their host time) and ``do_bench_cudagraph`` (the same calls replayed from a CUDA graph:
-  GPU time alone) of: pool_q, the projection with the group sum in torch, the selection
+  GPU time alone) of: pool_q, the group sum in torch (identity projector), the selection
   kernel on the summed queries for each path (stream, dense where NKB allows), the selection
   kernel summing the group itself (``group=G``), the whole ``api.selection_stage`` and the
   whole op forward with each selection path;
@@ -87,7 +87,7 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev) -> dict:
     q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    vis = Visibility(causal=True)
+    vis = Visibility(n, n, causal=True)
     scale = d ** -0.5
     info = block_info(vis, 1, n, n, bs, dev)
     kmax = int(max_selected(n, n, vis, cfg))
@@ -105,7 +105,7 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev) -> dict:
     pt["selection_equal_to_stream"] = checks
     stages = {
         "pool_q": lambda: pool_q(q, bs),
-        "project_group_sum": lambda: api._project(qbar, kbar, None, cfg, hkv),
+        "group_sum_torch": lambda: qbar.unflatten(1, (hkv, g)).sum(dim=2),
         "selection_stage": lambda: api.selection_stage(q, kbar, info, scale, cfg, None, kmax),
     }
     for path in paths:

@@ -449,6 +449,22 @@ def _host_time(fn: Callable[[], Any], reps: int = 30, batches: int = 3) -> float
     return best
 
 
+def _l2_read_rate(device, props_sms: int) -> float | None:
+    """Bytes/s of K/V-sized tiles read by 8 programs per SM from a 16 MiB (L2-resident) buffer, in
+    a CUDA graph (``codegen.l2_read_probe``); None where it cannot run."""
+    try:
+        from .codegen.l2_read_probe import l2_read
+
+        x = torch.randn(8 << 20, device=device, dtype=torch.bfloat16)  # 16 MiB
+        programs, iters = 8 * props_sms, 256
+        _, nbytes = l2_read(x, programs, iters)  # compile, and warm L2
+        seconds = _graph_time(lambda: l2_read(x, programs, iters)) or _median_cuda_time(
+            lambda: l2_read(x, programs, iters), reps=5, warmup=2)
+        return nbytes / seconds
+    except Exception:  # pragma: no cover - the copy rate stands
+        return None
+
+
 def _attention_inputs(device, b, hq, hkv, n, d, dtype=torch.bfloat16):
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(b, hq, n, d, device=device, dtype=dtype, generator=gen)
@@ -491,6 +507,8 @@ def run_microbenchmarks(device: torch.device, spa: bool = True) -> dict[str, Any
         l2_time = _graph_time(l2_copies) or _median_cuda_time(l2_copies, reps=5, warmup=2)
         raw["l2_bw"] = 50 * 2 * xs.numel() * 4 / l2_time
         del xs, ys
+        if _kernels_available():
+            raw["l2_read_bw"] = _l2_read_rate(device, props_sms=torch.cuda.get_device_properties(device).multi_processor_count)
         z = torch.zeros(1, device=device)
 
         def burst():
@@ -542,6 +560,32 @@ def run_microbenchmarks(device: torch.device, spa: bool = True) -> dict[str, Any
     return raw
 
 
+# The no-fill probe's exact stage reads (cost model) what the kernel read from L2 in at most the
+# probe's time: a lower bound on the L2 read rate (the copy rate alone was 1.5x below it: run 4).
+L2_BOUND_PROBE = "n32k_d0.2_nofill"
+
+
+def _l2_read_bound(raw: Mapping[str, Any], l2_bw: float, base: HardwareProfile) -> tuple[float, str | None]:
+    """The L2 rate the cost model uses for reads of K/V tiles: the largest of the copy rate, the
+    tile-read probe (``l2_read_bw``) and the no-fill SPA probe's bound. Returns (rate, how) with
+    ``how`` None where the copy rate stands."""
+    from .passes.cost_model import stage_l2_bytes
+
+    best, how = l2_bw, None
+    read = raw.get("l2_read_bw")
+    if read and float(read) > best:
+        best, how = float(read), f"tile-read probe {float(read) / 1e12:.2f} TB/s (the copy: {l2_bw / 1e12:.2f})"
+    t = raw.get("spa_probes", {}).get(L2_BOUND_PROBE)
+    if t:
+        p = SPA_PROBES[L2_BOUND_PROBE]
+        bound = stage_l2_bytes(spa_probe_shape(p), spa_probe_config(p), "exact") / float(t)
+        if bound > best:
+            best, how = bound, (f"bound by the {L2_BOUND_PROBE} probe: its exact stage read "
+                                f"{bound / 1e12:.2f} TB/s from L2 (copy {l2_bw / 1e12:.2f}"
+                                + (f", tile-read probe {float(read) / 1e12:.2f})" if read else ")"))
+    return best, how
+
+
 def spa_probe_config(p: Mapping[str, Any]):
     from .config import SPAConfig
 
@@ -576,6 +620,9 @@ def profile_from_measurements(
         l2_note = (f"built-in estimate scaled by the measured HBM bandwidth (the L2 copy measured "
                    f"{l2_bw / 1e12:.2f} TB/s, below HBM: launch bound)")
         l2_bw = base.l2_bw * mem_bw / base.mem_bw
+    l2_bw, l2_how = _l2_read_bound(raw, l2_bw, base)
+    if l2_how:
+        l2_note = (l2_note + "; " if l2_note else "") + l2_how
     prof = base.replace(
         name=f"measured:{_slug(device_name)}",
         device_name=device_name,
@@ -589,6 +636,8 @@ def profile_from_measurements(
         measurements=_plain(raw),
     )
     measured = {"matmul_flops", "mem_bw", "launch_s"} | ({"l2_bw"} if "l2_bw" in raw and not l2_note else set())
+    if l2_note and l2_how:
+        measured.add("l2_bw")
     provisional = set(base.provisional) - measured
     sources = dict(base.sources)
     for key in measured:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import sympy
@@ -480,3 +481,41 @@ def test_causal_tail_slows_small_grids():
     assert 2.5 < per_pair(512) / per_pair(65536) < 5  # tail 2.65x, whole diagonal tiles 1.25x
     assert per_pair(65536) / per_pair(131072) == pytest.approx(1.0, abs=0.02)
     assert per_pair(8192, causal=False) / per_pair(65536, causal=False) == pytest.approx(1.0, rel=0.02)
+
+
+def test_l2_rate_is_the_largest_of_copy_tile_reads_and_the_no_fill_probe_bound():
+    """The L2 term is about reads of K/V tiles: a copy (reads + write-backs) under-reports it. The
+    profile takes the tile-read probe where faster, and never less than what the no-fill SPA probe's
+    exact stage must have read from L2 in its measured time."""
+    from spa_compile.passes.cost_model import stage_l2_bytes
+
+    raw = {"matmul_flops": H200.matmul_flops, "mem_bw": H200.mem_bw, "l2_bw": 4.9e12, "launch_s": 1e-6}
+    assert hardware.profile_from_measurements(raw, H200, "NVIDIA H200", 132, {}).l2_bw == 4.9e12
+    read = hardware.profile_from_measurements({**raw, "l2_read_bw": 9e12}, H200, "NVIDIA H200", 132, {})
+    assert read.l2_bw == 9e12 and "tile-read probe" in read.sources["l2_bw"]
+    slower = hardware.profile_from_measurements({**raw, "l2_read_bw": 3e12}, H200, "NVIDIA H200", 132, {})
+    assert slower.l2_bw == 4.9e12
+    p = hardware.SPA_PROBES[hardware.L2_BOUND_PROBE]
+    nbytes = stage_l2_bytes(hardware.spa_probe_shape(p), hardware.spa_probe_config(p), "exact")
+    assert nbytes > 1e9  # 16 heads x 512 query blocks x ~30 selected 64-row K/V tiles of bf16
+    t = nbytes / 12e12  # a probe that read faster than either rate
+    bound = hardware.profile_from_measurements({**raw, "l2_read_bw": 9e12,
+                                                "spa_probes": {hardware.L2_BOUND_PROBE: t}}, H200, "NVIDIA H200",
+                                               132, {})
+    assert bound.l2_bw == pytest.approx(12e12) and "bound by the" in bound.sources["l2_bw"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs the Triton interpreter or a GPU")
+def test_l2_read_probe_reads_every_tile_it_counts():
+    from spa_compile.codegen.l2_read_probe import COLS, ROWS, l2_read
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(3 * ROWS * COLS, device=dev).to(torch.bfloat16)
+    out, nbytes = l2_read(x, programs=4, iters=5)
+    tiles = x.float().view(3, -1).sum(dim=1)
+    want = torch.stack([sum(tiles[(pid + i * 4) % 3] for i in range(5)) for pid in range(4)])
+    assert nbytes == 4 * 5 * ROWS * COLS * 2
+    torch.testing.assert_close(out.cpu(), want.cpu(), rtol=1e-4, atol=1e-2)
+    with pytest.raises(ValueError, match="whole 64x128 tiles"):
+        l2_read(x[:-1], programs=1, iters=1)

@@ -26,7 +26,7 @@ from spa_compile.budget import max_selected  # noqa: E402
 from spa_compile.projector import Projector  # noqa: E402
 
 codegen = pytest.importorskip("spa_compile.codegen")
-from spa_compile.codegen import api, selection  # noqa: E402
+from spa_compile.codegen import selection  # noqa: E402
 from spa_compile.codegen.blockinfo import block_info  # noqa: E402
 from spa_compile.codegen.pooling import pool_kv, pool_q  # noqa: E402
 from test_kernels import CPU_OK, assert_same_selection, block_scores, make_qkv, padding, reference_stages  # noqa: E402
@@ -62,10 +62,12 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
     kbar = pool_kv(k, v, info)[0]
     kmax = int(max_selected(nq, nk, vis, cfg))
     qbar = pool_q(q, bs)
-    qp, kp = api._project(qbar, kbar, projector, cfg, hkv)  # group-summed by torch for "group"
+    proj = projector or Projector.identity(hkv, d)
+    qp, kp = proj.project_queries(qbar), proj.project_keys(kbar)
+    if cfg.selection == "group":  # summed by torch here; "-gs" below sums in the kernel
+        qp = qp.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
     got = {p: selection.select(qp, kp, info, scale, cfg, kmax, path=p) for p in ("dense", "stream")}
     if cfg.selection == "group" and hq > hkv:  # the group sum in the kernel
-        proj = projector or Projector.identity(hkv, d)
         qh = proj.project_queries(qbar)
         for p in gs_paths:  # the streaming kernel is slow in the interpreter (sorts): one case
             got[p + "-gs"] = selection.select(qh, kp, info, scale, cfg, kmax, group=hq // hkv, path=p)

@@ -57,17 +57,6 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, cfg: SP
     return None
 
 
-def _project(qbar: Tensor, kbar: Tensor, projector: Projector | None, cfg: SPAConfig, hkv: int):
-    """The same arithmetic as reference.select_blocks: project, then sum over the group."""
-    proj = projector or Projector.identity(hkv, qbar.shape[-1])
-    kp = proj.project_keys(kbar)
-    qp = proj.project_queries(qbar)
-    if cfg.selection == "group":
-        b, hq, nqb, r = qp.shape
-        qp = qp.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
-    return qp, kp
-
-
 def _size_class(info: BlockInfo) -> str:
     """Coarse length class of a tuning key: short sequences fill the card differently."""
     n = max(info.nq, info.nk)
@@ -95,11 +84,15 @@ def _key_block_config(kernel, q, k, v, hs, info, fill, run):
 
 
 def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax):
-    """Pool q, project, score and select: (index, count)."""
+    """Pool q, project, score and select: (index, count). The arithmetic of
+    reference.select_blocks: project each head, then ("group" selection) sum the query heads of
+    a group, which the selection kernel does itself (one torch launch fewer)."""
     hkv = kbar.shape[1]
     qbar = pool_q(q, cfg.block_size)
-    qp, kp = _project(qbar, kbar, projector, cfg, hkv)
-    return select(qp, kp, info, scale, cfg, kmax)
+    proj = projector or Projector.identity(hkv, qbar.shape[-1])
+    qp, kp = proj.project_queries(qbar), proj.project_keys(kbar)
+    group = qp.shape[1] // hkv if cfg.selection == "group" else 1
+    return select(qp, kp, info, scale, cfg, kmax, group=group)
 
 
 def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool):

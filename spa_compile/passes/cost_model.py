@@ -342,6 +342,18 @@ def _profile_values(profile: HardwareProfile, shape: SiteShape) -> tuple:
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _l2_bytes_fn(stage: str) -> Callable[..., float]:
+    return sympy.lambdify(SHAPE_SYMBOLS, formulas()[stage].l2_bytes, modules="math")
+
+
+def stage_l2_bytes(shape: SiteShape, cfg: SPAConfig, stage: str) -> float:
+    """Bytes a stage reads from L2 by the model (``formulas()[stage].l2_bytes``) at one shape."""
+    kk, _ = mean_selected_blocks(shape.nq, shape.nk, shape.causal, cfg, shape.window if shape.causal else None)
+    kmax = max_selected_blocks(shape.nq, shape.nk, shape.causal, cfg, shape.window if shape.causal else None)
+    return float(_l2_bytes_fn(stage)(*_shape_values(shape, cfg, kk, 128, kmax)))
+
+
 def predict(shape: SiteShape, cfg: SPAConfig, profile: HardwareProfile) -> Prediction:
     """Predicted seconds of the dense path (``shape.dense_kind``) and of SPA on ``profile``'s card."""
     if shape.dense_kind not in DENSE_KINDS:
