@@ -262,7 +262,7 @@ def bench_s(fn: Callable[[], Any]) -> dict[str, float]:
     if est_ms <= LONG_CALL_MS:
         # SHORT_CALL_TRIES do_bench runs, the one with the lowest median kept: a host-bound call's
         # event time is its host time, and background host work (it came and went within one run,
-        # doubling some medians at 0.5-8K: H200 run 4) only ever adds to it
+        # doubling some medians at 0.5-8K: H200 bench_cost_model run 4) only ever adds to it
         runs = [do_bench(fn, warmup=max(25, 2 * est_ms), rep=max(100, 7 * est_ms), quantiles=[0.2, 0.5, 0.8])
                 for _ in range(SHORT_CALL_TRIES if est_ms <= SHORT_CALL_MS else 1)]
         p20, p50, p80 = min(runs, key=lambda r: r[1])

@@ -15,8 +15,6 @@ FINAL=${OUT:-/tmp/spa_out}
 OUT=$FINAL/run
 mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
-# likewise the dense selection kernel (default "stream" in the package until measured)
-export SPA_SELECT_PATH=${SPA_SELECT_PATH:-auto}
 export TRITON_CACHE_DIR=/tmp/spa_cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/spa_cache/inductor
 export SPA_TUNE_CACHE=/tmp/spa_cache/tune.json SPA_TUNE_LOG=$OUT/tune_log.jsonl
 mkdir -p /tmp/spa_cache

@@ -108,24 +108,26 @@ def test_mean_selected_blocks_matches_the_reference_selection():
 
 
 def test_builtin_profiles_reproduce_the_workplace_measurements():
-    """H200 (2026-11-28 bench_cost_model run 3, the built-in's fit), bf16 causal, Hq=Hkv=32, D=128, 16K:
-    SDPA flash 6.46 ms, cuDNN 3.78 ms (SDPA's default 3.87 ms); SPA at density 0.2 1.84 ms, 0.5 4.14 ms,
-    32K 0.3 10.26 ms; the op's per-call floor 0.64 ms (fitted)."""
+    """H200 (2026-11-28 bench_cost_model run 7, the built-in's fit), bf16 causal, Hq=Hkv=32, D=128, 16K:
+    SDPA flash 6.59 ms, cuDNN 3.79 ms (SDPA's default 3.83 ms); SPA at density 0.2 1.55 ms, 0.5 2.85 ms,
+    32K 0.3 8.90 ms; the op's per-call floor 0.69 ms (fitted). The fit's median SPA error over the run's
+    45 points is 15% (16K overestimated by 17-23%): the tolerance here is that error, not a tighter one."""
     cfg = SPAConfig()
     flash = predict(LLAMA_MHA, cfg, H200.replace(dense_efficiency={"sdpa": H200.dense_efficiency["flash"]})).dense_s
     cudnn = predict(LLAMA_MHA, cfg, H200.replace(dense_efficiency={"sdpa": H200.dense_efficiency["cudnn"]})).dense_s
-    assert flash == pytest.approx(6.46e-3, rel=0.12)
-    assert cudnn == pytest.approx(3.78e-3, rel=0.12)
-    assert predict(LLAMA_MHA, cfg, H200).dense_s == pytest.approx(3.87e-3, rel=0.12)
-    for density, n, ms in ((0.2, 16384, 1.84), (0.5, 16384, 4.14), (0.3, 32768, 10.26)):
+    assert flash == pytest.approx(6.59e-3, rel=0.1)
+    assert cudnn == pytest.approx(3.79e-3, rel=0.1)
+    assert predict(LLAMA_MHA, cfg, H200).dense_s == pytest.approx(3.83e-3, rel=0.1)
+    for density, n, ms in ((0.2, 16384, 1.55), (0.5, 16384, 2.85), (0.3, 32768, 8.90)):
         spa = predict(LLAMA_MHA.with_length(n), SPAConfig(density=density), H200).spa_s
-        assert spa == pytest.approx(ms * 1e-3, rel=0.12), (density, n)
-    assert predict(LLAMA_MHA.with_length(1024), cfg, H200).spa_s == pytest.approx(0.637e-3)
+        assert spa == pytest.approx(ms * 1e-3, rel=0.25), (density, n)
+    # a short call is the floor (its GPU time, ~40 us, adds under 0.2% through the p-norm)
+    assert predict(LLAMA_MHA.with_length(1024), cfg, H200).spa_s == pytest.approx(0.688e-3, rel=0.01)
     for prof in (H100, A100):
         assert "spa_efficiency" in prof.provisional and "host_overhead_s" in prof.provisional
-    assert H200.provisional == () and "run 3" in H200.sources["spa_efficiency"]
+    assert H200.provisional == () and "run 7" in H200.sources["spa_efficiency"]
     assert H100.spa_efficiency == H200.spa_efficiency and "derived" in H100.sources["spa_efficiency"]
-    assert H100.matmul_flops == 790e12 and H100.mem_bw == 3.0e12 and H200.mem_bw == 4.04e12
+    assert H100.matmul_flops == 790e12 and H100.mem_bw == 3.0e12 and H200.mem_bw == 3.96e12
     old = hardware.SUPERSEDED_PROFILES["h200-run1"]
     assert old.spa_efficiency["exact"] == 0.59 and "h200-run1" not in BUILTIN_PROFILES
 
@@ -261,7 +263,7 @@ def test_fit_spa_recovers_the_efficiencies_and_the_floor():
         for density in (0.1, 0.3, 0.5):
             shape, cfg = LLAMA_MHA.with_length(n), SPAConfig(density=density)
             points.append((shape, cfg, predict(shape, cfg, truth).spa_s))
-    assert points[0][2] == pytest.approx(4e-4)  # floor-bound
+    assert points[0][2] == pytest.approx(4e-4, rel=1e-2)  # floor-bound (GPU time adds through the p-norm)
     eff, fixed, stats = hardware.fit_spa(points, H200, lam=1e-4)
     assert fixed == pytest.approx(4e-4, rel=0.02)
     assert stats["rms_log_error"] < 0.01 and stats["gpu_bound_points"] < stats["points"]
@@ -319,9 +321,21 @@ def test_a_sliding_window_caps_the_visible_blocks():
 def test_host_overhead_floors_short_calls():
     tiny = LLAMA_GQA.with_length(128)
     pred = predict(tiny, SPAConfig(), H100)
-    assert pred.spa_s == H100.host_overhead_s["spa"] and pred.dense_s >= H100.host_overhead_s["dense"]
+    floor = H100.host_overhead_s["spa"]
+    assert floor <= pred.spa_s == pytest.approx(floor, rel=1e-3) and pred.dense_s >= H100.host_overhead_s["dense"]
     empty = predict(LLAMA_GQA.with_length(0), SPAConfig(), H100)
-    assert empty.spa_s == H100.host_overhead_s["spa"] and math.isfinite(empty.dense_s)
+    assert empty.spa_s == pytest.approx(floor, rel=1e-3) and math.isfinite(empty.dense_s)
+
+
+def test_host_and_gpu_time_combine_as_a_p_norm():
+    """A call is never faster than its host issue or its kernels, and never slower than both in a row;
+    p = inf is max() (full overlap), p = 1 the sum (none)."""
+    for host, gpu in ((1.0, 0.0), (0.0, 2.0), (0.5, 0.5), (0.2, 3.0)):
+        t = cm.host_and_gpu(host, gpu)
+        assert max(host, gpu) <= t <= host + gpu
+        assert cm.host_and_gpu(host, gpu, math.inf) == max(host, gpu)
+        assert cm.host_and_gpu(host, gpu, 1.0) == pytest.approx(host + gpu)
+    assert cm.host_and_gpu(0.3, 0.4, 2.0) == pytest.approx(0.5)
 
 
 def test_gqa_heads_share_kv_loads():
@@ -346,8 +360,8 @@ def test_crossover_is_where_the_prediction_flips(profile):
 
 
 def test_crossover_never_and_keys_only():
-    # dense MHA, half the blocks: the provisional SPA efficiency never catches up on an H100
-    assert crossover(LLAMA_MHA, SPAConfig(density=0.5), H100) == math.inf
+    # dense MHA, 70% of the blocks: the derived SPA efficiency never catches up on an H100
+    assert crossover(LLAMA_MHA, SPAConfig(density=0.7), H100) == math.inf
     # a fixed top-k: SPA's exact part grows like N, dense like N^2
     assert crossover(LLAMA_MHA, SPAConfig(topk=8), H100) < 16384
     cross = SiteShape(b=1, hq=16, hkv=16, nq=1024, nk=4096, d=64, dv=64, causal=False)

@@ -120,7 +120,8 @@ def test_paths_with_projector():
 
 def test_path_choice(monkeypatch):
     monkeypatch.delenv(selection.PATH_ENV, raising=False)
-    assert selection.select_path(256) == selection.select_path(256, selection.DEFAULT_PATH)
+    assert selection.DEFAULT_PATH == "auto" and selection.select_path(256) == "dense"
+    assert selection.select_path(selection.DENSE_MAX_NKB + 1) == "stream"
     assert selection.select_path(256, "auto") == "dense"
     assert selection.select_path(selection.DENSE_MAX_NKB + 1, "auto") == "stream"
     monkeypatch.setenv(selection.PATH_ENV, "auto")

@@ -2,8 +2,9 @@
 L2-resident buffer (the microbenchmark's ``l2_read_bw``; see ``spa_compile.hardware``).
 
 A copy within L2 (``y.copy_(x)``) measures reads and write-backs together (4.9 TB/s on an H200),
-while the exact loop of the sparse kernel read its selected K/V tiles at more than 7 TB/s there
-(run 4): the cost model's L2 term is about reads of K/V tiles, so it takes this rate too.
+while the sparse kernel read its selected K/V tiles at 6.0 TB/s or more there (bench_cost_model run 5:
+the no-fill probe's modelled L2 bytes over the whole op's time); this probe measured 8.4-8.6 TB/s
+(runs 6-7). The cost model's L2 term is about reads of K/V tiles, so it takes this rate.
 """
 
 from __future__ import annotations
