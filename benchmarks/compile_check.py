@@ -122,14 +122,23 @@ def main():
                                               "son", "sdb", "sdh", "sdn", "sgb", "sgh", "sgn"]}
                     desc = {n: (f"tensordesc<{_TY[dt]}[1,1,{bs},{d}]>" if tma else None) for n in ("KD", "VD")}
                     desc.update({n: (f"tensordesc<{_TY[dt]}[1,1,{bj},{d}]>" if tma == 2 else None) for n in ("KBD", "VBD")})
-                    args = {**common, **ptrs, **strides, **desc, "scale": 0.1, "TMA": bool(tma), "TMA_FILL": tma == 2}
+                    args = {**common, **ptrs, **strides, **desc, "scale": 0.1, "TMA": bool(tma), "TMA_FILL": tma == 2,
+                            "HF": False}
+                    # heads first (HF: grid axes swapped, the autotuner's GQA variants of the 2-head configs)
+                    hf = gp == 2 and s in (2, 3)
                     tag = (f"{str(dt)[6:]} D{d} bs{bs} gp{gp} w{w} s{s} bj{bj} fs{fs} causal{int(causal)} fill{int(fill)}"
                            f" kv{int(kv)}" + ("" if not tma else " TMA" if tma == 1 else " TMA+fill"))
                     ok &= compile_one(sparse_forward._fwd_kernel, args, a.arch, w, s, "fwd " + tag)
+                    if hf:
+                        ok &= compile_one(sparse_forward._fwd_kernel, dict(args, HF=True), a.arch, w, s,
+                                          "fwd " + tag + " HF")
                     if tma:
                         continue
                     if bj == 64:
                         ok &= compile_one(sparse_backward._dq_kernel, args, a.arch, w, s, "dq  " + tag)
+                        if hf:
+                            ok &= compile_one(sparse_backward._dq_kernel, dict(args, HF=True), a.arch, w, s,
+                                              "dq  " + tag + " HF")
                     if gp == 1 and bj == 64:
                         bargs = dict(args, REV_OFF=torch.int32, REV_I=torch.int32, DKBAR=torch.float32, DVBAR=torch.float32,
                                      VALID=torch.int8, DK=dt, DV_=dt, REV_LEN=I, NSTEPS=I, B=I, ISPLIT=I, NSPLIT=I,

@@ -258,7 +258,12 @@ def test_tma_eligibility_and_candidates():
     if codegen.autotune.interpreting():
         assert not any(c.get("TMA", False) for c in cands)
     else:
+        # the heads-first (HF) variants come last; they are checked in test_heads_first_candidates
+        hf = [c for c in cands if c.get("HF")]
+        assert cands[-len(hf):] == hf and [c for c in hf if c.get("TMA")] == hf
+        cands = cands[:-len(hf)]
         plain = codegen.autotune.attention_candidates(4, 64, 128, 128, torch.bfloat16, True, fill=True, tma=False)
+        plain = [c for c in plain if not c.get("HF")]
         assert [c for c in cands if not c.get("TMA", False)] == plain
         tma_cands = [c for c in cands if c.get("TMA")]
         assert [dict(c, TMA=True, TMA_FILL=True) for c in plain] == tma_cands[:len(plain)]
@@ -268,6 +273,72 @@ def test_tma_eligibility_and_candidates():
         assert not any(c.get("TMA") for c in codegen.autotune.attention_candidates(4, 64, d, d, dt, True, tma=True))
     assert not any(c.get("TMA") for c in codegen.autotune.attention_candidates(4, 64, 128, 128, torch.bfloat16, True,
                                                                                backward=True, tma=True))
+
+
+
+def test_heads_first_candidates():
+    """Heads-first (HF) program order is a tuning candidate for GQA group selection only:
+    last in the list (the first config stays the heuristic default), of the first two TMA
+    configs when those are offered, else of the first two; dq of its first two."""
+    A = codegen.autotune.attention_candidates
+    for g, block, d, fill, backward in [(4, 64, 128, True, False), (4, 64, 128, False, False), (4, 64, 128, True, True),
+                                        (4, 16, 32, True, False), (2, 32, 64, False, True), (8, 64, 128, True, False)]:
+        for tma in (None, True, False):
+            cands = A(g, block, d, d, torch.bfloat16, True, backward=backward, fill=fill, tma=tma)
+            hf = [c for c in cands if c.get("HF")]
+            rest = cands[:-2]
+            assert len(hf) == 2 and cands[-2:] == hf and not any(c.get("HF") for c in rest)
+            tma_cands = [c for c in rest if c.get("TMA")]
+            assert hf == [dict(c, HF=True) for c in (tma_cands or rest)[:2]]
+            if backward or tma is False or codegen.autotune.interpreting():
+                assert not tma_cands
+            elif tma:
+                assert all(c["TMA"] for c in hf)
+            # the same list without the HF variants as when the group shares no K/V
+            if not backward:
+                assert rest[0] == A(g, block, d, d, torch.bfloat16, True, backward=backward, fill=fill, tma=False)[0]
+            assert not any(c.get("HF") for c in A(g, block, d, d, torch.bfloat16, False, backward=backward, fill=fill,
+                                                   tma=tma))
+    for backward in (False, True):  # MHA: no group to share K/V
+        assert not any(c.get("HF") for c in A(1, 64, 128, 128, torch.bfloat16, True, backward=backward, fill=True))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("b,hq,hkv,pad,gps", [(1, 8, 2, False, (4, 2)), (2, 4, 1, True, (2,))],
+                         ids=["causal", "causal-padding-b2"])
+def test_heads_first_order(b, hq, hkv, pad, gps):
+    """The forward (with the landmark fill) and dq with heads-first program order (HF: grid
+    axes swapped, common.qblock_prologue) bitwise equal to query blocks first: same
+    arithmetic, only the order of the programs changes. Outputs NaN-poisoned first: every
+    element written. GP = 4 (the group of 4 in one program, as the interpreter's HF
+    candidates) and 2 (two head packs per group, the case HF is for)."""
+    n, d, bs = 200, 16, 16
+    q, k, v = make_qkv(b, hq, hkv, n, n, d, seed=21 + b)
+    kv = padding(b, n, [n - 23 * (i + 1) for i in range(b)]) if pad else None
+    vis = Visibility(n, n, causal=True, key_valid=kv)
+    cfg = SPAConfig(block_size=bs, topk=3)
+    scale = d**-0.5
+    out, lse, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
+    info = block_info(vis, b, n, n, bs, q.device)
+    _, _, kb, vb = pool_kv(k, v, info)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    delta = sparse_backward.launch_delta(out, do)
+    hf_cands = [c for c in codegen.autotune.attention_candidates(hq // hkv, bs, d, d, q.dtype, True, fill=True)
+                if c.get("HF")]
+    assert hf_cands and all(c["GP"] == 4 for c in hf_cands)
+    for gp in gps:
+        base = {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64}
+        res = []
+        for c in (base, dict(base, HF=True)):
+            o = torch.full_like(out, float("nan"))
+            lo = torch.full_like(lse, float("nan"))
+            sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o, lo)
+            dq = torch.full_like(q, float("nan"))
+            sparse_backward.launch_dq(q, k, v, do, lse, delta, kb, vb, info, idx, cnt, scale, True, c, dq)
+            res.append((o, lo, dq))
+        (o1, l1, dq1), (o2, l2, dq2) = res
+        assert not o1.isnan().any() and not l1.isnan().any() and not dq1.isnan().any(), gp
+        assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(dq1, dq2), gp
 
 
 @needs_cpu_kernels

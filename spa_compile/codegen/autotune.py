@@ -171,6 +171,12 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
     after the pointer-load ones; None = when ``tma_card()``.
     Never under the interpreter, for backward, fp32, or head dims that are not powers of two
     in 16..256 (the launcher also falls back per call on strides the descriptors cannot take).
+
+    group with g > 1 (GQA, the group's heads share K/V): last, heads-first variants
+    (``"HF": True``, common.qblock_prologue: the head packs of one query block run side by
+    side and can share the group's K/V tiles through L2, which query blocks first cannot at
+    long N) of the first two TMA configs when those are offered, else of the first two
+    configs; for backward (dq) of its first two configs. Not yet measured on a GPU.
     """
     out = _attention_candidates(g, block, d, dv, dtype, group, backward, fill)
     if tma is None:
@@ -187,6 +193,9 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
         if first["num_stages"] == 3 and 2 * (first["GP"] * block * d + 4 * block * (d + dv)) <= SMEM_LIMIT:
             extra.append(dict(extra[0], num_stages=4))
         out = out + extra
+    if group and g > 1:
+        tma_cfgs = [c for c in out if c.get("TMA", False)]
+        out = out + [dict(c, HF=True) for c in (tma_cfgs or out)[:2]]
     return out
 
 

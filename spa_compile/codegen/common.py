@@ -84,16 +84,28 @@ def pair_mask(
 
 
 @triton.jit
-def qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS: tl.constexpr, GP: tl.constexpr):
+def qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS: tl.constexpr, GP: tl.constexpr, HF: tl.constexpr):
     """Shared start of the per-(query block, GP heads) kernels (forward, dq).
 
     Returns the query block ``i`` (the last block first: causal rows that see the most keys
     start first), batch ``b`` (int64), kv head ``kh``, selection head ``hs``, the tile's row
     heads ``rh`` ([GP*BS], int64) and positions ``t`` ([GP*BS]), and the block's row range
     ``[t0, t1)``.
+
+    Program order: the grid is ``(NQB, B * Hq // GP)`` (query blocks fastest), or with HF
+    (heads first) ``(B * Hq // GP, NQB)``. CUDA in practice starts programs with axis 0 varying
+    fastest, so with HF the head packs of one query block run side by side: the Hq/Hkv/GP
+    packs of one GQA group read the same K/V (and landmark) tiles at about the same time and
+    can share them through L2, where query blocks first puts them NQB programs apart (at long
+    N the group's K/V is evicted from L2 in between). Only the order changes: the results
+    are bitwise the same. With GP = Hq/Hkv there is one pack per group and nothing to share.
     """
-    i = NQB - 1 - tl.program_id(0)
-    pid1 = tl.program_id(1)
+    if HF:
+        pid1 = tl.program_id(0)
+        i = NQB - 1 - tl.program_id(1)
+    else:
+        i = NQB - 1 - tl.program_id(0)
+        pid1 = tl.program_id(1)
     HP = Hq // GP
     b = pid1 // HP
     h0 = (pid1 % HP) * GP

@@ -9,7 +9,9 @@ found once per program, ``common.fill_bounds``), in 32-aligned chunks of BJ, as
 pseudo-keys with logit ``s q . kbar + log n``; selected blocks are skipped through the
 query block's selection bitmap. TMA / TMA_FILL (autotune candidates on Hopper): the
 exact loop's K/V, and the fill's kbar/vbar, through host-built tensor descriptors
-(bulk tensor copies) instead of pointer loads; same arithmetic, same results.
+(bulk tensor copies) instead of pointer loads; same arithmetic, same results. HF (autotune
+candidates for GQA): heads-first program order (``common.qblock_prologue``), so that the
+head packs of one group share K/V tiles through L2; same results.
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ def _fwd_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
-    TMA_FILL: tl.constexpr = False,
+    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False,
 ):
-    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP)
+    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF)
     BM: tl.constexpr = GP * BS
     row_ok = t < Nq
     d = tl.arange(0, BD)
@@ -236,7 +238,11 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
     bj = config.get("BJ", 64)
     tma_fill = fill and bool(config.get("TMA_FILL", False)) and tma_ok(kbar, vbar, bj)
     kbd, vbd = tma_descriptors(kbar, vbar, bj) if tma_fill else (None, None)
-    _fwd_kernel[(info.nqb, b * (hq // gp))](
+    # HF (heads first, common.qblock_prologue) puts the query blocks on grid axis 1, which CUDA
+    # caps at 65535: beyond that (over 1M tokens at block 16) query blocks first
+    hf = bool(config.get("HF", False)) and info.nqb <= 65535
+    grid = (b * (hq // gp), info.nqb) if hf else (info.nqb, b * (hq // gp))
+    _fwd_kernel[grid](
         q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse, kd, vd, kbd, vbd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -245,7 +251,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         D=d, DV=dv, BS=info.block, GP=gp,
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
-        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill,
+        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
