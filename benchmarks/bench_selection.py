@@ -8,7 +8,8 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
   show their host time) and ``do_bench_cudagraph`` (the same calls replayed from a CUDA graph:
   GPU time alone) of: pool_q, the group sum in torch (identity projector), the selection
   kernel on the summed queries for each path (stream, dense where NKB allows), the selection
-  kernel summing the group itself (``group=G``), the whole ``api.selection_stage`` and the
+  kernel summing the group itself (``group=G``), the dense kernel's k-th search at 2 and 3 bits
+  a step (``radix_bits``), the whole ``api.selection_stage`` and the
   whole op forward with each selection path;
 * the CUDA kernels of one op forward (``torch.profiler``): name, count and device time.
 
@@ -111,6 +112,12 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev) -> dict:
     for path in paths:
         stages[f"op_fwd_{path}"] = lambda path=path: _with_path(
             path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
+    if "dense" in paths:  # the dense kernel's k-th search, 2 and 3 bits a step (1 is select_dense)
+        for rb in (2, 3):
+            got = select(qsum, kbar, info, scale, cfg, kmax, path="dense", radix_bits=rb)
+            checks[f"dense_radix{rb}"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
+            stages[f"select_dense_radix{rb}"] = lambda rb=rb: select(qsum, kbar, info, scale, cfg, kmax, path="dense",
+                                                                   radix_bits=rb)
     for path in paths:
         stages[f"select_{path}"] = lambda path=path: select(qsum, kbar, info, scale, cfg, kmax, path=path)
         if g > 1:

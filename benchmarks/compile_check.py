@@ -161,13 +161,14 @@ def main():
     # dense selection (NKB <= 256): the launcher's configs at 16K and 4K (block 64)
     for nqb, nkb, kmax in [(256, 256, 64), (64, 64, 16)]:
         qb, nkbp, rc, dot, w = selection._dense_config(nqb, nkb, 16, kmax)
-        for causal, window in [(True, False), (False, True)]:
+        for causal, window, rb in [(True, False, 1), (False, True, 1), (True, False, 3), (True, False, 2)]:
             args = dict(QP=torch.float32, KP=torch.float32, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32,
                         CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
                         KMAX=I, GS=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
-                        CAUSAL=causal, WINDOW=window, BS=64, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=dot)
+                        CAUSAL=causal, WINDOW=window, BS=64, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=dot,
+                        RB=rb, FW=9 if rb == 3 else 10)
             ok &= compile_one(selection._select_dense_kernel, args, a.arch, w, 1,
-                              f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)}")
+                              f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} rb{rb}")
     args = dict(K=torch.bfloat16, V=torch.bfloat16, VALID=torch.int8, KBAR=torch.float32, VBAR=torch.float32, KLP=torch.bfloat16, VLP=torch.bfloat16, LP=True,
                 skb=I, skh=I, skn=I, svb=I, svh=I, svn=I, H=I, Nk=I, NKB=I, D=128, DV=128, BS=64, BD=128, BDV=128)
     ok &= compile_one(pooling._pool_kv_kernel, args, a.arch, 8, 1, "pool_kv")

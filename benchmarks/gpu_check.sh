@@ -7,7 +7,8 @@
 # arguments), CACHE_IN (a caches.tgz from an earlier call: Triton/Inductor compile caches and the
 # tuning cache, to skip recompiling), SPA_TUNE_IGNORE_SHIPPED=1 (retune every kernel instead of
 # using spa_compile/codegen/tuned/*.json; the forward is retuned anyway, its key is versioned),
-# CM_S (seconds for benchmarks/bench_cost_model.py --refit between the tests and the grid; 0 = skip).
+# CM_S (seconds for benchmarks/bench_cost_model.py --refit between the tests and the grid; 0 = skip),
+# SEL_S (seconds for benchmarks/bench_selection.py before it, SEL_ARGS its arguments; 0 = skip).
 # Everything is written under $OUT/run and packed at the end into $OUT/gpu_run.tgz (the device tool
 # brings back at most 8 files), with the result JSONs and caches.tgz beside it.
 set -o pipefail
@@ -29,6 +30,11 @@ if [ "${TEST_S:-240}" != "0" ]; then
   SPA_AUTOTUNE=0 timeout "${TEST_S:-240}" python3 -m pytest -m gpu tests/test_kernels.py -q -x -p no:cacheprovider \
       --durations=5 2>&1 | tee "$OUT/gpu_tests.log"
   echo "gpu tests exit $? after $(( $(date +%s) - T0 )) s"
+fi
+if [ "${SEL_S:-0}" != "0" ]; then
+  # the selection stage: event vs CUDA-graph time, paths and k-th search variants, the op's kernels
+  timeout "$SEL_S" python3 benchmarks/bench_selection.py --out "$OUT/selection.json" ${SEL_ARGS} > "$OUT/selection.log" 2>&1
+  echo "selection bench exit $? after $(( $(date +%s) - T0 )) s"; grep -v "^    " "$OUT/selection.log" | cut -c1-600
 fi
 if [ "${CM_S:-0}" != "0" ]; then
   timeout "$CM_S" python3 benchmarks/bench_cost_model.py --out "$OUT/cm" --refit > "$OUT/cost_model.log" 2>&1

@@ -67,6 +67,8 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
     if cfg.selection == "group":  # summed by torch here; "-gs" below sums in the kernel
         qp = qp.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
     got = {p: selection.select(qp, kp, info, scale, cfg, kmax, path=p) for p in ("dense", "stream")}
+    for rb in (2, 3):  # the dense kernel's k-th search, RB bits a step: the same threshold
+        got[f"dense-rb{rb}"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", radix_bits=rb)
     if cfg.selection == "group" and hq > hkv:  # the group sum in the kernel
         qh = proj.project_queries(qbar)
         for p in gs_paths:  # the streaming kernel is slow in the interpreter (sorts): one case
@@ -80,7 +82,8 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
         except AssertionError as e:
             raise AssertionError(f"path {name}: {e}") from e
     # the same fp32 scores in both kernels: the same lists (ties included)
-    assert torch.equal(got["dense"][0], got["stream"][0]) and torch.equal(got["dense"][1], got["stream"][1])
+    for name in ("stream", "dense-rb2", "dense-rb3"):
+        assert torch.equal(got["dense"][0], got[name][0]) and torch.equal(got["dense"][1], got[name][1]), name
     return got, ref
 
 
@@ -100,6 +103,8 @@ CASES = [
     pytest.param(1, 1, 1, 16, 600, 16, 16, dict(causal=True, offset=584), dict(density=0.5, min_blocks=4),
                  id="one-qblock-wide"),
     pytest.param(1, 4, 1, 260, 260, 8, 16, dict(causal=True), dict(topk=2, local_blocks=3), id="causal-ties"),
+    # k = 0 with blocks left over: the k-th search must end at the top, taking nothing
+    pytest.param(1, 2, 1, 150, 150, 16, 16, dict(causal=True), dict(topk=0), id="causal-topk0"),
 ]
 
 
@@ -142,3 +147,14 @@ def test_dense_config_fits():
         qb, nkbp, rc, dot, warps = selection._dense_config(nqb, nkb, 128, kmax)
         assert nkbp >= nkb and nkbp >= kmax
         assert (qb == 16 and rc == 16) if dot else qb * nkbp * rc <= 16384
+
+
+def test_dense_radix_bits_choice(monkeypatch):
+    monkeypatch.delenv(selection.RADIX_ENV, raising=False)
+    assert selection.dense_radix_bits(256) == selection.DENSE_RADIX_BITS == 1  # the measured default
+    assert selection.dense_radix_bits(256, 3) == 3 and selection.dense_radix_bits(512, 3) == 2  # 9-bit fields <= 256
+    monkeypatch.setenv(selection.RADIX_ENV, "3")
+    assert selection.dense_radix_bits(128) == 3
+    monkeypatch.setenv(selection.RADIX_ENV, "4")
+    with pytest.raises(ValueError, match="SPA_SELECT_RADIX must be 1, 2 or 3"):
+        selection.dense_radix_bits(128)

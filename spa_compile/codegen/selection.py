@@ -98,6 +98,46 @@ def _local_threshold(lthr0, lo, hi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, N
 
 
 @triton.jit
+def _kth_threshold(ordered, rem, k, QB: tl.constexpr, RB: tl.constexpr, FW: tl.constexpr):
+    """T per row: the largest t with #{rem: ordered >= t} >= k (k <= #rem), from the top bit down.
+
+    RB = 1: a binary search, 32 steps of one row sum each. RB > 1: RB bits a step (2**RB - 1
+    candidates ``tu + m * 2**sh``) with still one row sum: an element reaching candidates 1..p
+    (p = its offset from tu >> sh) adds a one to FW-bit fields 1..p of an int64, so field m of
+    the sum counts the elements >= candidate m. FW bits must hold any count <= NKBP, and
+    (2**RB - 1) * FW <= 63: RB = 3 with 9-bit fields (NKBP <= 256), RB = 2 with 10-bit fields.
+    The row sums are what a step costs on the GPU (a cross-warp reduction each): 32 -> 11 (RB 3).
+    Same T, bit for bit, whatever RB."""
+    if RB == 1:
+        tu = tl.zeros([QB], dtype=tl.int64)
+        step = tl.full([QB], 2147483648, dtype=tl.int64)
+        for _b in range(32):
+            cand = tu + step
+            ct = (cand - 2147483648).to(tl.int32)
+            c = tl.sum((rem & (ordered >= ct[:, None])).to(tl.int32), axis=1)
+            tu = tl.where(c >= k, cand, tu)
+            step = step // 2
+    else:
+        ou = ordered.to(tl.int64) + 2147483648  # [0, 2**32): unsigned order
+        tu = tl.zeros([QB], dtype=tl.int64)
+        for st in tl.static_range((32 + RB - 1) // RB):
+            sh = RB * ((32 + RB - 1) // RB - 1 - st)
+            d = ou - tu[:, None]
+            p = tl.where(rem & (d >= 0), d >> sh, 0)  # candidates reached (capped below)
+            ones = tl.zeros(p.shape, dtype=tl.int64)
+            for m in tl.static_range(1, 1 << RB):
+                ones += tl.where(p >= m, 1 << (FW * (m - 1)), 0).to(tl.int64)
+            tot = tl.sum(ones, axis=1)
+            mm = tl.zeros([QB], dtype=tl.int64)
+            for m in tl.static_range(1, 1 << RB):
+                cm = (tot >> (FW * (m - 1))) & ((1 << FW) - 1)
+                mm = tl.where(cm >= k, m, mm)
+            tu = tu + (mm << sh)
+        tu = tl.minimum(tu, 4294967295)  # k = 0 takes every candidate (2**33 - 1 would wrap to the same T)
+    return (tu - 2147483648).to(tl.int32)
+
+
+@triton.jit
 def _topk_count(nvis, nrem, TOPK, PPM, MINB, MAXB):
     """k per query block, int32: budget.topk_count (integer ppm arithmetic, so it equals the
     reference exactly), capped by the nrem unforced visible blocks left."""
@@ -231,10 +271,12 @@ def _select_dense_kernel(
     SINK, LOCAL, TOPK, PPM, MINB, MAXB,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
+    RB: tl.constexpr = 1, FW: tl.constexpr = 10,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
-    k-th largest remaining score of each row by a 32-step binary search on its orderable bits,
-    ties at the threshold to the lower j by a prefix count; S ascending by a prefix count."""
+    k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
+    (``_kth_threshold``), ties at the threshold to the lower j by a prefix count; S ascending by
+    a prefix count."""
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
 
@@ -265,16 +307,7 @@ def _select_dense_kernel(
         bits = sc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order = float order (as _encode)
         ordered = tl.where(rem, ordered, -2147483647 - 1)
-        # T = the largest t with #{rem: ordered >= t} >= k, bit by bit from the top (in t + 2**31)
-        tu = tl.zeros([QB], dtype=tl.int64)
-        step = tl.full([QB], 2147483648, dtype=tl.int64)
-        for _b in range(32):
-            cand = tu + step
-            ct = (cand - 2147483648).to(tl.int32)
-            c = tl.sum((rem & (ordered >= ct[:, None])).to(tl.int32), axis=1)
-            tu = tl.where(c >= k, cand, tu)
-            step = step // 2
-        thr = (tu - 2147483648).to(tl.int32)
+        thr = _kth_threshold(ordered, rem, k, QB, RB, FW)
         gt = rem & (ordered > thr[:, None])
         eq = rem & (ordered == thr[:, None])
         need = k - tl.sum(gt.to(tl.int32), axis=1)  # ties at T: the lowest j first (the key's low half)
@@ -312,6 +345,20 @@ PATH_ENV = "SPA_SELECT_PATH"  # "auto", "dense" or "stream": choose a path (test
 # benchmarks' reference checks passed with it, and at 16K (Hkv=8) it took 42 us against the
 # streaming kernel's 53 us (CUDA graph), identical lists (benchmarks/bench_selection.py).
 DEFAULT_PATH = "auto"
+# Bits of the k-th score search per step in the dense kernel (``_kth_threshold``): 1 (32 steps) is
+# what the H200 measured; 3 (11 steps, one packed row sum each) gives the same lists and waits for
+# a GPU measurement (``benchmarks/bench_selection.py`` times both). ``SPA_SELECT_RADIX`` overrides.
+DENSE_RADIX_BITS = 1
+RADIX_ENV = "SPA_SELECT_RADIX"
+
+
+def dense_radix_bits(nkbp: int, bits: int | None = None) -> int:
+    """Bits a step of the dense kernel's search: ``bits``, else $SPA_SELECT_RADIX, else
+    DENSE_RADIX_BITS; 3 needs NKBP <= 256 (9-bit count fields), else 2 is used."""
+    rb = bits if bits is not None else int(os.environ.get(RADIX_ENV, "") or DENSE_RADIX_BITS)
+    if rb not in (1, 2, 3):
+        raise ValueError(f"{RADIX_ENV} must be 1, 2 or 3, not {rb}")
+    return 2 if rb == 3 and nkbp > 256 else rb
 
 
 def select_path(nkb: int, path: str | None = None) -> str:
@@ -361,13 +408,14 @@ def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
 
 
 def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
-           path: str | None = None) -> tuple[Tensor, Tensor]:
+           path: str | None = None, radix_bits: int | None = None) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
     ``group`` consecutive heads of each selection head are summed in the kernel ("group"
     selection without the torch sum; ``group=1``: qp already summed, or "head" selection).
-    kp: projected key block means ``[B, Hkv, NKB, r]`` float32. ``path``: see ``select_path``.
+    kp: projected key block means ``[B, Hkv, NKB, r]`` float32. ``path``: see ``select_path``;
+    ``radix_bits``: see ``dense_radix_bits`` (the dense path only).
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -387,9 +435,11 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
               -1 if cfg.max_blocks is None else cfg.max_blocks)
     if select_path(info.nkb, path) == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
+        rb = dense_radix_bits(nkbp, radix_bits)
         _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
-            BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, num_warps=warps,
+            BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
+            num_warps=warps,
         )
     else:
         qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
