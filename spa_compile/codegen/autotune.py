@@ -31,8 +31,9 @@ _SHIPPED = Path(__file__).with_name("tuned")
 # bumped when a kernel's code or candidates change enough that shipped timings are stale
 # (fwd v2: fill over [ls, he) with the bias as the score dot's accumulator, BJ / FILL_STAGES
 # candidates, unmasked clamped K/V loads; v3: TMA candidates, K/V of the exact loop and kbar/vbar
-# of the fill through tensor descriptors)
-KERNEL_VERSION = {"fwd": 3}
+# of the fill through tensor descriptors; v4: heads-first (HF) candidates; dq v2: HF candidates,
+# which shipped dq timings would otherwise hide)
+KERNEL_VERSION = {"fwd": 4, "dq": 2}
 
 
 def interpreting() -> bool:
