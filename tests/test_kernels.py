@@ -581,3 +581,46 @@ def test_gpu_forward_tma_variants(hkv, nk, d):
         sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o2, l2)
         assert torch.isfinite(o2).all(), c
         assert torch.equal(o1, o2) and torch.equal(l1, l2), c
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("hkv", [8, 32])
+def test_gpu_selection_radix_and_heads_first(hkv):
+    """On the card, at the benchmark's shape class (Hq=32, D=128, bf16, causal, block 64, 8K + 37):
+    the dense selection's k-th search at 1, 2 and 3 bits a step gives the same lists, and the
+    forward and dq with heads-first order (HF) equal query-blocks-first bit for bit, outputs
+    NaN-poisoned first."""
+    from spa_compile.codegen import selection
+    from spa_compile.codegen.pooling import pool_q
+
+    b, hq, n, d = 1, 32, 8192 + 37, 128
+    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.bfloat16, device="cuda", seed=17)
+    vis = Visibility(n, n, causal=True)
+    cfg = SPAConfig()
+    scale = d**-0.5
+    info = block_info(vis, b, n, n, cfg.block_size, q.device)
+    kbar, vbar, kb, vb = pool_kv(k, v, info)
+    kmax = int(max_selected(n, n, vis, cfg))
+    qbar = pool_q(q, cfg.block_size)
+    lists = [selection.select(qbar, kbar, info, scale, cfg, kmax, group=hq // hkv, path="dense", radix_bits=rb)
+             for rb in (1, 2, 3)]
+    for rb, (idx, cnt) in zip((2, 3), lists[1:]):
+        assert torch.equal(idx, lists[0][0]) and torch.equal(cnt, lists[0][1]), rb
+    if hkv == hq:
+        return  # no group: no HF candidates
+    out, lse, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
+    do = torch.randn_like(out)
+    delta = sparse_backward.launch_delta(out, do)
+    base = {"GP": 2, "num_warps": 8, "num_stages": 3, "BJ": 64}  # two head packs per group of 4
+    res = []
+    for c in (base, dict(base, HF=True)):
+        o = torch.full_like(out, float("nan"))
+        lo = torch.full_like(lse, float("nan"))
+        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o, lo)
+        dq = torch.full_like(q, float("nan"))
+        sparse_backward.launch_dq(q, k, v, do, lse, delta, kb, vb, info, idx, cnt, scale, True, c, dq)
+        res.append((o, lo, dq))
+    (o1, l1, dq1), (o2, l2, dq2) = res
+    assert not o1.isnan().any() and not dq1.isnan().any()
+    assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(dq1, dq2)
