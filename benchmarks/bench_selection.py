@@ -6,7 +6,7 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
 
 * ``do_bench`` (CUDA events, L2 flushed: what ``bench_kernels.py`` reports; host-bound calls
   show their host time) and ``do_bench_cudagraph`` (the same calls replayed from a CUDA graph:
-  GPU time alone) of: pool_q, the group sum in torch (identity projector), the selection
+  GPU time alone) of: pool_q and pool_kv (also with 2 and 4 blocks a program), the group sum in torch (identity projector), the selection
   kernel on the summed queries for each path (stream, dense where NKB allows), the selection
   kernel summing the group itself (``group=G``), the dense kernel's k-th search at 2 and 3 bits
   a step (``radix_bits``), the whole ``api.selection_stage`` and the
@@ -106,9 +106,13 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev) -> dict:
     pt["selection_equal_to_stream"] = checks
     stages = {
         "pool_q": lambda: pool_q(q, bs),
+        "pool_kv": lambda: pool_kv(k, v, info),
         "group_sum_torch": lambda: qbar.unflatten(1, (hkv, g)).sum(dim=2),
         "selection_stage": lambda: api.selection_stage(q, kbar, info, scale, cfg, None, kmax),
     }
+    for nbp in (2, 4):  # pooling programs of NBP blocks (pooling.POOL_BLOCKS_PER_PROGRAM is 1)
+        stages[f"pool_q_nbp{nbp}"] = lambda nbp=nbp: pool_q(q, bs, blocks_per_program=nbp)
+        stages[f"pool_kv_nbp{nbp}"] = lambda nbp=nbp: pool_kv(k, v, info, blocks_per_program=nbp)
     for path in paths:
         stages[f"op_fwd_{path}"] = lambda path=path: _with_path(
             path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))

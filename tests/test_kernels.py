@@ -624,3 +624,26 @@ def test_gpu_selection_radix_and_heads_first(hkv):
     (o1, l1, dq1), (o2, l2, dq2) = res
     assert not o1.isnan().any() and not dq1.isnan().any()
     assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(dq1, dq2)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("nbp", [2, 4, 8])
+def test_pooling_blocks_per_program(nbp):
+    """Pooling NBP blocks a program (the unrolled variant) writes exactly what one block a
+    program writes, for block counts that are not multiples of NBP, key padding with holes,
+    and fp32 (no low-precision copies); every output written (NaN-free where one block is)."""
+    from spa_compile.codegen import pooling
+
+    for b, h, n, d, dtype in ((2, 3, 16 * 7 + 5, 16, torch.bfloat16), (1, 2, 16 * 3, 32, torch.float32)):
+        q, k, v = make_qkv(b, h, h, n, n, d, dtype=dtype, seed=n + nbp)
+        kv = padding(b, n, [n - 9 * (i + 1) for i in range(b)])
+        kv[:, 16:32] = False  # a whole empty block
+        vis = Visibility(n, n, causal=True, key_valid=kv)
+        info = block_info(vis, b, n, n, 16, q.device)
+        one = pooling.pool_kv(k, v, info, blocks_per_program=1)
+        many = pooling.pool_kv(k, v, info, blocks_per_program=nbp)
+        for x, y in zip(one, many):
+            assert torch.equal(x, y)
+        assert torch.equal(pooling.pool_q(q, 16, blocks_per_program=1), pooling.pool_q(q, 16, blocks_per_program=nbp))
+    with pytest.raises(ValueError, match="SPA_POOL_BLOCKS must be 1, 2, 4 or 8"):
+        pooling.pool_blocks_per_program(3)

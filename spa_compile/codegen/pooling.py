@@ -19,33 +19,60 @@ def _pool_kv_kernel(
     skb, skh, skn, svb, svh, svn,
     H, Nk, NKB,
     D: tl.constexpr, DV: tl.constexpr,
-    BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, LP: tl.constexpr,
+    BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, LP: tl.constexpr, NBP: tl.constexpr = 1,
 ):
-    j = tl.program_id(0)
+    """NBP consecutive key blocks a program, as [NBP, BS, BD] tiles when NBP > 1 (see _pool_q_kernel)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = j * BS + tl.arange(0, BS)
-    rmask = rows < Nk
-    w = tl.load(VALID + b.to(tl.int64) * Nk + rows, mask=rmask, other=0).to(tl.float32)
-    n = tl.sum(w, axis=0)
-    inv = 1.0 / tl.maximum(n, 1.0)
     d = tl.arange(0, BD)
-    kp = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + rows[:, None].to(tl.int64) * skn + d[None, :]
-    k = tl.load(kp, mask=rmask[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-    kbar = tl.sum(k * w[:, None], axis=0) * inv
-    out = (bh.to(tl.int64) * NKB + j) * D
-    tl.store(KBAR + out + d, kbar, mask=d < D)
-    if LP:
-        tl.store(KLP + out + d, kbar.to(KLP.dtype.element_ty), mask=d < D)
     dv = tl.arange(0, BDV)
-    vp = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None].to(tl.int64) * svn + dv[None, :]
-    v = tl.load(vp, mask=rmask[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
-    vbar = tl.sum(v * w[:, None], axis=0) * inv
-    outv = (bh.to(tl.int64) * NKB + j) * DV
-    tl.store(VBAR + outv + dv, vbar, mask=dv < DV)
-    if LP:
-        tl.store(VLP + outv + dv, vbar.to(VLP.dtype.element_ty), mask=dv < DV)
+    K_h = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    V_h = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    if NBP == 1:
+        j = tl.program_id(0)
+        rows = j * BS + tl.arange(0, BS)
+        rmask = rows < Nk
+        w = tl.load(VALID + b.to(tl.int64) * Nk + rows, mask=rmask, other=0).to(tl.float32)
+        n = tl.sum(w, axis=0)
+        inv = 1.0 / tl.maximum(n, 1.0)
+        k = tl.load(K_h + rows[:, None].to(tl.int64) * skn + d[None, :], mask=rmask[:, None] & (d[None, :] < D),
+                    other=0.0).to(tl.float32)
+        kbar = tl.sum(k * w[:, None], axis=0) * inv
+        out = (bh.to(tl.int64) * NKB + j) * D
+        tl.store(KBAR + out + d, kbar, mask=d < D)
+        if LP:
+            tl.store(KLP + out + d, kbar.to(KLP.dtype.element_ty), mask=d < D)
+        v = tl.load(V_h + rows[:, None].to(tl.int64) * svn + dv[None, :], mask=rmask[:, None] & (dv[None, :] < DV),
+                    other=0.0).to(tl.float32)
+        vbar = tl.sum(v * w[:, None], axis=0) * inv
+        outv = (bh.to(tl.int64) * NKB + j) * DV
+        tl.store(VBAR + outv + dv, vbar, mask=dv < DV)
+        if LP:
+            tl.store(VLP + outv + dv, vbar.to(VLP.dtype.element_ty), mask=dv < DV)
+    else:
+        blk = tl.program_id(0) * NBP + tl.arange(0, NBP)  # [NBP]
+        rows = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [NBP, BS]
+        rmask = rows < Nk
+        w = tl.load(VALID + b.to(tl.int64) * Nk + rows, mask=rmask, other=0).to(tl.float32)
+        inv = 1.0 / tl.maximum(tl.sum(w, axis=1), 1.0)  # [NBP]
+        bm = blk < NKB
+        k = tl.load(K_h + rows[:, :, None].to(tl.int64) * skn + d[None, None, :],
+                    mask=rmask[:, :, None] & (d < D)[None, None, :], other=0.0)
+        v = tl.load(V_h + rows[:, :, None].to(tl.int64) * svn + dv[None, None, :],
+                    mask=rmask[:, :, None] & (dv < DV)[None, None, :], other=0.0)
+        kbar = tl.sum(k.to(tl.float32) * w[:, :, None], axis=1) * inv[:, None]  # [NBP, BD]
+        out = (bh.to(tl.int64) * NKB + blk)[:, None] * D + d[None, :]
+        km = bm[:, None] & (d < D)[None, :]
+        tl.store(KBAR + out, kbar, mask=km)
+        if LP:
+            tl.store(KLP + out, kbar.to(KLP.dtype.element_ty), mask=km)
+        vbar = tl.sum(v.to(tl.float32) * w[:, :, None], axis=1) * inv[:, None]
+        outv = (bh.to(tl.int64) * NKB + blk)[:, None] * DV + dv[None, :]
+        vm = bm[:, None] & (dv < DV)[None, :]
+        tl.store(VBAR + outv, vbar, mask=vm)
+        if LP:
+            tl.store(VLP + outv, vbar.to(VLP.dtype.element_ty), mask=vm)
 
 
 @triton.jit
@@ -53,27 +80,59 @@ def _pool_q_kernel(
     Q, QBAR,
     sqb, sqh, sqn,
     H, Nq, NQB,
-    D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, NBP: tl.constexpr = 1,
 ):
-    i = tl.program_id(0)
+    """NBP consecutive query blocks a program; NBP > 1 loads them as one [NBP, BS, BD] tile, so
+    that all of its loads are in flight together (an unrolled loop of 2-D tiles compiled to one
+    tile at a time: 30 -> 32 registers for 4 blocks, sm_90)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    rows = i * BS + tl.arange(0, BS)
-    rmask = rows < Nq
     d = tl.arange(0, BD)
-    qp = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn + d[None, :]
-    q = tl.load(qp, mask=rmask[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-    cnt = tl.minimum(Nq - i * BS, BS).to(tl.float32)
-    qbar = tl.sum(q, axis=0) / cnt
-    tl.store(QBAR + (bh.to(tl.int64) * NQB + i) * D + d, qbar, mask=d < D)
+    Q_h = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    if NBP == 1:
+        i = tl.program_id(0)
+        rows = i * BS + tl.arange(0, BS)
+        rmask = rows < Nq
+        q = tl.load(Q_h + rows[:, None].to(tl.int64) * sqn + d[None, :], mask=rmask[:, None] & (d[None, :] < D),
+                    other=0.0).to(tl.float32)
+        cnt = tl.minimum(Nq - i * BS, BS).to(tl.float32)
+        qbar = tl.sum(q, axis=0) / cnt
+        tl.store(QBAR + (bh.to(tl.int64) * NQB + i) * D + d, qbar, mask=d < D)
+    else:
+        blk = tl.program_id(0) * NBP + tl.arange(0, NBP)  # [NBP]
+        rows = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [NBP, BS]
+        m3 = (rows < Nq)[:, :, None] & (d < D)[None, None, :]
+        q = tl.load(Q_h + rows[:, :, None].to(tl.int64) * sqn + d[None, None, :], mask=m3, other=0.0)
+        cnt = tl.maximum(tl.minimum(Nq - blk * BS, BS), 1).to(tl.float32)
+        qbar = tl.sum(q.to(tl.float32), axis=1) / cnt[:, None]  # [NBP, BD]
+        out = (bh.to(tl.int64) * NQB + blk)[:, None] * D + d[None, :]
+        tl.store(QBAR + out, qbar, mask=(blk < NQB)[:, None] & (d < D)[None, :])
 
 
 def _check_inner(x: Tensor, name: str) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def pool_kv(k: Tensor, v: Tensor, info: BlockInfo) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+# Blocks a pooling program handles (unrolled). 1 is what the H200 measured (pool_q 55 us and
+# pool_kv 32 us at 16K, Hq=32/Hkv=8, D=128: 2.1-2.4 TB/s, one 16 KB tile a program); 2 and 4 keep
+# more loads in flight and wait for a GPU measurement (benchmarks/bench_selection.py times them).
+POOL_BLOCKS_PER_PROGRAM = 1
+POOL_ENV = "SPA_POOL_BLOCKS"
+
+
+def pool_blocks_per_program(nbp: int | None = None) -> int:
+    """``nbp``, else $SPA_POOL_BLOCKS, else POOL_BLOCKS_PER_PROGRAM; 1, 2, 4 or 8."""
+    import os
+
+    v = nbp if nbp is not None else int(os.environ.get(POOL_ENV, "") or POOL_BLOCKS_PER_PROGRAM)
+    if v not in (1, 2, 4, 8):
+        raise ValueError(f"{POOL_ENV} must be 1, 2, 4 or 8 (blocks a pooling program), not {v}")
+    return v
+
+
+def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | None = None,
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """kbar ``[B, Hkv, NKB, D]``, vbar ``[B, Hkv, NKB, Dv]`` in float32, and copies of both in
     k's dtype (the same tensors for float32): the attention kernels load those as MMA operands."""
     k = _check_inner(k, "k")
@@ -86,25 +145,27 @@ def pool_kv(k: Tensor, v: Tensor, info: BlockInfo) -> tuple[Tensor, Tensor, Tens
     klp = torch.empty(kbar.shape, device=k.device, dtype=k.dtype) if lp else kbar
     vlp = torch.empty(vbar.shape, device=k.device, dtype=k.dtype) if lp else vbar
     bd, bdv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
-    _pool_kv_kernel[(info.nkb, b * h)](
+    nbp = pool_blocks_per_program(blocks_per_program)
+    _pool_kv_kernel[(triton.cdiv(info.nkb, nbp), b * h)](
         k, v, info.valid, kbar, vbar, klp, vlp,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, nk, info.nkb,
-        D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp,
+        D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp, NBP=nbp,
         num_warps=4 if info.block * max(bd, bdv) <= 8192 else 8,
     )
     return kbar, vbar, klp, vlp
 
 
-def pool_q(q: Tensor, block: int) -> Tensor:
+def pool_q(q: Tensor, block: int, blocks_per_program: int | None = None) -> Tensor:
     """qbar ``[B, Hq, NQB, D]`` in float32: the mean of each block's rows."""
     q = _check_inner(q, "q")
     b, h, nq, d = q.shape
     nqb = triton.cdiv(nq, block)
     qbar = torch.empty(b, h, nqb, d, device=q.device, dtype=torch.float32)
     bd = triton.next_power_of_2(d)
-    _pool_q_kernel[(nqb, b * h)](
+    nbp = pool_blocks_per_program(blocks_per_program)
+    _pool_q_kernel[(triton.cdiv(nqb, nbp), b * h)](
         q, qbar, q.stride(0), q.stride(1), q.stride(2), h, nq, nqb,
-        D=d, BS=block, BD=bd, num_warps=4 if block * bd <= 8192 else 8,
+        D=d, BS=block, BD=bd, NBP=nbp, num_warps=4 if block * bd <= 8192 else 8,
     )
     return qbar
