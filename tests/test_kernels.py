@@ -647,3 +647,22 @@ def test_pooling_blocks_per_program(nbp):
         assert torch.equal(pooling.pool_q(q, 16, blocks_per_program=1), pooling.pool_q(q, 16, blocks_per_program=nbp))
     with pytest.raises(ValueError, match="SPA_POOL_BLOCKS must be 1, 2, 4 or 8"):
         pooling.pool_blocks_per_program(3)
+
+
+@gpu
+@needs_cuda
+def test_gpu_pooling_blocks_per_program():
+    """On the card: pooling 2/4/8 blocks a program as one tile gives the one-block means (fp32
+    sums over the same rows; a different reduction tree may change the last bits)."""
+    from spa_compile.codegen import pooling
+
+    b, h, n, d = 2, 8, 8192 + 37, 128
+    q, k, v = make_qkv(b, h, h, n, n, d, dtype=torch.bfloat16, device="cuda", seed=23)
+    vis = Visibility(n, n, causal=True, key_valid=padding(b, n, [n - 100, n - 7], device="cuda"))
+    info = block_info(vis, b, n, n, 64, q.device)
+    one = pooling.pool_kv(k, v, info, blocks_per_program=1)
+    q1 = pooling.pool_q(q, 64, blocks_per_program=1)
+    for nbp in (2, 4, 8):
+        for x, y in zip(one, pooling.pool_kv(k, v, info, blocks_per_program=nbp)):
+            torch.testing.assert_close(y.float(), x.float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(pooling.pool_q(q, 64, blocks_per_program=nbp), q1, rtol=1e-6, atol=1e-6)
