@@ -664,5 +664,6 @@ def test_gpu_pooling_blocks_per_program():
     q1 = pooling.pool_q(q, 64, blocks_per_program=1)
     for nbp in (2, 4, 8):
         for x, y in zip(one, pooling.pool_kv(k, v, info, blocks_per_program=nbp)):
-            torch.testing.assert_close(y.float(), x.float(), rtol=1e-6, atol=1e-6)
+            tol = 1e-6 if x.dtype == torch.float32 else 8e-3  # the bf16 copies: one rounding step
+            torch.testing.assert_close(y.float(), x.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(pooling.pool_q(q, 64, blocks_per_program=nbp), q1, rtol=1e-6, atol=1e-6)
