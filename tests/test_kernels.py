@@ -327,18 +327,24 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
                 if c.get("HF")]
     assert hf_cands and all(c["GP"] == 4 for c in hf_cands)
     for gp in gps:
-        base = {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64}
-        res = []
-        for c in (base, dict(base, HF=True)):
-            o = torch.full_like(out, float("nan"))
-            lo = torch.full_like(lse, float("nan"))
-            sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o, lo)
-            dq = torch.full_like(q, float("nan"))
-            sparse_backward.launch_dq(q, k, v, do, lse, delta, kb, vb, info, idx, cnt, scale, True, c, dq)
-            res.append((o, lo, dq))
-        (o1, l1, dq1), (o2, l2, dq2) = res
-        assert not o1.isnan().any() and not l1.isnan().any() and not dq1.isnan().any(), gp
-        assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(dq1, dq2), gp
+        assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta,
+                                 {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64})
+
+
+def assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta, base):
+    """The forward (with the fill) and dq under config ``base`` and ``base`` + HF, into
+    NaN-poisoned buffers: every element written, and bitwise the same."""
+    res = []
+    for c in (base, dict(base, HF=True)):
+        o = torch.full((*q.shape[:3], v.shape[-1]), float("nan"), device=q.device, dtype=q.dtype)
+        lo = torch.full(q.shape[:3], float("nan"), device=q.device)
+        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o, lo)
+        dq = torch.full_like(q, float("nan"))
+        sparse_backward.launch_dq(q, k, v, do, lse, delta, kb, vb, info, idx, cnt, scale, True, c, dq)
+        res.append((o, lo, dq))
+    (o1, l1, dq1), (o2, l2, dq2) = res
+    assert not o1.isnan().any() and not l1.isnan().any() and not dq1.isnan().any(), base
+    assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(dq1, dq2), base
 
 
 @needs_cpu_kernels
@@ -612,18 +618,9 @@ def test_gpu_selection_radix_and_heads_first(hkv):
     out, lse, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
     do = torch.randn_like(out)
     delta = sparse_backward.launch_delta(out, do)
-    base = {"GP": 2, "num_warps": 8, "num_stages": 3, "BJ": 64}  # two head packs per group of 4
-    res = []
-    for c in (base, dict(base, HF=True)):
-        o = torch.full_like(out, float("nan"))
-        lo = torch.full_like(lse, float("nan"))
-        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o, lo)
-        dq = torch.full_like(q, float("nan"))
-        sparse_backward.launch_dq(q, k, v, do, lse, delta, kb, vb, info, idx, cnt, scale, True, c, dq)
-        res.append((o, lo, dq))
-    (o1, l1, dq1), (o2, l2, dq2) = res
-    assert not o1.isnan().any() and not dq1.isnan().any()
-    assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(dq1, dq2)
+    # two head packs per group of 4
+    assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta,
+                             {"GP": 2, "num_warps": 8, "num_stages": 3, "BJ": 64})
 
 
 @needs_cpu_kernels

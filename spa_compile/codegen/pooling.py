@@ -14,6 +14,26 @@ from .blockinfo import BlockInfo
 
 
 @triton.jit
+def _block_means(X_h, sxn, rows, rmask, w, inv, cols, NCOL: tl.constexpr, OUT, OUT_LP, out, keep, LP: tl.constexpr,
+                 AXIS: tl.constexpr):
+    """Weighted means of X's rows (``rows`` [BS] with AXIS 0, or [NBP, BS] with AXIS 1), stored
+    at ``out`` (+ cols) in float32 and, with LP, in OUT_LP's dtype; ``keep`` masks the stores."""
+    if AXIS == 0:
+        x = tl.load(X_h + rows[:, None].to(tl.int64) * sxn + cols[None, :],
+                    mask=rmask[:, None] & (cols[None, :] < NCOL), other=0.0).to(tl.float32)
+        mean = tl.sum(x * w[:, None], axis=0) * inv
+        ptr = out + cols
+    else:
+        x = tl.load(X_h + rows[:, :, None].to(tl.int64) * sxn + cols[None, None, :],
+                    mask=rmask[:, :, None] & (cols < NCOL)[None, None, :], other=0.0)
+        mean = tl.sum(x.to(tl.float32) * w[:, :, None], axis=1) * inv[:, None]
+        ptr = out[:, None] + cols[None, :]
+    tl.store(OUT + ptr, mean, mask=keep)
+    if LP:
+        tl.store(OUT_LP + ptr, mean.to(OUT_LP.dtype.element_ty), mask=keep)
+
+
+@triton.jit
 def _pool_kv_kernel(
     K, V, VALID, KBAR, VBAR, KLP, VLP,
     skb, skh, skn, svb, svh, svn,
@@ -30,49 +50,25 @@ def _pool_kv_kernel(
     K_h = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     V_h = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     if NBP == 1:
-        j = tl.program_id(0)
-        rows = j * BS + tl.arange(0, BS)
+        blk = tl.program_id(0)
+        rows = blk * BS + tl.arange(0, BS)
         rmask = rows < Nk
         w = tl.load(VALID + b.to(tl.int64) * Nk + rows, mask=rmask, other=0).to(tl.float32)
-        n = tl.sum(w, axis=0)
-        inv = 1.0 / tl.maximum(n, 1.0)
-        k = tl.load(K_h + rows[:, None].to(tl.int64) * skn + d[None, :], mask=rmask[:, None] & (d[None, :] < D),
-                    other=0.0).to(tl.float32)
-        kbar = tl.sum(k * w[:, None], axis=0) * inv
-        out = (bh.to(tl.int64) * NKB + j) * D
-        tl.store(KBAR + out + d, kbar, mask=d < D)
-        if LP:
-            tl.store(KLP + out + d, kbar.to(KLP.dtype.element_ty), mask=d < D)
-        v = tl.load(V_h + rows[:, None].to(tl.int64) * svn + dv[None, :], mask=rmask[:, None] & (dv[None, :] < DV),
-                    other=0.0).to(tl.float32)
-        vbar = tl.sum(v * w[:, None], axis=0) * inv
-        outv = (bh.to(tl.int64) * NKB + j) * DV
-        tl.store(VBAR + outv + dv, vbar, mask=dv < DV)
-        if LP:
-            tl.store(VLP + outv + dv, vbar.to(VLP.dtype.element_ty), mask=dv < DV)
+        inv = 1.0 / tl.maximum(tl.sum(w, axis=0), 1.0)
+        kkeep = d < D
+        vkeep = dv < DV
     else:
         blk = tl.program_id(0) * NBP + tl.arange(0, NBP)  # [NBP]
         rows = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [NBP, BS]
         rmask = rows < Nk
         w = tl.load(VALID + b.to(tl.int64) * Nk + rows, mask=rmask, other=0).to(tl.float32)
         inv = 1.0 / tl.maximum(tl.sum(w, axis=1), 1.0)  # [NBP]
-        bm = blk < NKB
-        k = tl.load(K_h + rows[:, :, None].to(tl.int64) * skn + d[None, None, :],
-                    mask=rmask[:, :, None] & (d < D)[None, None, :], other=0.0)
-        v = tl.load(V_h + rows[:, :, None].to(tl.int64) * svn + dv[None, None, :],
-                    mask=rmask[:, :, None] & (dv < DV)[None, None, :], other=0.0)
-        kbar = tl.sum(k.to(tl.float32) * w[:, :, None], axis=1) * inv[:, None]  # [NBP, BD]
-        out = (bh.to(tl.int64) * NKB + blk)[:, None] * D + d[None, :]
-        km = bm[:, None] & (d < D)[None, :]
-        tl.store(KBAR + out, kbar, mask=km)
-        if LP:
-            tl.store(KLP + out, kbar.to(KLP.dtype.element_ty), mask=km)
-        vbar = tl.sum(v.to(tl.float32) * w[:, :, None], axis=1) * inv[:, None]
-        outv = (bh.to(tl.int64) * NKB + blk)[:, None] * DV + dv[None, :]
-        vm = bm[:, None] & (dv < DV)[None, :]
-        tl.store(VBAR + outv, vbar, mask=vm)
-        if LP:
-            tl.store(VLP + outv, vbar.to(VLP.dtype.element_ty), mask=vm)
+        kkeep = (blk < NKB)[:, None] & (d < D)[None, :]
+        vkeep = (blk < NKB)[:, None] & (dv < DV)[None, :]
+    base = bh.to(tl.int64) * NKB + blk
+    axis: tl.constexpr = 0 if NBP == 1 else 1
+    _block_means(K_h, skn, rows, rmask, w, inv, d, D, KBAR, KLP, base * D, kkeep, LP, axis)
+    _block_means(V_h, svn, rows, rmask, w, inv, dv, DV, VBAR, VLP, base * DV, vkeep, LP, axis)
 
 
 @triton.jit
