@@ -269,16 +269,7 @@ def bench_s(fn: Callable[[], Any]) -> dict[str, float]:
         return {"median": p50 / 1e3, "p20": p20 / 1e3, "p80": p80 / 1e3,
                 "medians_of_tries": [r[1] / 1e3 for r in runs]}
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # 256 MB, as do_bench's cache flush
-    times = []
-    for _ in range(LONG_CALL_REPS):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
+    times = sorted(hardware.cuda_times(fn, LONG_CALL_REPS, warmup=0, before=flush.zero_))
     q = lambda f: times[min(len(times) - 1, int(round(f * (len(times) - 1))))]  # noqa: E731
     return {"median": q(0.5), "p20": q(0.2), "p80": q(0.8)}
 

@@ -424,20 +424,29 @@ def _graph_time(fn: Callable[[], Any], reps: int = 5) -> float | None:
         return None
 
 
-def _median_cuda_time(fn: Callable[[], Any], reps: int = 10, warmup: int = 3) -> float:
-    """Median seconds of ``fn`` on the current stream, by CUDA events."""
+def cuda_times(fn: Callable[[], Any], reps: int = 10, warmup: int = 3,
+               before: Callable[[], Any] | None = None) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn`` on the current stream, by CUDA events, each
+    synchronized; ``before`` (untimed, e.g. an L2 flush) runs ahead of every timed call."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return times
+
+
+def _median_cuda_time(fn: Callable[[], Any], reps: int = 10, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` on the current stream, by CUDA events."""
+    return statistics.median(cuda_times(fn, reps, warmup))
 
 
 def _host_time(fn: Callable[[], Any], reps: int = 30, batches: int = 3) -> float:
