@@ -110,7 +110,7 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev) -> dict:
         "group_sum_torch": lambda: qbar.unflatten(1, (hkv, g)).sum(dim=2),
         "selection_stage": lambda: api.selection_stage(q, kbar, info, scale, cfg, None, kmax),
     }
-    for nbp in (2, 4):  # pooling programs of NBP blocks (pooling.POOL_BLOCKS_PER_PROGRAM is 1)
+    for nbp in (1, 2):  # pooling programs of NBP blocks (pooling.POOL_BLOCKS_PER_PROGRAM, 4, is pool_q/pool_kv)
         stages[f"pool_q_nbp{nbp}"] = lambda nbp=nbp: pool_q(q, bs, blocks_per_program=nbp)
         stages[f"pool_kv_nbp{nbp}"] = lambda nbp=nbp: pool_kv(k, v, info, blocks_per_program=nbp)
     for path in paths:

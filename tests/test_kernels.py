@@ -9,6 +9,7 @@ outputs poisoned (NaN) before each run, errors within METHOD.md's bounds per dty
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -253,7 +254,7 @@ def test_tma_eligibility_and_candidates():
     assert not sparse_forward.tma_ok(ex, ex, 64)
     one = torch.zeros(1, 2, 100, 64, dtype=torch.bfloat16).as_strided((1, 2, 100, 64), (1, 6400, 64, 1))
     assert sparse_forward.tma_ok(one, one, 64) == codegen.autotune.interpreting()  # size-1 dim: stride ignored
-    cands = codegen.autotune.attention_candidates(4, 64, 128, 128, torch.bfloat16, True, fill=True, tma=True)
+    cands = codegen.autotune.attention_candidates(4, 64, 128, 128, torch.bfloat16, True, fill=True, tma=True, hf=True)
     assert not cands[0].get("TMA", False)
     if codegen.autotune.interpreting():
         assert not any(c.get("TMA", False) for c in cands)
@@ -279,8 +280,12 @@ def test_tma_eligibility_and_candidates():
 def test_heads_first_candidates():
     """Heads-first (HF) program order is a tuning candidate for GQA group selection only:
     last in the list (the first config stays the heuristic default), of the first two TMA
-    configs when those are offered, else of the first two; dq of its first two."""
-    A = codegen.autotune.attention_candidates
+    configs when those are offered, else of the first two; dq of its first two. Only when asked
+    for (``hf=True`` or $SPA_TUNE_HF=1): they lost everywhere on the H200."""
+    A = functools.partial(codegen.autotune.attention_candidates, hf=True)
+    for backward in (False, True):
+        assert not any(c.get("HF") for c in codegen.autotune.attention_candidates(4, 64, 128, 128, torch.bfloat16, True,
+                                                                                  backward=backward, fill=True))
     for g, block, d, fill, backward in [(4, 64, 128, True, False), (4, 64, 128, False, False), (4, 64, 128, True, True),
                                         (4, 16, 32, True, False), (2, 32, 64, False, True), (8, 64, 128, True, False)]:
         for tma in (None, True, False):
@@ -323,8 +328,8 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
     _, _, kb, vb = pool_kv(k, v, info)
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
     delta = sparse_backward.launch_delta(out, do)
-    hf_cands = [c for c in codegen.autotune.attention_candidates(hq // hkv, bs, d, d, q.dtype, True, fill=True)
-                if c.get("HF")]
+    hf_cands = [c for c in codegen.autotune.attention_candidates(hq // hkv, bs, d, d, q.dtype, True, fill=True,
+                                                                 hf=True) if c.get("HF")]
     assert hf_cands and all(c["GP"] == 4 for c in hf_cands)
     for gp in gps:
         assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta,
@@ -358,6 +363,38 @@ def test_kernels_match_reference(b, hq, hkv, nq, nk, d, visk, cfgk):
     vis = Visibility(nq=nq, nk=nk, **visk)
     cfg = SPAConfig(**{"block_size": 16, "density": 0.3, **cfgk})
     run_and_check(q, k, v, vis, cfg)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("window", [False, True], ids=["causal", "causal-window"])
+def test_fill_prefetch_same_result(window, monkeypatch):
+    """The fill with its bias words loaded a chunk ahead (PF, the default up to 2 heads a tile)
+    bitwise equal to loading them in place ($SPA_FILL_PREFETCH=0): fills of one chunk and of
+    several (the last chunk's look-ahead reads clamped indices), a window's unaligned start,
+    key padding with an empty block. Outputs NaN-poisoned: every element written."""
+    b, hq, hkv, n, d, bs = 2, 4, 2, 16 * 13 + 5, 16, 16
+    q, k, v = make_qkv(b, hq, hkv, n, n, d, seed=31)
+    kv = padding(b, n, [n - 7, n - 40])
+    kv[:, 48:64] = False
+    vis = Visibility(n, n, causal=True, key_valid=kv, window=70 if window else None)
+    cfg = SPAConfig(block_size=bs, topk=2)
+    scale = d**-0.5
+    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
+    info = block_info(vis, b, n, n, bs, q.device)
+    _, _, kb, vb = pool_kv(k, v, info)
+    res = []
+    for pf in ("1", "0"):
+        monkeypatch.setenv(sparse_forward.FILL_PREFETCH_ENV, pf)
+        assert sparse_forward.fill_prefetch(1) == (pf == "1") and not sparse_forward.fill_prefetch(4)
+        for bj in (32, 64):  # several chunks, and (window) one or two
+            o = torch.full((*q.shape[:3], d), float("nan"))
+            lo = torch.full(q.shape[:3], float("nan"))
+            sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True,
+                                          {"GP": 1, "num_warps": 4, "num_stages": 2, "BJ": bj}, o, lo)
+            assert not o.isnan().any() and not lo.isnan().any()
+            res.append((o, lo))
+    for (o1, l1), (o2, l2) in zip(res[:2], res[2:]):
+        assert torch.equal(o1, o2) and torch.equal(l1, l2)
 
 
 @needs_cpu_kernels

@@ -32,8 +32,8 @@ _SHIPPED = Path(__file__).with_name("tuned")
 # (fwd v2: fill over [ls, he) with the bias as the score dot's accumulator, BJ / FILL_STAGES
 # candidates, unmasked clamped K/V loads; v3: TMA candidates, K/V of the exact loop and kbar/vbar
 # of the fill through tensor descriptors; v4: heads-first (HF) candidates; dq v2: HF candidates,
-# which shipped dq timings would otherwise hide)
-KERNEL_VERSION = {"fwd": 4, "dq": 2}
+# which shipped dq timings would otherwise hide; fwd v5: the fill's bias words loaded a chunk ahead)
+KERNEL_VERSION = {"fwd": 5, "dq": 2}
 
 
 def interpreting() -> bool:
@@ -163,8 +163,12 @@ def tma_card() -> bool:
     return _tma_card(torch.cuda.current_device())
 
 
+HF_ENV = "SPA_TUNE_HF"  # "1": also time the heads-first (HF) variants
+
+
 def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype, group: bool,
-                         backward: bool = False, fill: bool = False, tma: bool | None = None) -> list[dict]:
+                         backward: bool = False, fill: bool = False, tma: bool | None = None,
+                         hf: bool | None = None) -> list[dict]:
     """Configs of the per-query-block kernels (forward, dq). First = heuristic default.
 
     tma: also offer the forward's TMA variant of every config (``"TMA": True``: K/V of the exact
@@ -173,11 +177,12 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
     Never under the interpreter, for backward, fp32, or head dims that are not powers of two
     in 16..256 (the launcher also falls back per call on strides the descriptors cannot take).
 
-    group with g > 1 (GQA, the group's heads share K/V): last, heads-first variants
+    hf (default: $SPA_TUNE_HF is "1"), group with g > 1: last, heads-first variants
     (``"HF": True``, common.qblock_prologue: the head packs of one query block run side by
-    side and can share the group's K/V tiles through L2, which query blocks first cannot at
-    long N) of the first two TMA configs when those are offered, else of the first two
-    configs; for backward (dq) of its first two configs. Not yet measured on a GPU.
+    side and can share the group's K/V tiles through L2) of the first two TMA configs when
+    those are offered, else of the first two configs; for backward (dq) of its first two.
+    Off by default: on the H200 (2026-11-28, run 6) they lost at every key they were timed
+    at, forward and dq, 4K to 64K (e.g. 18.03 vs 17.54 ms forward with fill at 64K, Hkv=8).
     """
     out = _attention_candidates(g, block, d, dv, dtype, group, backward, fill)
     if tma is None:
@@ -194,7 +199,9 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
         if first["num_stages"] == 3 and 2 * (first["GP"] * block * d + 4 * block * (d + dv)) <= SMEM_LIMIT:
             extra.append(dict(extra[0], num_stages=4))
         out = out + extra
-    if group and g > 1:
+    if hf is None:
+        hf = os.environ.get(HF_ENV, "0") == "1"
+    if hf and group and g > 1:
         tma_cfgs = [c for c in out if c.get("TMA", False)]
         out = out + [dict(c, HF=True) for c in (tma_cfgs or out)[:2]]
     return out

@@ -110,10 +110,11 @@ def _check_inner(x: Tensor, name: str) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# Blocks a pooling program handles (unrolled). 1 is what the H200 measured (pool_q 55 us and
-# pool_kv 32 us at 16K, Hq=32/Hkv=8, D=128: 2.1-2.4 TB/s, one 16 KB tile a program); 2 and 4 keep
-# more loads in flight and wait for a GPU measurement (benchmarks/bench_selection.py times them).
-POOL_BLOCKS_PER_PROGRAM = 1
+# Blocks a pooling program handles (one [NBP, BS, D] tile). 4 since the H200 run of 2026-11-28
+# (benchmarks/bench_selection.py, CUDA graph, 16K, Hq=32/Hkv=8, D=128): pool_q 41 us and pool_kv
+# 23 us against 55 and 32 with one block a program (16 KB a program, 2.1-2.4 TB/s); 2 blocks
+# gained nothing (64 / 33 us).
+POOL_BLOCKS_PER_PROGRAM = 4
 POOL_ENV = "SPA_POOL_BLOCKS"
 
 
