@@ -366,38 +366,6 @@ def test_kernels_match_reference(b, hq, hkv, nq, nk, d, visk, cfgk):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("window", [False, True], ids=["causal", "causal-window"])
-def test_fill_prefetch_same_result(window, monkeypatch):
-    """The fill with its bias words loaded a chunk ahead (PF, the default up to 2 heads a tile)
-    bitwise equal to loading them in place ($SPA_FILL_PREFETCH=0): fills of one chunk and of
-    several (the last chunk's look-ahead reads clamped indices), a window's unaligned start,
-    key padding with an empty block. Outputs NaN-poisoned: every element written."""
-    b, hq, hkv, n, d, bs = 2, 4, 2, 16 * 13 + 5, 16, 16
-    q, k, v = make_qkv(b, hq, hkv, n, n, d, seed=31)
-    kv = padding(b, n, [n - 7, n - 40])
-    kv[:, 48:64] = False
-    vis = Visibility(n, n, causal=True, key_valid=kv, window=70 if window else None)
-    cfg = SPAConfig(block_size=bs, topk=2)
-    scale = d**-0.5
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
-    info = block_info(vis, b, n, n, bs, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    res = []
-    for pf in ("1", "0"):
-        monkeypatch.setenv(sparse_forward.FILL_PREFETCH_ENV, pf)
-        assert sparse_forward.fill_prefetch(1) == (pf == "1") and not sparse_forward.fill_prefetch(4)
-        for bj in (32, 64):  # several chunks, and (window) one or two
-            o = torch.full((*q.shape[:3], d), float("nan"))
-            lo = torch.full(q.shape[:3], float("nan"))
-            sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True,
-                                          {"GP": 1, "num_warps": 4, "num_stages": 2, "BJ": bj}, o, lo)
-            assert not o.isnan().any() and not lo.isnan().any()
-            res.append((o, lo))
-    for (o1, l1), (o2, l2) in zip(res[:2], res[2:]):
-        assert torch.equal(o1, o2) and torch.equal(l1, l2)
-
-
-@needs_cpu_kernels
 def test_end_to_end_and_projector():
     """spa_forward against reference.spa_attention (its own selection) with a learned projector."""
     b, hq, hkv, n, d, r = 1, 4, 2, 70, 16, 8

@@ -17,7 +17,6 @@ head packs of one group share K/V tiles through L2; same results.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -32,32 +31,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def fill_words(c0, cj, he, NB_b, SEL_r):
-    """The two small loads behind a chunk's fill bias (see bias_from_words): the valid-key
-    counts of landmarks c0 + cj and the selection words holding their bits. Indices are
-    clamped into [0, he) so the loads need no mask, whatever c0 (also past the end)."""
-    jc = tl.minimum(c0 + cj, he - 1)
-    return tl.load(NB_b + jc), tl.load(SEL_r + jc // 32)
-
-
-@triton.jit
-def bias_from_words(n, word, c0, cj, lo, he, LOW: tl.constexpr):
+def fill_bias(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
     """Additive log2-domain bias of landmarks c0 + cj (cj = arange(BJ), c0 a multiple of 32)
     for a fill over [lo, he) (see fill_bounds): log2(n) for non-empty, unselected blocks,
-    -inf for the rest (log2(0) = -inf drops empty blocks without a test). The shift of the
-    selection bit is a constant per column because c0 is 32-aligned. LOW: also drop columns
-    below lo (the loop start was aligned down to 32)."""
+    -inf for the rest (log2(0) = -inf drops empty blocks without a test).
+
+    Register budget matters here (the 16-warp 4-head tile is at 128 registers): the shift of
+    the selection bit is a constant per column because c0 is 32-aligned, the two loads are
+    plain loads issued before the score dot, and nothing [BJ]-sized crosses pipeline stages.
+    LOW: also drop columns below lo (the loop start was aligned down to 32).
+    """
+    jc = tl.minimum(c0 + cj, he - 1)  # in range: unmasked loads
+    n = tl.load(NB_b + jc)
+    word = tl.load(SEL_r + jc // 32)
     use = (cj < he - c0) & (((word >> (cj % 32)) & 1) == 0)
     if LOW:
         use = use & (cj >= lo - c0)
     return tl.math.log2(tl.where(use, n, 0).to(tl.float32))
-
-
-@triton.jit
-def fill_bias(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
-    """bias_from_words of the chunk at c0, loaded now (the backward's dq walk)."""
-    n, word = fill_words(c0, cj, he, NB_b, SEL_r)
-    return bias_from_words(n, word, c0, cj, lo, he, LOW)
 
 
 @triton.jit
@@ -69,7 +59,7 @@ def _fwd_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
-    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, PF: tl.constexpr = False,
+    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF)
     BM: tl.constexpr = GP * BS
@@ -132,19 +122,8 @@ def _fwd_kernel(
         cj = tl.arange(0, BJ)
         inv_scale = 1.0 / qk_scale
         c_lo = ls - ls % 32  # 32-aligned chunks: a selection word's bit of column cj is cj % 32
-        # the bias's two small loads run one chunk ahead (carried raw, first used in the next
-        # iteration): as plain loads at the top of the chunk their L2 latency stalled every
-        # iteration, with one program an SM (shared memory) and nothing else to hide it
-        # (PF; sm_90: 159 -> 249 registers at one head, 4 warps, still one program an SM as
-        # before, bound by shared memory; the 4-head tile would spill, it loads in place)
-        n_nx, w_nx = fill_words(c_lo, cj, he, NB_b, SEL_r)
         for c0 in tl.range(c_lo, he, BJ, num_stages=FILL_STAGES if FILL_STAGES > 0 else None):
-            if PF:
-                n_c, w_c = n_nx, w_nx
-                n_nx, w_nx = fill_words(c0 + BJ, cj, he, NB_b, SEL_r)
-            else:
-                n_c, w_c = fill_words(c0, cj, he, NB_b, SEL_r)
-            bias = bias_from_words(n_c, w_c, c0, cj, ls, he, WINDOW)
+            bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW)
             if TMA_FILL:
                 # rows c0 .. c0 + BJ - 1 (the descriptor zero-fills past NKB; columns at or past
                 # he, or below ls, get a -inf bias like the clamped rows of the pointer loads)
@@ -174,15 +153,6 @@ def _fwd_kernel(
     tl.store(O + b64 * sob + rh[:, None] * soh + t[:, None].to(tl.int64) * son + dv[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(LSE + (b64 * Hq + rh) * Nq + t, lse, mask=row_ok)
-
-
-FILL_PREFETCH_ENV = "SPA_FILL_PREFETCH"  # "0": the fill's bias loads in place (A/B against the prefetch)
-
-
-def fill_prefetch(gp: int) -> bool:
-    """Whether the fill loads its bias words one chunk ahead (``PF``): up to 2 heads a tile (4
-    spill on sm_90), unless $SPA_FILL_PREFETCH is "0"."""
-    return gp < 4 and os.environ.get(FILL_PREFETCH_ENV, "1") != "0"
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -281,7 +251,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         D=d, DV=dv, BS=info.block, GP=gp,
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
-        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, PF=fill and fill_prefetch(gp),
+        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
