@@ -151,8 +151,13 @@ def select_blocks(
     scale: float,
     cfg: SPAConfig,
     projector: Projector | None = None,
+    block_scores=None,
 ) -> Selection:
-    """Projector scores and the selected set S for every query block (SPEC.md 1-2)."""
+    """Projector scores and the selected set S for every query block (SPEC.md 1-2).
+
+    ``block_scores(t0, t1)`` (optional, for experiments with other scores): the ``[B, Hs, NKB]``
+    scores of query rows ``t0:t1`` in place of SPEC's pooled projector score; forced blocks, k
+    and ties stay as SPEC.md says."""
     b, hq, nq, d = q.shape
     hkv = pooled.kbar.shape[1]
     g = hq // hkv
@@ -174,11 +179,14 @@ def select_blocks(
         visible_h, full_h = classify_blocks(vis.rows(t0, t1, q.device), valid, bs)
         visible = _to_selection_heads(visible_h, hs)
         partial = _to_selection_heads(visible_h & ~full_h, hs)
-        qbar = q[:, :, t0:t1].to(dt).mean(dim=2)  # [B, Hq, D]
-        qp = proj.project_queries(qbar)  # [B, Hq, r]
-        if hs == hkv:
-            qp = qp.unflatten(1, (hkv, g)).sum(dim=2)
-        score = scale * torch.einsum("bhr,bhjr->bhj", qp, kp)
+        if block_scores is None:
+            qbar = q[:, :, t0:t1].to(dt).mean(dim=2)  # [B, Hq, D]
+            qp = proj.project_queries(qbar)  # [B, Hq, r]
+            if hs == hkv:
+                qp = qp.unflatten(1, (hkv, g)).sum(dim=2)
+            score = scale * torch.einsum("bhr,bhjr->bhj", qp, kp)
+        else:
+            score = block_scores(t0, t1).to(dt)
         sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
         diag = min(max((t1 - 1 + vis.offset) // bs, 0), nkb - 1)
         forced = partial | sink | _local_mask(visible, diag, cfg.local_blocks)

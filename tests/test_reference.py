@@ -238,3 +238,39 @@ def test_gradcheck_with_fixed_selection(fill, kind):
     manual = R.sparse_attention_backward(go, gl, q, k, v, sel, vis, valid, 0.5, fill, 16)
     for a, m in zip(auto, manual):
         torch.testing.assert_close(m, a, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_select_blocks_with_given_block_scores(selection):
+    """``block_scores`` replaces only the score: the pooled score passed back in gives the same
+    selection; a score that prefers the lowest blocks selects them, with the forced blocks
+    (diagonal, sink, local) and k per query block unchanged."""
+    q, k, v = _inputs(2, 4, 2, 150, 150, 8, seed=7)
+    vis = Visibility(150, 150, causal=True)
+    cfg = SPAConfig(block_size=16, density=0.3, selection=selection)
+    valid = R.valid_keys(vis, 2, 2, 16, q.device)
+    pooled = R.pool_blocks(k, v, valid, 16)
+    scale = 8**-0.5
+    ref = R.select_blocks(q, pooled, vis, valid, scale, cfg)
+    hs = 2 if selection == "group" else 4
+    kb = pooled.kbar if hs == 2 else pooled.kbar.repeat_interleave(2, 1)
+
+    def pooled_scores(t0, t1):
+        qbar = q[:, :, t0:t1].mean(dim=2)
+        if hs == 2:
+            qbar = qbar.unflatten(1, (2, 2)).sum(2)
+        return scale * torch.einsum("bhd,bhjd->bhj", qbar, kb)
+
+    same = R.select_blocks(q, pooled, vis, valid, scale, cfg, block_scores=pooled_scores)
+    assert torch.equal(same.index, ref.index) and torch.equal(same.count, ref.count)
+    nkb = kb.shape[2]
+    low = R.select_blocks(q, pooled, vis, valid, scale, cfg,
+                          block_scores=lambda t0, t1: -torch.arange(nkb, dtype=q.dtype).expand(2, hs, nkb))
+    assert torch.equal(low.count, ref.count)
+    assert not torch.equal(low.index, ref.index)
+    # row 8 (query block 8 sees blocks 0-8; forced: block 8, sink 0, local 7-8): the top-k of the
+    # rest are its lowest blocks 1, 2, ...
+    row = low.index[0, 0, 8]
+    chosen = sorted(int(j) for j in row[row >= 0])
+    n_free = int(low.count[0, 0, 8]) - len({0, 8} | set(range(8 - cfg.local_blocks + 1, 9)))
+    assert chosen[:1 + n_free] == list(range(1 + n_free))
