@@ -345,9 +345,10 @@ PATH_ENV = "SPA_SELECT_PATH"  # "auto", "dense" or "stream": choose a path (test
 # benchmarks' reference checks passed with it, and at 16K (Hkv=8) it took 42 us against the
 # streaming kernel's 53 us (CUDA graph), identical lists (benchmarks/bench_selection.py).
 DEFAULT_PATH = "auto"
-# Bits of the k-th score search per step in the dense kernel (``_kth_threshold``): 1 (32 steps) is
-# what the H200 measured; 3 (11 steps, one packed row sum each) gives the same lists and waits for
-# a GPU measurement (``benchmarks/bench_selection.py`` times both). ``SPA_SELECT_RADIX`` overrides.
+# Bits of the k-th score search per step in the dense kernel (``_kth_threshold``): 1 (32 steps).
+# 2 and 3 (16 and 11 steps, one packed row sum each) give the same lists but were slower on the
+# H200 (16K, Hkv=8, CUDA graph: 42 us at 1, 54 at 2, 55 at 3; bench_selection.py, 2026-11-28).
+# ``SPA_SELECT_RADIX`` overrides.
 DENSE_RADIX_BITS = 1
 RADIX_ENV = "SPA_SELECT_RADIX"
 
