@@ -339,14 +339,22 @@ def load_model(args, dev) -> ByteGPT:
     return model
 
 
-def spa_options(args, density, fill="landmark", projectors=None) -> dict:
+def spa_options(args, density, fill="landmark", projectors=None, selection="group", block_score="projector") -> dict:
     return {"mode": "spa", "block_size": args.block_size, "density": density, "fill": fill,
-            "projectors": projectors, "inner_backend": "eager"}
+            "projectors": projectors, "inner_backend": "eager", "selection": selection, "block_score": block_score}
 
 
-def calibrate_stage(args, dev, work: Path) -> dict:
-    out = work / "projectors.safetensors"
-    res_path = work / "calibration.json"
+def projector_path(work: Path, selection: str) -> Path:
+    """Projectors fitted for a selection mode ("group": the name of runs 1-2, so their files resume)."""
+    return work / ("projectors.safetensors" if selection == "group" else f"projectors_{selection}.safetensors")
+
+
+def calibrate_stage(args, dev, work: Path, selection: str = "group") -> dict:
+    """Fit the projectors for one selection mode (the fit and the recall figures use the projector
+    score alone: block_score "hybrid" runs the same projectors for its first half)."""
+    out = projector_path(work, selection)
+    tag = "" if selection == "group" else f"_{selection}"
+    res_path = work / f"calibration{tag}.json"
     if out.exists() and res_path.exists() and not args.force:
         print(f"[calibrate] reusing {out}")
         return json.loads(res_path.read_text())
@@ -361,7 +369,7 @@ def calibrate_stage(args, dev, work: Path) -> dict:
             if rng.random() < args.retrieval_share:
                 x = plant_retrieval(x, rng, region=rng.uniform(0.05, 0.9))
             batches.append(x[None].to(dev, torch.long))
-    cfg = {k: v for k, v in spa_options(args, 0.2).items() if k not in ("projectors", "inner_backend")}
+    cfg = {k: v for k, v in spa_options(args, 0.2, selection=selection).items() if k not in ("projectors", "inner_backend")}
     t0 = time.time()
     report = C.calibrate(model, batches, cfg, steps=args.calib_steps, lr=args.calib_lr, out=out,
                          loss_blocks=args.loss_blocks, progress=True)
@@ -369,8 +377,9 @@ def calibrate_stage(args, dev, work: Path) -> dict:
     print(report)
     fitted = report.projectors.projectors
     recall = []
-    result = {"seconds": fit_s, "report": report.to_dict(), "recall": recall, "projectors": str(out)}
-    (work / "calibration_fit.json").write_text(json.dumps(result, indent=1, default=str))
+    result = {"seconds": fit_s, "report": report.to_dict(), "recall": recall, "projectors": str(out),
+              "selection": selection}
+    (work / f"calibration_fit{tag}.json").write_text(json.dumps(result, indent=1, default=str))
     for length in args.contexts[1:]:
         ev = [batch_windows(held, 1, length, gen)[0][None].to(dev, torch.long) for _ in range(args.recall_windows)]
         for density in args.densities:
@@ -410,12 +419,13 @@ def eval_stage(args, dev, work: Path, calib: dict) -> dict:
     _, held, _ = corpus(args.max_corpus)
     gen = torch.Generator().manual_seed(args.seed + 2)
     rng = random.Random(args.seed + 2)
-    proj = str(work / "projectors.safetensors")
-    runs = [("dense", None, None, None)]
-    for density in args.densities:
-        for projector in ("pooled", "calibrated"):
-            for fill in ("landmark", "none"):
-                runs.append(("spa", density, projector, fill))
+    runs = [("dense", None, None, None, None, None)]
+    for selection in args.selections:
+        for block_score in args.block_scores:
+            for density in args.densities:
+                for projector in ("pooled", "calibrated"):
+                    for fill in args.fills:
+                        runs.append(("spa", density, projector, fill, selection, block_score))
     rows = []
     torch._dynamo.config.cache_size_limit = 1 << 20
     if hasattr(torch._dynamo.config, "recompile_limit"):
@@ -433,13 +443,14 @@ def eval_stage(args, dev, work: Path, calib: dict) -> dict:
         bsz = max(1, args.batch_tokens // length)
         dense_ppl = None
         these = []
-        for kind, density, projector, fill in runs:
+        for kind, density, projector, fill, selection, block_score in runs:
             torch._dynamo.reset()
             sites = []
             if kind == "dense":
                 fn = model
             else:
-                opts = spa_options(args, density, fill, proj if projector == "calibrated" else None)
+                proj = str(projector_path(work, selection)) if projector == "calibrated" else None
+                opts = spa_options(args, density, fill, proj, selection, block_score)
                 fn = torch.compile(model, backend="spa", options=opts, dynamic=False)
             t0 = time.time()
             with recording(sites.append):
@@ -452,33 +463,47 @@ def eval_stage(args, dev, work: Path, calib: dict) -> dict:
             if kind == "dense":
                 dense_ppl = ppl
             row = {"context": length, "attention": kind, "density": density, "projector": projector, "fill": fill,
-                   "ppl": ppl, "ppl_ratio": ppl / dense_ppl, "retrieval": correct / len(ret),
+                   "selection": selection, "block_score": block_score, "ppl": ppl, "ppl_ratio": ppl / dense_ppl, "retrieval": correct / len(ret),
                    "retrieval_correct": correct, "retrieval_samples": len(ret), "tokens": cnt,
                    "spa_sites": n_spa, "seconds": time.time() - t0}
             these.append(row)
-            print(f"[eval] {length:>6} {kind:5} density={density} projector={projector} fill={fill}: "
+            print(f"[eval] {length:>6} {kind:5} density={density} projector={projector} fill={fill} "
+                  f"selection={selection} block_score={block_score}: "
                   f"ppl {ppl:.4f} (x{row['ppl_ratio']:.4f}) retrieval {row['retrieval']:.2f}", flush=True)
         done.write_text(json.dumps(these, indent=1))
         rows.extend(these)
     return {"runs": rows}
 
 
-def check_targets(evals: dict, calib: dict, contexts) -> dict:
+def _variant(r: dict) -> str:
+    """The selection variant of an eval row: "<selection>/<block_score>" (runs 1-2: group/projector)."""
+    return f"{r.get('selection') or 'group'}/{r.get('block_score') or 'projector'}"
+
+
+def check_targets(evals: dict, calibs: dict, contexts) -> dict:
+    """Per selection variant and context (8K and up): the targets of the projector issue."""
     out = {}
     long = [c for c in contexts if c >= 8192] or list(contexts)[-2:]
-    for length in long:
-        dense = next(r for r in evals["runs"] if r["context"] == length and r["attention"] == "dense")
-        spa = next(r for r in evals["runs"] if r["context"] == length and r["attention"] == "spa"
-                   and r["density"] == 0.2 and r["projector"] == "calibrated" and r["fill"] == "landmark")
-        rec = next((r for r in calib["recall"] if r["context"] == length and r["density"] == 0.2), None)
-        out[str(length)] = {
-            "ppl_within_1pct": spa["ppl_ratio"] <= 1.01, "ppl_ratio": spa["ppl_ratio"],
-            "retrieval_equal": spa["retrieval"] >= dense["retrieval"],
-            "retrieval_dense": dense["retrieval"], "retrieval_spa": spa["retrieval"],
-            "fitted_recall_gain": None if rec is None else rec["recall_fitted"] - rec["recall_pooled"],
-            "recall_gain_at_least_5_points": None if rec is None else rec["recall_fitted"] - rec["recall_pooled"] >= 0.05,
-        }
+    variants = sorted({_variant(r) for r in evals["runs"] if r["attention"] == "spa"})
+    for variant in variants:
+        calib = calibs[variant.split("/")[0]]
+        for length in long:
+            out.setdefault(variant, {})[str(length)] = _targets_at(evals, calib, length, variant)
     return out
+
+
+def _targets_at(evals: dict, calib: dict, length: int, variant: str) -> dict:
+    dense = next(r for r in evals["runs"] if r["context"] == length and r["attention"] == "dense")
+    spa = next(r for r in evals["runs"] if r["context"] == length and r["attention"] == "spa" and _variant(r) == variant
+               and r["density"] == 0.2 and r["projector"] == "calibrated" and r["fill"] == "landmark")
+    rec = next((r for r in calib["recall"] if r["context"] == length and r["density"] == 0.2), None)
+    return {
+        "ppl_within_1pct": spa["ppl_ratio"] <= 1.01, "ppl_ratio": spa["ppl_ratio"],
+        "retrieval_equal": spa["retrieval"] >= dense["retrieval"],
+        "retrieval_dense": dense["retrieval"], "retrieval_spa": spa["retrieval"],
+        "fitted_recall_gain": None if rec is None else rec["recall_fitted"] - rec["recall_pooled"],
+        "recall_gain_at_least_5_points": None if rec is None else rec["recall_fitted"] - rec["recall_pooled"] >= 0.05,
+    }
 
 
 def plots(result: dict, docs: Path, contexts) -> list[str]:
@@ -494,12 +519,18 @@ def plots(result: dict, docs: Path, contexts) -> list[str]:
     runs = result["eval"]["runs"]
     fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.4), sharey=True)
     axes = [axes] if len(contexts) == 1 else axes
+    variants = sorted({_variant(r) for r in runs if r["attention"] == "spa"})
+    fills = sorted({r["fill"] for r in runs if r["attention"] == "spa"})
     for ax, length in zip(axes, contexts):
-        for projector, fill, style in (("pooled", "landmark", "o--"), ("calibrated", "landmark", "o-"),
-                                       ("pooled", "none", "s:"), ("calibrated", "none", "s-.")):
-            pts = sorted((r["density"], r["ppl_ratio"]) for r in runs if r["context"] == length and r["attention"] == "spa"
-                         and r["projector"] == projector and r["fill"] == fill)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{projector}, fill={fill}")
+        for vi, variant in enumerate(variants):
+            for projector, fill in ((p, f) for f in fills for p in ("pooled", "calibrated")):
+                pts = sorted((r["density"], r["ppl_ratio"]) for r in runs if r["context"] == length
+                             and r["attention"] == "spa" and r["projector"] == projector and r["fill"] == fill
+                             and _variant(r) == variant)
+                style = ("o" if fill == "landmark" else "s") + ("-" if projector == "calibrated" else "--")
+                label = f"{projector}, fill={fill}" + (f", {variant}" if len(variants) > 1 else "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{vi}", label=label,
+                        alpha=1.0 if fill == "landmark" else 0.5)
         ax.axhline(1.01, color="grey", lw=0.8, ls="--")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_title(f"{length // 1024}K tokens")
@@ -512,14 +543,17 @@ def plots(result: dict, docs: Path, contexts) -> list[str]:
     written.append(str(p))
     plt.close(fig)
 
+    calibs = result.get("calibrate_by_selection") or {"group": result["calibrate"]}
     rec = result["calibrate"]["recall"]
     lens = sorted({r["context"] for r in rec})
     fig, axes = plt.subplots(1, len(lens), figsize=(4.2 * len(lens), 3.4), sharey=True)
     axes = [axes] if len(lens) == 1 else axes
     for ax, length in zip(axes, lens):
-        pts = sorted((r["density"], r) for r in rec if r["context"] == length)
-        for m, style in (("pooled", "o--"), ("fitted", "o-"), ("oracle", "k:")):
-            ax.plot([d for d, _ in pts], [r[f"recall_{m}"] for _, r in pts], style, label=m)
+        for si, (selection, calib) in enumerate(sorted(calibs.items())):
+            pts = sorted(((r["density"], r) for r in calib["recall"] if r["context"] == length), key=lambda t: t[0])
+            for m, style in (("pooled", "o--"), ("fitted", "o-"), ("oracle", ":")):
+                ax.plot([d for d, _ in pts], [r[f"recall_{m}"] for _, r in pts], style, color=f"C{si}",
+                        label=f"{m}, {selection} selection" if len(calibs) > 1 else m)
         ax.set_title(f"block recall, {length // 1024}K tokens")
         ax.set_xlabel("density")
     axes[0].set_ylabel("share of dense attention mass kept")
@@ -531,16 +565,19 @@ def plots(result: dict, docs: Path, contexts) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    labels, width = [], 0.8 / (1 + 2 * len({r["density"] for r in runs if r["density"]}))
-    configs = [("dense", None, None)] + sorted({("spa", r["density"], r["projector"]) for r in runs
-                                                if r["attention"] == "spa" and r["fill"] == "landmark"},
-                                               key=lambda t: (t[1], t[2]))
-    for j, (kind, density, projector) in enumerate(configs):
+    configs = [("dense", None, None, None)] + sorted(
+        {("spa", r["density"], r["projector"], _variant(r)) for r in runs
+         if r["attention"] == "spa" and r["fill"] == "landmark" and (r["density"] == 0.2 or len(variants) == 1)},
+        key=lambda t: (t[3], t[1], t[2]))
+    width = 0.8 / len(configs)
+    for j, (kind, density, projector, variant) in enumerate(configs):
         ys = [next(r["retrieval"] for r in runs if r["context"] == length and r["attention"] == kind
-                   and r["density"] == density and r["projector"] == projector and (kind == "dense" or r["fill"] == "landmark"))
+                   and r["density"] == density and r["projector"] == projector
+                   and (kind == "dense" or (r["fill"] == "landmark" and _variant(r) == variant)))
               for length in contexts]
         ax.bar([i + j * width for i in range(len(contexts))], ys, width,
-               label="dense" if kind == "dense" else f"{density} {projector}")
+               label="dense" if kind == "dense" else f"{density} {projector}"
+               + (f" {variant}" if len(variants) > 1 else ""))
     ax.set_xticks([i + width * (len(configs) - 1) / 2 for i in range(len(contexts))])
     ax.set_xticklabels([f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts])
     ax.set_ylabel("retrieval accuracy")
@@ -573,6 +610,11 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--selections", nargs="+", choices=["group", "head"], default=["group"],
+                    help="SPAConfig.selection values to evaluate (projectors are calibrated for each)")
+    ap.add_argument("--block-scores", nargs="+", choices=["projector", "hybrid", "bound"], default=["projector"],
+                    help="SPAConfig.block_score values to evaluate")
+    ap.add_argument("--fills", nargs="+", choices=["landmark", "none"], default=["landmark", "none"])
     ap.add_argument("--calib-windows", type=int, nargs="+", default=[8, 4, 2], help="calibration windows per context")
     ap.add_argument("--calib-steps", type=int, default=300)
     ap.add_argument("--calib-lr", type=float, default=1e-2)
@@ -607,11 +649,13 @@ def main(argv=None) -> int:
     result["train"] = train(args, dev, work)
     if args.stage == "train":
         return 0
-    result["calibrate"] = calibrate_stage(args, dev, work)
+    calibs = {selection: calibrate_stage(args, dev, work, selection) for selection in args.selections}
+    result["calibrate"] = calibs[args.selections[0]]
+    result["calibrate_by_selection"] = calibs
     if args.stage == "calibrate":
         return 0
     result["eval"] = eval_stage(args, dev, work, result["calibrate"])
-    result["targets"] = check_targets(result["eval"], result["calibrate"], args.contexts)
+    result["targets"] = check_targets(result["eval"], calibs, args.contexts)
     result["seconds"] = time.time() - t0
     out.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {out}")

@@ -15,6 +15,9 @@ from typing import Any, Mapping
 MODES = ("auto", "spa", "dense")
 FILLS = ("landmark", "none")
 SELECTIONS = ("group", "head")
+# How the top-k blocks are scored (docs/design.md, "A retrieval-aware block score"): "projector" is
+# SPEC.md section 1; "bound" and "hybrid" add the key-range bound (an extension proposed for SPEC.md).
+BLOCK_SCORES = ("projector", "hybrid", "bound")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 SITE_DECISIONS = ("spa", "dense")
 # Built-in hardware profiles (spa_compile.hardware.BUILTIN_PROFILES); "auto" measures the present GPU.
@@ -51,6 +54,10 @@ class SPAConfig:
     local_blocks:  visible blocks nearest to the diagonal always kept.
     fill:          "landmark" keeps the mass of dropped blocks with one pseudo-key per block; "none" drops it.
     selection:     "group" shares one selection across the query heads of a kv head; "head" selects per head.
+    block_score:   how the top-k blocks are picked: "projector" (SPEC.md: the projected pooled score),
+                   "bound" (a per-row upper bound of q . k from each key block's per-channel key range:
+                   finds a single matching key, e.g. a retrieval lookup, that block means average away)
+                   or "hybrid" (half of the top-k by each: ceil(k/2) by projector, the rest by bound).
     projectors:    path of a projector file (safetensors) or None for the identity (pooled) projector.
     min_seq_len:   "auto" (the cost model's crossover) or an int that overrides it: in mode "auto",
                    sites with fewer keys stay dense and the others take SPA.
@@ -75,6 +82,7 @@ class SPAConfig:
     local_blocks: int = 2
     fill: str = "landmark"
     selection: str = "group"
+    block_score: str = "projector"
     projectors: str | None = None
     min_seq_len: Any = "auto"
     inner_backend: str = "inductor"
@@ -158,6 +166,7 @@ def _validate(cfg: SPAConfig) -> None:
     _choice(cfg, "mode", MODES)
     _choice(cfg, "fill", FILLS)
     _choice(cfg, "selection", SELECTIONS)
+    _choice(cfg, "block_score", BLOCK_SCORES)
     _choice(cfg, "inner_backend", INNER_BACKENDS)
     if not _is_int(cfg.block_size) or cfg.block_size < 16 or cfg.block_size & (cfg.block_size - 1):
         _fail("block_size", cfg.block_size, "a power of two >= 16 (16, 32, 64, 128, ...)")

@@ -26,7 +26,8 @@ from .projector import Projector
 from .visibility import BiasMaskError, Visibility, mask_to_visibility, num_blocks
 
 # The fields of SPAConfig that change what the op computes; the rest steer the backend.
-OP_FIELDS = ("block_size", "density", "topk", "min_blocks", "max_blocks", "sink_blocks", "local_blocks", "fill", "selection")
+OP_FIELDS = ("block_size", "density", "topk", "min_blocks", "max_blocks", "sink_blocks", "local_blocks", "fill",
+             "selection", "block_score")
 
 
 @torch.compiler.assume_constant_result  # a config is a constant of the traced program
@@ -149,7 +150,7 @@ def attention(
         out, lse, index, count = _codegen().spa_forward(q, k, v, vis, scale, cfg, projector)
         return out, lse, index, count
     valid = reference.valid_keys(vis, b, k.shape[1], cfg.block_size, q.device)
-    pooled = reference.pool_blocks(k, v, valid, cfg.block_size)
+    pooled = reference.pool_blocks(k, v, valid, cfg.block_size, extrema=cfg.block_score != "projector")
     sel = reference.select_blocks(q, pooled, vis, valid, scale, cfg, projector)
     out, lse = reference.sparse_attention(q, k, v, sel, pooled, vis, valid, scale, cfg.fill, cfg.block_size)
     return out.contiguous(), lse.to(torch.float32).contiguous(), sel.index, sel.count

@@ -31,6 +31,9 @@ class Pooled:
     kbar: Tensor  # [B, Hkv, NKB, D]
     vbar: Tensor  # [B, Hkv, NKB, Dv]
     count: Tensor  # [B, Hkv, NKB], float
+    # per-channel max / min of the valid keys (0 for empty blocks), for the "bound" block score
+    kmax: Tensor | None = None  # [B, Hkv, NKB, D]
+    kmin: Tensor | None = None
 
 
 @dataclass
@@ -111,8 +114,9 @@ def _to_selection_heads(x: Tensor, hs: int) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def pool_blocks(k: Tensor, v: Tensor, valid: Tensor, block_k: int) -> Pooled:
-    """Means of the valid keys and values of every key block, and their counts."""
+def pool_blocks(k: Tensor, v: Tensor, valid: Tensor, block_k: int, extrema: bool = False) -> Pooled:
+    """Means of the valid keys and values of every key block, and their counts; with ``extrema``
+    also the per-channel max and min of the valid keys (what ``block_score="bound"`` needs)."""
     dt = compute_dtype(k)
     nk = k.shape[2]
     nkb = num_blocks(nk, block_k)
@@ -122,7 +126,44 @@ def pool_blocks(k: Tensor, v: Tensor, valid: Tensor, block_k: int) -> Pooled:
     vs = torch.nn.functional.pad(v.to(dt) * w, (0, 0, 0, pad)).unflatten(2, (nkb, block_k)).sum(3)
     n = torch.nn.functional.pad(valid.to(dt), (0, pad)).unflatten(2, (nkb, block_k)).sum(3)
     denom = n.clamp(min=1)[..., None]
-    return Pooled(kbar=ks / denom, vbar=vs / denom, count=n)
+    pooled = Pooled(kbar=ks / denom, vbar=vs / denom, count=n)
+    if extrema:
+        pooled.kmax, pooled.kmin = key_extrema(k.detach(), valid, block_k)
+    return pooled
+
+
+def key_extrema(k: Tensor, valid: Tensor, block_k: int) -> tuple[Tensor, Tensor]:
+    """Per-channel max and min over the valid keys of each key block, ``[B, Hkv, NKB, D]`` each in
+    the compute dtype; 0 for a block without valid keys (never visible: keeps 0 * inf out)."""
+    dt = compute_dtype(k)
+    nkb = num_blocks(k.shape[2], block_k)
+    pad = nkb * block_k - k.shape[2]
+    ok = torch.nn.functional.pad(valid, (0, pad))[..., None]  # [B, 1|Hkv, NKB * Bk, 1]
+    kp = torch.nn.functional.pad(k.to(dt), (0, 0, 0, pad))
+    hi = torch.where(ok, kp, -math.inf).unflatten(2, (nkb, block_k)).amax(3)
+    lo = torch.where(ok, kp, math.inf).unflatten(2, (nkb, block_k)).amin(3)
+    has = ok.unflatten(2, (nkb, block_k)).any(3)
+    return torch.where(has, hi, 0.0), torch.where(has, lo, 0.0)
+
+
+def bound_scores(q_rows: Tensor, kmax: Tensor, kmin: Tensor, hs: int, scale: float) -> Tensor:
+    """The key-range bound of every key block for query rows ``q_rows`` ``[B, Hq, R, D]``:
+    ``s * max over rows and the query heads of a selection head of sum_d max(q_d kmax_d, q_d kmin_d)``,
+    an upper bound of the block's largest logit. ``max(q a, q b)`` for ``a >= b`` is ``q a`` when
+    ``q >= 0`` and ``q b`` otherwise, so it is two matrix products. kmax/kmin ``[B, Hq, NKB, D]``
+    (per query head). Returns ``[B, hs, NKB]``."""
+    pos, neg = q_rows.clamp(min=0), q_rows.clamp(max=0)
+    sc = (pos @ kmax.transpose(-1, -2) + neg @ kmin.transpose(-1, -2)).amax(2)  # [B, Hq, NKB]
+    if sc.shape[1] != hs:
+        sc = sc.unflatten(1, (hs, sc.shape[1] // hs)).amax(2)
+    return scale * sc
+
+
+def _top(score: Tensor, among: Tensor, k: Tensor) -> Tensor:
+    """The ``k`` ([B, Hs]) highest scores of ``among`` ([B, Hs, NKB] bool), ties to the lower j."""
+    masked = torch.where(among, score, torch.full_like(score, -math.inf))
+    rank = torch.sort(masked, dim=-1, descending=True, stable=True).indices.argsort(dim=-1)
+    return among & (rank < k[..., None])
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,9 +196,13 @@ def select_blocks(
 ) -> Selection:
     """Projector scores and the selected set S for every query block (SPEC.md 1-2).
 
+    ``cfg.block_score``: "projector" (SPEC.md) takes the top k by the projector score; "bound" by
+    :func:`bound_scores` (needs ``pooled.kmax``/``kmin``: ``pool_blocks(..., extrema=True)``);
+    "hybrid" the top ``ceil(k/2)`` by the projector score, then the top ``k - ceil(k/2)`` of the
+    remaining blocks by the bound. Forced blocks, k and ties (lower j first) are the same for all.
+
     ``block_scores(t0, t1)`` (optional, for experiments with other scores): the ``[B, Hs, NKB]``
-    scores of query rows ``t0:t1`` in place of SPEC's pooled projector score; forced blocks, k
-    and ties stay as SPEC.md says."""
+    scores of query rows ``t0:t1`` in place of the projector score."""
     b, hq, nq, d = q.shape
     hkv = pooled.kbar.shape[1]
     g = hq // hkv
@@ -171,6 +216,12 @@ def select_blocks(
     kp = proj.project_keys(pooled.kbar.to(dt))  # [B, Hkv, NKB, r]
     if hs == hq:
         kp = _to_heads(kp, hq)
+    use_bound = cfg.block_score != "projector"
+    if use_bound:
+        if pooled.kmax is None or pooled.kmin is None:
+            raise ValueError(f"block_score={cfg.block_score!r} needs the key extrema: pool the keys with "
+                             f"pool_blocks(..., extrema=True)")
+        kmx, kmn = _to_heads(pooled.kmax.to(dt), hq), _to_heads(pooled.kmin.to(dt), hq)
     index = torch.full((b, hs, nqb, kmax), -1, dtype=torch.int32, device=q.device)
     count = torch.zeros((b, hs, nqb), dtype=torch.int32, device=q.device)
     jj = torch.arange(nkb, device=q.device)
@@ -192,10 +243,13 @@ def select_blocks(
         forced = partial | sink | _local_mask(visible, diag, cfg.local_blocks)
         remaining = visible & ~forced
         k = torch.minimum(topk_count(visible.sum(-1), cfg), remaining.sum(-1))
-        masked = torch.where(remaining, score, torch.full_like(score, -math.inf))
-        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-        rank = order.argsort(dim=-1)
-        chosen = forced | (remaining & (rank < k[..., None]))
+        if not use_bound:
+            chosen = forced | _top(score, remaining, k)
+        else:
+            k1 = (k + 1) // 2 if cfg.block_score == "hybrid" else torch.zeros_like(k)
+            first = _top(score, remaining, k1)
+            bound = bound_scores(q[:, :, t0:t1].to(dt), kmx, kmn, hs, scale)
+            chosen = forced | first | _top(bound, remaining & ~first, k - k1)
         idx = torch.where(chosen, jj, nkb).sort(dim=-1).values[..., :kmax]
         n = chosen.sum(-1)
         if int(n.max()) > kmax:  # a bug in max_selected, never a silent truncation
@@ -351,8 +405,8 @@ def spa_attention(
     vis = visibility if visibility is not None else from_sdpa(attn_mask, is_causal, nq, nk)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     valid = valid_keys(vis, q.shape[0], k.shape[1], cfg.block_size, q.device)
-    pooled = pool_blocks(k, v, valid, cfg.block_size)
-    detached = Pooled(pooled.kbar.detach(), pooled.vbar.detach(), pooled.count)
+    pooled = pool_blocks(k, v, valid, cfg.block_size, extrema=cfg.block_score != "projector")
+    detached = Pooled(pooled.kbar.detach(), pooled.vbar.detach(), pooled.count, pooled.kmax, pooled.kmin)
     sel = select_blocks(q.detach(), detached, vis, valid, scale, cfg, projector)
     out, lse = sparse_attention(q, k, v, sel, pooled, vis, valid, scale, cfg.fill, cfg.block_size)
     if squeeze:

@@ -79,7 +79,7 @@ def padding(b, nk, lengths, left=False, device="cpu"):
 def reference_stages(q, k, v, vis, scale, cfg, projector=None):
     b, hkv = q.shape[0], k.shape[1]
     valid = R.valid_keys(vis, b, hkv, cfg.block_size, q.device)
-    pooled = R.pool_blocks(k, v, valid, cfg.block_size)
+    pooled = R.pool_blocks(k, v, valid, cfg.block_size, extrema=cfg.block_score != "projector")
     return valid, pooled
 
 
@@ -104,8 +104,27 @@ def block_scores(q, pooled, scale, cfg, projector=None):
     return scale * torch.einsum("bhir,bhjr->bhij", qp, kp)
 
 
+def bound_block_scores(q, pooled, scale, cfg):
+    """reference key-range bound scores [B, Hs, NQB, NKB] (float64) for tie checks."""
+    hq, nq = q.shape[1], q.shape[2]
+    hs = pooled.kbar.shape[1] if cfg.selection == "group" else hq
+    kmx, kmn = (R._to_heads(x.double(), hq) for x in (pooled.kmax, pooled.kmin))
+    bs = cfg.block_size
+    return torch.stack([R.bound_scores(q[:, :, t0:t0 + bs].double(), kmx, kmn, hs, scale)
+                        for t0 in range(0, nq, bs)], dim=2)
+
+
+def selection_scores(q, pooled, scale, cfg, projector=None):
+    """The scores the selection ranks by: the projector's, and the bound for "bound"/"hybrid"."""
+    scores = [block_scores(q, pooled, scale, cfg, projector)]
+    if cfg.block_score != "projector":
+        scores.append(bound_block_scores(q, pooled, scale, cfg))
+    return scores
+
+
 def assert_same_selection(ref, idx, cnt, scores=None, tol=1e-4):
-    """Equal counts; equal index lists except blocks whose scores tie within rounding."""
+    """Equal counts; equal index lists except blocks whose scores tie within rounding
+    (``scores``: one ``[B, Hs, NQB, NKB]`` tensor or a list, a tie under any of them)."""
     assert idx.shape == ref.index.shape, (idx.shape, ref.index.shape)
     assert torch.equal(cnt.cpu(), ref.count.cpu()), "selected counts differ"
     diff = (idx.cpu() != ref.index.cpu()).any(-1)
@@ -116,10 +135,12 @@ def assert_same_selection(ref, idx, cnt, scores=None, tol=1e-4):
         a = set(ref.index[b, h, i].tolist()) - {-1}
         g = set(idx[b, h, i].tolist()) - {-1}
         only_ref, only_got = sorted(a - g), sorted(g - a)
-        s = scores[b, h, i].cpu()
-        spread = float(s[only_ref + only_got].max() - s[only_ref + only_got].min())
-        scale = float(s[only_ref + only_got].abs().max()) + 1.0
-        assert spread <= tol * scale, f"blocks {only_ref} vs {only_got} at {(b, h, i)} differ by {spread}"
+        spreads = []
+        for sc in scores if isinstance(scores, (list, tuple)) else [scores]:
+            s = sc[b, h, i].cpu()
+            spread = float(s[only_ref + only_got].max() - s[only_ref + only_got].min())
+            spreads.append(spread / (float(s[only_ref + only_got].abs().max()) + 1.0))
+        assert min(spreads) <= tol, f"blocks {only_ref} vs {only_got} at {(b, h, i)} differ by {spreads}"
 
 
 def run_and_check(q, k, v, vis, cfg, projector=None, grads=True, tol=2e-5, gtol=5e-5, check_sel=True):
@@ -133,7 +154,7 @@ def run_and_check(q, k, v, vis, cfg, projector=None, grads=True, tol=2e-5, gtol=
     valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
     if check_sel:
         ref_sel = R.select_blocks(q.double(), pooled, vis, valid, scale, cfg, projector)
-        assert_same_selection(ref_sel, idx, cnt, block_scores(q, pooled, scale, cfg, projector))
+        assert_same_selection(ref_sel, idx, cnt, selection_scores(q, pooled, scale, cfg, projector))
     # stage check: the sparse part with the kernels' own selection
     qr, kr, vr = (x.detach().double().requires_grad_(grads) for x in (q, k, v))
     pooled_r = R.pool_blocks(kr, vr, valid, cfg.block_size)
@@ -168,6 +189,12 @@ CASES = [
     pytest.param(2, 2, 1, 60, 60, 16, dict(key_valid="left"), dict(selection="head", sink_blocks=0), id="leftpad-head"),
     pytest.param(1, 4, 2, 50, 80, 16, dict(causal=True, offset=30, window=40), dict(local_blocks=1), id="offset-window"),
     pytest.param(1, 2, 1, 40, 90, 32, dict(window=33, offset=50), dict(min_blocks=2, max_blocks=3), id="window-only"),
+    # the key-range bound score (bound_selection): first pass half or forced-only, then the bound
+    pytest.param(1, 4, 1, 150, 150, 16, dict(causal=True), dict(block_score="hybrid"), id="hybrid-causal-gqa4"),
+    pytest.param(2, 2, 2, 97, 97, 32, dict(key_valid="right"), dict(block_score="bound", selection="head"),
+                 id="bound-pad-head"),
+    pytest.param(1, 8, 1, 90, 130, 16, dict(causal=True, offset=40, window=70),
+                 dict(block_score="hybrid", topk=3, local_blocks=1), id="hybrid-window-gqa8"),
 ]
 
 
@@ -476,12 +503,12 @@ def _poison_allocator(nbytes=1 << 30):
 
 
 def _gpu_case(b, hq, hkv, n, d, dtype, causal, fill, pad, selection="group", nk=None, dv=None, density=0.2,
-              grads=True, seed=0):
+              grads=True, seed=0, block_score="projector"):
     nk = n if nk is None else nk
     q, k, v = make_qkv(b, hq, hkv, n, nk, d, dv=dv, dtype=dtype, device="cuda", seed=seed)
     kv = padding(b, nk, [nk - pad - 37 * i for i in range(b)], device="cuda") if pad else None
     vis = Visibility(n, nk, causal=causal, offset=nk - n if causal else 0, key_valid=kv)
-    cfg = SPAConfig(density=density, fill=fill, selection=selection)
+    cfg = SPAConfig(density=density, fill=fill, selection=selection, block_score=block_score)
     scale = 1.0 / math.sqrt(d)
     _poison_allocator()
     out, lse, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
@@ -489,7 +516,7 @@ def _gpu_case(b, hq, hkv, n, d, dtype, causal, fill, pad, selection="group", nk=
     tol = GPU_TOL[dtype]
     valid, pooled = reference_stages(q.float(), k.float(), v.float(), vis, scale, cfg)
     ref_sel = R.select_blocks(q.float(), pooled, vis, valid, scale, cfg)
-    assert_same_selection(ref_sel, idx, cnt, block_scores(q.float(), pooled, scale, cfg), tol=1e-3)
+    assert_same_selection(ref_sel, idx, cnt, selection_scores(q.float(), pooled, scale, cfg), tol=1e-3)
     qr, kr, vr = (x.detach().float().requires_grad_(grads) for x in (q, k, v))
     pooled_r = R.pool_blocks(kr, vr, valid, cfg.block_size)
     ro, rl = R.sparse_attention(qr, kr, vr, R.Selection(idx, cnt), pooled_r, vis, valid, scale, fill, cfg.block_size)
@@ -529,6 +556,19 @@ GPU_CASES = [
 @pytest.mark.parametrize("b,hq,hkv,n,d,dtype,causal,fill,pad,selection,nk,dv", GPU_CASES)
 def test_gpu_real_shapes(b, hq, hkv, n, d, dtype, causal, fill, pad, selection, nk, dv):
     _gpu_case(b, hq, hkv, n, d, dtype, causal, fill, pad, selection, nk, dv)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("b,hq,hkv,n,d,dtype,pad,selection,block_score", [
+    pytest.param(1, 8, 2, 8192 + 37, 128, torch.bfloat16, 0, "group", "hybrid", id="bf16-d128-gqa4-hybrid"),
+    pytest.param(2, 4, 4, 3000, 64, torch.float16, 300, "head", "bound", id="fp16-d64-pad-head-bound"),
+    pytest.param(1, 4, 1, 2048, 64, torch.float32, 0, "group", "hybrid", id="fp32-d64-gqa4-hybrid"),
+])
+def test_gpu_bound_scores(b, hq, hkv, n, d, dtype, pad, selection, block_score):
+    """block_score "bound" / "hybrid": bound_selection's lists against the reference, and the
+    forward and backward on them, causal, at real shapes."""
+    _gpu_case(b, hq, hkv, n, d, dtype, True, "landmark", pad, selection, block_score=block_score)
 
 
 @gpu

@@ -274,3 +274,112 @@ def test_select_blocks_with_given_block_scores(selection):
     chosen = sorted(int(j) for j in row[row >= 0])
     n_free = int(low.count[0, 0, 8]) - len({0, 8} | set(range(8 - cfg.local_blocks + 1, 9)))
     assert chosen[:1 + n_free] == list(range(1 + n_free))
+
+
+# ---------------------------------------------------------------------------------------
+# block_score "bound" / "hybrid": the key-range bound (docs/design.md)
+# ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 70), st.sampled_from([1, 2]), st.sampled_from([4, 16]), st.sampled_from([16, 32]),
+       st.booleans(), st.integers(0, 10**6))
+def test_bound_is_an_upper_bound_of_every_logit(n, g, d, block, pad, seed):
+    """bound[i, j] >= s * q[t] . k[u] for every row t of query block i, head of its group and
+    valid key u of block j (what makes it find a block holding one matching key)."""
+    q, k, v = _inputs(1, 2 * g, 2, n, n, d, seed=seed)
+    kv = torch.arange(n)[None] < max(1, n - 7) if pad else None
+    vis = Visibility(n, n, key_valid=kv)
+    valid = R.valid_keys(vis, 1, 2, block, q.device)
+    pooled = R.pool_blocks(k, v, valid, block, extrema=True)
+    kmx, kmn = R._to_heads(pooled.kmax, 2 * g), R._to_heads(pooled.kmin, 2 * g)
+    scale = d**-0.5
+    logits = scale * q @ R._to_heads(k, 2 * g).transpose(-1, -2)  # [1, Hq, N, N]
+    logits = logits.masked_fill(~R._to_heads(valid, 2 * g)[:, :, None, :].expand_as(logits), -math.inf)
+    for t0 in range(0, n, block):
+        t1 = min(n, t0 + block)
+        bnd = R.bound_scores(q[:, :, t0:t1], kmx, kmn, 2, scale)  # group selection: [1, 2, NKB]
+        for j in range(pooled.kbar.shape[2]):
+            exact = logits[:, :, t0:t1, j * block:(j + 1) * block].amax((2, 3)).unflatten(1, (2, g)).amax(2)
+            ok = exact > -math.inf
+            assert torch.all(bnd[..., j][ok] >= exact[ok] - 1e-5)
+
+
+def _needle(seed=3):
+    """Random keys and queries, and one key of block 2 that matches the last query row only."""
+    n, d = 256, 16
+    q, k, v = _inputs(1, 2, 1, n, n, d, seed=seed)
+    q, k = 0.3 * q, 0.3 * k
+    k[0, 0, 2 * 16 + 5] = 6.0 * q[0, 0, n - 1] / q[0, 0, n - 1].norm()
+    return q, k, v, Visibility(n, n, causal=True)
+
+
+@pytest.mark.parametrize("block_score", ["bound", "hybrid"])
+def test_bound_scores_find_a_single_matching_key(block_score):
+    """A needle: the pooled score averages one matching key and one asking row away and does not
+    select its block for the last query block; the bound and hybrid scores do, and the last row's
+    output moves to dense attention's."""
+    q, k, v, vis = _needle()
+    base = dict(block_size=16, topk=4, sink_blocks=0, local_blocks=1)
+    valid = R.valid_keys(vis, 1, 1, 16, q.device)
+    pooled = R.pool_blocks(k, v, valid, 16, extrema=True)
+    scale = 16**-0.5
+    sel = {bs: R.select_blocks(q, pooled, vis, valid, scale, SPAConfig(block_score=bs, **base))
+           for bs in ("projector", block_score)}
+    last = {bs: set(s.index[0, 0, -1].tolist()) for bs, s in sel.items()}
+    assert 2 not in last["projector"] and 2 in last[block_score]
+    assert torch.equal(sel["projector"].count, sel[block_score].count)  # same budget
+    dense = _sdpa(q, k, v, is_causal=True)[0, :, -1]
+    err = {bs: float((R.spa_attention(q, k, v, is_causal=True, enable_gqa=True, config=SPAConfig(
+        block_score=bs, **base))[0, :, -1] - dense).norm()) for bs in sel}
+    assert err[block_score] < 0.5 * err["projector"], err
+
+
+def test_hybrid_is_projector_half_then_bound():
+    """hybrid = forced + the projector's top ceil(k/2) + the bound's top k - ceil(k/2) of the rest."""
+    q, k, v = _inputs(2, 4, 2, 200, 200, 8, seed=11)
+    vis = Visibility(200, 200, causal=True)
+    valid = R.valid_keys(vis, 2, 2, 16, q.device)
+    pooled = R.pool_blocks(k, v, valid, 16, extrema=True)
+    scale = 8**-0.5
+    base = dict(block_size=16, topk=5)
+    hyb = R.select_blocks(q, pooled, vis, valid, scale, SPAConfig(block_score="hybrid", **base))
+    half = R.select_blocks(q, pooled, vis, valid, scale, SPAConfig(**{**base, "topk": 3}))
+    full = R.select_blocks(q, pooled, vis, valid, scale, SPAConfig(**base))
+    assert torch.equal(hyb.count, full.count)
+    kmx, kmn = R._to_heads(pooled.kmax, 4), R._to_heads(pooled.kmin, 4)
+    differs = 0
+    for i in range(hyb.index.shape[2]):
+        t0 = i * 16
+        bnd = R.bound_scores(q[:, :, t0:t0 + 16], kmx, kmn, 2, scale)
+        for b in range(2):
+            for h in range(2):
+                got = set(hyb.index[b, h, i].tolist()) - {-1}
+                first = set(half.index[b, h, i].tolist()) - {-1}
+                assert first <= got
+                rest = sorted(got - first)
+                others = [j for j in range(i + 1) if j not in got]  # visible, not chosen
+                if rest and others:
+                    assert float(bnd[b, h, rest].min()) >= float(bnd[b, h, others].max())
+                differs += got != set(full.index[b, h, i].tolist()) - {-1}
+    assert differs > 0  # the bound's half is not the projector's
+
+
+@pytest.mark.parametrize("block_score", ["bound", "hybrid"])
+def test_bound_scores_at_full_density_are_exact(block_score):
+    q, k, v = _inputs(1, 4, 2, 90, 90, 16, seed=2)
+    cfg = SPAConfig(density=1.0, block_size=16, block_score=block_score)
+    out = R.spa_attention(q, k, v, is_causal=True, config=cfg, enable_gqa=True)
+    torch.testing.assert_close(out, _sdpa(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_block_score_needs_key_extrema_and_a_known_name():
+    from spa_compile.config import SPAConfigError
+
+    with pytest.raises(SPAConfigError, match=r"block_score = 'max'.*'projector', 'hybrid', 'bound'"):
+        SPAConfig(block_score="max")
+    q, k, v = _inputs(1, 2, 1, 40, 40, 8)
+    vis = Visibility(40, 40, causal=True)
+    valid = R.valid_keys(vis, 1, 1, 16, q.device)
+    with pytest.raises(ValueError, match="extrema=True"):
+        R.select_blocks(q, R.pool_blocks(k, v, valid, 16), vis, valid, 0.3, SPAConfig(block_size=16, block_score="bound"))

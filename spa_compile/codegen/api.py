@@ -17,7 +17,8 @@ from . import autotune
 from .bitmap import build_bitmap
 from .blockinfo import BlockInfo, block_info
 from .pooling import pool_kv, pool_q
-from .selection import select
+from .bound_selection import bound_select, key_range
+from .selection import select, topk_capacity
 from .sparse_backward import launch_delta, launch_dkdv, launch_dq, launch_landmark, landmark_splits, reverse_map
 from .sparse_forward import launch_forward
 
@@ -83,16 +84,27 @@ def _key_block_config(kernel, q, k, v, hs, info, fill, run):
     return autotune.pick(kernel, key, cands, run, q.device)
 
 
-def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax):
+def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax, k=None):
     """Pool q, project, score and select: (index, count). The arithmetic of
     reference.select_blocks: project each head, then ("group" selection) sum the query heads of
-    a group, which the selection kernel does itself (one torch launch fewer)."""
+    a group, which the selection kernel does itself (one torch launch fewer).
+
+    block_score "bound" / "hybrid" (``k`` is then needed for the key ranges): the projector pass
+    keeps the forced blocks and ceil(k/2) ("hybrid") or none ("bound"), then bound_selection adds
+    the rest by the key-range bound."""
     hkv = kbar.shape[1]
     qbar = pool_q(q, cfg.block_size)
     proj = projector or Projector.identity(hkv, qbar.shape[-1])
     qp, kp = proj.project_queries(qbar), proj.project_keys(kbar)
     group = qp.shape[1] // hkv if cfg.selection == "group" else 1
-    return select(qp, kp, info, scale, cfg, kmax, group=group)
+    if cfg.block_score == "projector":
+        return select(qp, kp, info, scale, cfg, kmax, group=group)
+    first_cfg = cfg if cfg.block_score == "hybrid" else cfg.replace(topk=0, min_blocks=None, max_blocks=None)
+    index1, count1 = select(qp, kp, info, scale, first_cfg, kmax, group=group, half=cfg.block_score == "hybrid")
+    kmx, kmn = key_range(k, info)
+    k2_cap = topk_capacity(info.nkb, cfg)
+    k2_cap = k2_cap // 2 if cfg.block_score == "hybrid" else k2_cap  # k2 = k - ceil(k/2)
+    return bound_select(q, kmx, kmn, info, scale, cfg, index1, count1, k2_cap)
 
 
 def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool):
@@ -119,7 +131,7 @@ def spa_forward(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, scale: float, 
     info = block_info(vis, b, nq, nk, cfg.block_size, q.device)
     kmax = int(max_selected(nq, nk, vis, cfg))
     kbar, vbar, kbar_lp, vbar_lp = pool_kv(k, v, info)
-    index, count = selection_stage(q, kbar, info, scale, cfg, projector, kmax)
+    index, count = selection_stage(q, kbar, info, scale, cfg, projector, kmax, k)
     out, lse = sparse_stage(q, k, v, kbar_lp, vbar_lp, info, index, count, scale, cfg.fill == "landmark")
     return out, lse, index, count
 

@@ -192,7 +192,7 @@ def _select_kernel(
     SINK, LOCAL, TOPK, PPM, MINB, MAXB,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
-    USE_DOT: tl.constexpr, NEAR: tl.constexpr,
+    USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False,
 ):
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
@@ -251,6 +251,8 @@ def _select_kernel(
 
     # k per query block (budget.topk_count); S = the first n_forced + k entries of the buffer
     k = _topk_count(seen, nrem, TOPK, PPM, MINB, MAXB)
+    if HALF:  # block_score "hybrid": the projector's ceil(k/2), bound_selection adds the rest
+        k = (k + 1) // 2
     take = nforced + k
     kcols = tl.arange(0, KPB)
     jsel = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
@@ -271,7 +273,7 @@ def _select_dense_kernel(
     SINK, LOCAL, TOPK, PPM, MINB, MAXB,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
-    RB: tl.constexpr = 1, FW: tl.constexpr = 10,
+    RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
@@ -300,6 +302,8 @@ def _select_dense_kernel(
 
     # k per query block (budget.topk_count)
     k = _topk_count(nvis, nrem, TOPK, PPM, MINB, MAXB)
+    if HALF:  # block_score "hybrid": the projector's ceil(k/2), bound_selection adds the rest
+        k = (k + 1) // 2
 
     sel = forced
     if tl.max(nrem, axis=0) > 0:
@@ -409,14 +413,15 @@ def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
 
 
 def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
-           path: str | None = None, radix_bits: int | None = None) -> tuple[Tensor, Tensor]:
+           path: str | None = None, radix_bits: int | None = None, half: bool = False) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
     ``group`` consecutive heads of each selection head are summed in the kernel ("group"
     selection without the torch sum; ``group=1``: qp already summed, or "head" selection).
     kp: projected key block means ``[B, Hkv, NKB, r]`` float32. ``path``: see ``select_path``;
-    ``radix_bits``: see ``dense_radix_bits`` (the dense path only).
+    ``radix_bits``: see ``dense_radix_bits`` (the dense path only). ``half``: take ``ceil(k/2)``
+    by score (the projector's share of block_score "hybrid", see bound_selection).
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -440,13 +445,13 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
-            num_warps=warps,
+            HALF=half, num_warps=warps,
         )
     else:
         qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
         _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=bj, RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
-            num_warps=warps,
+            HALF=half, num_warps=warps,
         )
     return index, count
