@@ -10,7 +10,7 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
   kernel on the summed queries for each path (stream, dense where NKB allows), the selection
   kernel summing the group itself (``group=G``), the dense kernel's k-th search at 2 and 3 bits
   a step (``radix_bits``), the whole ``api.selection_stage`` and the
-  whole op forward with each selection path;
+  whole op forward with each selection path, and both with ``block_score="hybrid"``;
 * the CUDA kernels of one op forward (``torch.profiler``): name, count and device time.
 
 Every selection path is checked against the streaming path's (index, count) before timing.
@@ -104,11 +104,17 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev) -> dict:
             got = select(qbar if grp > 1 else qsum, kbar, info, scale, cfg, kmax, group=grp, path=path)
             checks[f"{path}_group{grp}"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
     pt["selection_equal_to_stream"] = checks
+    hcfg = cfg.replace(block_score="hybrid")
+    hyb = api.selection_stage(q, kbar, info, scale, hcfg, None, kmax, k)
+    pt["hybrid_same_counts"] = bool(torch.equal(hyb[1], ref[1]))  # same budget as the projector's top-k
     stages = {
         "pool_q": lambda: pool_q(q, bs),
         "pool_kv": lambda: pool_kv(k, v, info),
         "group_sum_torch": lambda: qbar.unflatten(1, (hkv, g)).sum(dim=2),
         "selection_stage": lambda: api.selection_stage(q, kbar, info, scale, cfg, None, kmax),
+        # block_score "hybrid": the projector pass at ceil(k/2), key ranges and the bound pass
+        "selection_stage_hybrid": lambda: api.selection_stage(q, kbar, info, scale, hcfg, None, kmax, k),
+        "op_fwd_hybrid": lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=hcfg),
     }
     for nbp in (1, 2):  # pooling programs of NBP blocks (pooling.POOL_BLOCKS_PER_PROGRAM, 4, is pool_q/pool_kv)
         stages[f"pool_q_nbp{nbp}"] = lambda nbp=nbp: pool_q(q, bs, blocks_per_program=nbp)
