@@ -564,7 +564,7 @@ def plots(result: dict, docs: Path, contexts) -> list[str]:
     written.append(str(p))
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(9, 3.4))
     configs = [("dense", None, None, None)] + sorted(
         {("spa", r["density"], r["projector"], _variant(r)) for r in runs
          if r["attention"] == "spa" and r["fill"] == "landmark" and (r["density"] == 0.2 or len(variants) == 1)},
@@ -582,7 +582,7 @@ def plots(result: dict, docs: Path, contexts) -> list[str]:
     ax.set_xticklabels([f"{c // 1024}K" if c >= 1024 else str(c) for c in contexts])
     ax.set_ylabel("retrieval accuracy")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     p = docs / "long_context_retrieval.png"
     fig.savefig(p, dpi=120)

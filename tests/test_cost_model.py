@@ -66,6 +66,21 @@ def test_flop_counts_match_hand_counts():
     # fill: one pseudo-key per unselected fully visible block (64 - 10 of them)
     assert float(forms["fill"].flops.subs(vals)) == 2 * 2 * 8 * 4096 * (64 - 10) * 128
     assert float(forms["fill"].flops.subs(vals | {cm.fill: 0})) == 0
+    # selection: no tensor-core work for the projector score; the key-range bound (block_score
+    # "bound"/"hybrid") is two products of D per (query row, head, visible key block)
+    assert float(forms["select"].flops.subs(vals)) == 0
+    vals_b = _values(shape, SPAConfig(block_score="hybrid"), 10.0)
+    assert vals_b[cm.bnd] == 1
+    assert float(forms["select"].flops.subs(vals_b)) == 4 * 2 * 8 * 4096 * 64 * 64
+    assert float(forms["select"].launches.subs(vals_b)) == 4
+
+
+def test_bound_score_costs_selection_time_only():
+    prof = H200
+    base, hyb = (predict(LLAMA_GQA, SPAConfig(block_score=b), prof) for b in ("projector", "hybrid"))
+    assert hyb.stages["select"] > base.stages["select"]
+    for stage in ("pool", "exact", "fill"):
+        assert hyb.stages[stage] == base.stages[stage]
 
 
 @pytest.mark.parametrize("causal", [False, True])

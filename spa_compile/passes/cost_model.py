@@ -11,6 +11,7 @@ The work of each kernel is a sympy expression (:func:`formulas`) in the shape sy
     w, W                             a sliding window (flag, keys per row; with c = 1)
     E, r, T, proj, fill              bytes per element, projector rank, the dense kernel's tile,
                                      whether a (non-identity) projector and the landmark fill run
+    bnd                              whether the key-range bound runs (block_score "bound"/"hybrid")
 
 The dense path is what the site runs when it stays dense: ``dense`` (fused SDPA, flash: causal
 tiles skipped), ``dense_masked`` (SDPA with a mask tensor: every tile computed, the mask read) or
@@ -62,8 +63,8 @@ N_MIN = 16
 
 B, Hq, Hkv, Hs, Nq, Nk, D, Dv = sympy.symbols("B Hq Hkv Hs Nq Nk D Dv", positive=True)
 Bq, Bk, k, r, T, E, P, W, K = sympy.symbols("Bq Bk k r T E P W K", positive=True)
-c, w, proj, fill = sympy.symbols("c w proj fill", nonnegative=True)
-SHAPE_SYMBOLS = (B, Hq, Hkv, Hs, Nq, Nk, D, Dv, Bq, Bk, k, r, T, E, P, W, c, w, proj, fill, K)
+c, w, proj, fill, bnd = sympy.symbols("c w proj fill bnd", nonnegative=True)
+SHAPE_SYMBOLS = (B, Hq, Hkv, Hs, Nq, Nk, D, Dv, Bq, Bk, k, r, T, E, P, W, c, w, proj, fill, K, bnd)
 
 # Profile symbols: rates, SM count, launch gap, per-stage efficiencies.
 F_peak, V_peak, BW, BW_L2, SMS, L_launch = sympy.symbols("F_peak V_peak BW BW_L2 SMs t_launch", positive=True)
@@ -132,12 +133,16 @@ def formulas() -> dict[str, Cost]:
         waves=False,
     )
     select = Cost(  # fp32 scores of the visible blocks (twice: top-k pass, write pass) and a bitonic top-k
-        flops=0,
-        vops=scores * (4 * r + sympy.log(2 * k + 2, 2) ** 2 + 40) + B * Hq * nqb * r,
-        bytes=4 * B * (Hs * nqb * r + Hkv * nkb * r) + 4 * B * Hs * nqb * (k + 1),
-        l2_bytes=scores * r,  # fp32 kp, two passes, 8 query blocks per program
+        # bnd: the key ranges (one read of K), the first pass's bitmap and the bound pass: two
+        # products a (row, visible block) pair, q re-read from L2 per chunk of 64 key blocks
+        flops=bnd * 4 * B * Hq * Nq * nvis * D,
+        vops=scores * (4 * r + sympy.log(2 * k + 2, 2) ** 2 + 40) + B * Hq * nqb * r
+        + bnd * scores * (Bq + sympy.log(k + 2, 2) ** 2),
+        bytes=4 * B * (Hs * nqb * r + Hkv * nkb * r) + 4 * B * Hs * nqb * (k + 1)
+        + bnd * E * B * (Hkv * Nk * D + 2 * Hkv * nkb * D + Hq * Nq * D),
+        l2_bytes=scores * r + bnd * E * B * Hq * Nq * D * (nvis / 64 + 1),  # fp32 kp, two passes, 8 query blocks per program
         items=B * Hs * ceiling(nqb / 8),
-        launches=1,
+        launches=1 + 3 * bnd,
     )
     exact = Cost(  # every (row of block i, key of a selected block), the masked diagonal included
         flops=2 * B * Hq * nqb * Bq * k * Bk * (D + Dv),
@@ -331,7 +336,7 @@ def _shape_values(shape: SiteShape, cfg: SPAConfig, kk: float, tile: int, kmax: 
         cfg.block_size, cfg.block_size, kk, shape.d, tile, shape.dtype_bytes,
         heads_per_program(shape.hq, shape.hkv, cfg), shape.window or 1, int(shape.causal),
         int(shape.causal and shape.window is not None), int(cfg.projectors is not None), int(cfg.fill == "landmark"),
-        max(kk, kk if kmax is None else kmax),
+        max(kk, kk if kmax is None else kmax), int(cfg.block_score != "projector"),
     )
 
 
@@ -422,7 +427,7 @@ def crossover(
 
 def _op_key(cfg: SPAConfig) -> tuple:
     return (cfg.block_size, cfg.density_ppm, cfg.topk, cfg.min_blocks, cfg.max_blocks, cfg.sink_blocks,
-            cfg.local_blocks, cfg.fill, cfg.selection, cfg.projectors is not None)
+            cfg.local_blocks, cfg.fill, cfg.selection, cfg.projectors is not None, cfg.block_score)
 
 
 _crossover_memo: dict[tuple, float] = {}

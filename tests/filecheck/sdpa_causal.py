@@ -40,7 +40,7 @@ def make_model(seq_len=128):
 # FX-AFTER-LABEL: def forward(
 # FX-AFTER-NOT: scaled_dot_product_attention
 # FX-AFTER: # spa site model.attn: spa pattern=sdpa mask=causal k=1/2 ({{.*}})
-# FX-AFTER-NEXT: {{^ *}}[[OP:[a-z_0-9]+]] = torch.ops.spa.attention.default(l_q_, l_k_, l_v_, None, None, None, None, 0.25, True, 0, -1, '{"block_size":64,"density":0.2,{{.*}}}')
+# FX-AFTER-NEXT: {{^ *}}[[OP:[a-z_0-9]+]] = torch.ops.spa.attention.default(l_q_, l_k_, l_v_, None, None, None, None, 0.25, True, 0, -1, '{"block_score":"projector","block_size":64,"density":0.2,{{.*}}}')
 # FX-AFTER-NEXT: {{^ *}}[[OUT:[a-z_0-9]+]]: "f32[1, 2, 128, 16]" = [[OP]][0]
 # FX-AFTER-NOT: scaled_dot_product_attention
 # FX-AFTER: mul: "f32[1, 2, 128, 16]" = [[OUT]] * 2
@@ -54,7 +54,7 @@ def make_model(seq_len=128):
 # MLIR-AFTER-LABEL: func.func @main(
 # MLIR-AFTER-NOT: torch.aten.scaled_dot_product_attention
 # MLIR-AFTER-DAG: [[CAUSAL:%true[_0-9]*]] = torch.constant.bool true
-# MLIR-AFTER-DAG: [[CFG:%str[_0-9]*]] = torch.constant.str "{\22block_size\22:64,\22density\22:0.2,{{.*}}}"
+# MLIR-AFTER-DAG: [[CFG:%str[_0-9]*]] = torch.constant.str "{\22block_score\22:\22projector\22,\22block_size\22:64,\22density\22:0.2,{{.*}}}"
 # MLIR-AFTER: [[SPA:%[0-9]+]]:4 = torch.operator "torch.spa.attention"(%arg0, %arg1, %arg2, %none{{[_0-9]*}}, %none{{[_0-9]*}}, %none{{[_0-9]*}}, %none{{[_0-9]*}}, %float2.500000e-01, [[CAUSAL]], %int0{{[_0-9]*}}, %int-1, [[CFG]])
 # MLIR-AFTER-SAME: -> (!torch.vtensor<[1,2,128,16],f32>, !torch.vtensor<[1,2,128],f32>, !torch.vtensor<[1,2,2,2],si32>, !torch.vtensor<[1,2,2],si32>)
 # MLIR-AFTER: torch.aten.mul.Scalar [[SPA]]#0
