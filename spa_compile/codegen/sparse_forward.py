@@ -59,7 +59,7 @@ def _fwd_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
-    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False,
+    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, BIAS_MODE: tl.constexpr = 0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF)
     BM: tl.constexpr = GP * BS
@@ -122,8 +122,21 @@ def _fwd_kernel(
         cj = tl.arange(0, BJ)
         inv_scale = 1.0 / qk_scale
         c_lo = ls - ls % 32  # 32-aligned chunks: a selection word's bit of column cj is cj % 32
+        if BIAS_MODE == 3:
+            bias_next = fill_bias(c_lo, cj, ls, he, NB_b, SEL_r, WINDOW)
         for c0 in tl.range(c_lo, he, BJ, num_stages=FILL_STAGES if FILL_STAGES > 0 else None):
-            bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW)
+            # BIAS_MODE (experiment, benchmarks/bench_fill.py): 0 the bias as the dot's accumulator,
+            # 1 added after the dot, 2 none (timing only: wrong results), 3 loaded one chunk ahead,
+            # 4 log2(n) only, no selection word (timing only)
+            if BIAS_MODE == 3:
+                bias = bias_next
+                bias_next = fill_bias(c0 + BJ, cj, ls, he, NB_b, SEL_r, WINDOW)
+            elif BIAS_MODE == 2:
+                bias = tl.zeros([BJ], dtype=tl.float32)
+            elif BIAS_MODE == 4:
+                bias = tl.math.log2(tl.load(NB_b + tl.minimum(c0 + cj, he - 1)).to(tl.float32))
+            else:
+                bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW)
             if TMA_FILL:
                 # rows c0 .. c0 + BJ - 1 (the descriptor zero-fills past NKB; columns at or past
                 # he, or below ls, get a -inf bias like the clamped rows of the pointer loads)
@@ -137,8 +150,11 @@ def _fwd_kernel(
             # the 1/qk_scale): fewer live registers than an add after the dot, and it keeps the
             # small loads out of the pipeline's shared-memory stages (compile_check: 228 -> ~195
             # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
-            qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
-                        input_precision=PREC) * qk_scale
+            if BIAS_MODE == 1:
+                qk = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale + bias[None, :]
+            else:
+                qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
+                            input_precision=PREC) * qk_scale
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_s)
@@ -251,7 +267,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         D=d, DV=dv, BS=info.block, GP=gp,
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
-        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf,
+        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse

@@ -1,0 +1,139 @@
+"""Why the landmark fill runs slower than the exact loop: the sparse forward with fill variants.
+
+    PYTHONPATH=. python3 benchmarks/bench_fill.py --out $OUT/fill.json [--ns 131072] [--hkv 8]
+
+B=1, Hq=32, D=128, bf16, causal, block 64, top-k 32 (the 128K target's setting). The selection
+is computed once (api.selection_stage); then, for the forward configs that tuning picks at long
+N (TMA loads, 1 or 2 heads a program), the sparse kernel is timed (``do_bench``, median, L2
+flushed) without the fill, with it, and with the fill's bias computed in other ways
+(``BIAS_MODE`` of ``sparse_forward._fwd_kernel``):
+
+    0  the bias (log2 n, -inf for selected / empty landmarks) as the score dot's accumulator (shipped)
+    1  the bias added after the dot
+    3  the bias loaded one chunk ahead (loop-carried)
+    2  no bias at all (timing only: wrong results)
+    4  log2 n only, no selection word (timing only: wrong results)
+
+The fill's throughput is its FLOPs (4 D per (row, computed landmark), the landmarks a program's
+chunks cover) over the time it adds to the no-fill run. Outputs of modes 1 and 3 are checked
+against mode 0 (and mode 0 against the op's reference check in the GPU tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spa_compile import SPAConfig  # noqa: E402
+from spa_compile.budget import max_selected  # noqa: E402
+from spa_compile.codegen import api  # noqa: E402
+from spa_compile.codegen.bitmap import build_bitmap  # noqa: E402
+from spa_compile.codegen.blockinfo import block_info  # noqa: E402
+from spa_compile.codegen.pooling import pool_kv  # noqa: E402
+from spa_compile.codegen.sparse_forward import launch_forward  # noqa: E402
+from spa_compile.visibility import Visibility  # noqa: E402
+
+CONFIGS = [
+    {"GP": 2, "num_warps": 8, "num_stages": 4, "BJ": 64, "TMA": True, "TMA_FILL": True},
+    {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": True},
+    {"GP": 4, "num_warps": 16, "num_stages": 2, "BJ": 64, "TMA": True, "TMA_FILL": True},
+]
+MODES = (0, 1, 3, 2, 4)
+
+
+def fill_flops(index: torch.Tensor, count: torch.Tensor, nq: int, hq: int, d: int, bs: int, bj: int) -> float:
+    """FLOPs the fill computes (causal, no padding): query block i's chunks cover ceil(i / BJ) * BJ
+    landmarks (blocks 0 .. i-1 are fully visible), 4 D a (row, landmark), every query head."""
+    nqb = index.shape[2]
+    i = torch.arange(nqb, device=index.device, dtype=torch.float64)
+    covered = torch.ceil(i / bj) * bj
+    rows = torch.clamp(nq - i * bs, max=bs)
+    return float((covered * rows).sum()) * 4 * d * hq * index.shape[0]
+
+
+def useful_fill_flops(index, count, nq, hq, d, bs) -> float:
+    """FLOPs of the landmarks SPEC.md computes: fully visible, unselected (what the 245 TFLOP/s
+    figure counted)."""
+    nqb = index.shape[2]
+    i = torch.arange(nqb, device=index.device)
+    sel_below = ((index >= 0) & (index < i[None, None, :, None])).sum(-1).double()  # [B, Hs, NQB]
+    unsel = i[None, None, :].double() - sel_below
+    rows = torch.clamp(nq - i * bs, max=bs).double()
+    hs = index.shape[1]
+    return float((unsel * rows).sum()) * 4 * d * (hq // hs)
+
+
+def main(argv=None) -> int:
+    from triton.testing import do_bench
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ns", type=int, nargs="+", default=[131072])
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=32)
+    a = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    hq, d, bs = 32, 128, 64
+    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"), "points": []}
+    for n in a.ns:
+        gen = torch.Generator(device=dev).manual_seed(n)
+        q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, a.hkv, n, d, device=dev, dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, a.hkv, n, d, device=dev, dtype=torch.bfloat16, generator=gen)
+        cfg = SPAConfig(mode="spa", topk=a.topk)
+        vis = Visibility(n, n, causal=True)
+        scale = d**-0.5
+        info = block_info(vis, 1, n, n, bs, dev)
+        kmax = int(max_selected(n, n, vis, cfg))
+        kbar, _, kb, vb = pool_kv(k, v, info)
+        index, count = api.selection_stage(q, kbar, info, scale, cfg, None, kmax, k)
+        sel = build_bitmap(index, count, info.nkb)
+        out = torch.empty(1, hq, n, d, device=dev, dtype=torch.bfloat16)
+        lse = torch.empty(1, hq, n, device=dev, dtype=torch.float32)
+        useful = useful_fill_flops(index, count, n, hq, d, bs)
+        exact_flops = float(count.double().sum()) * bs * bs * 4 * d * (hq // index.shape[1])  # upper bound (diag full)
+        pt = {"N": n, "Hkv": a.hkv, "topk": a.topk, "useful_fill_tflop": useful / 1e12,
+              "exact_tflop_bound": exact_flops / 1e12, "runs": []}
+        for base in CONFIGS:
+            def run(fill, mode, c=base):
+                return launch_forward(q, k, v, kb, vb, info, index, count, scale, fill, dict(c, BIAS_MODE=mode),
+                                      out, lse, sel if fill else count)
+            t_nofill = do_bench(lambda: run(False, 0), warmup=25, rep=300, return_mode="median")
+            ref = None
+            row = {"config": base, "nofill_ms": t_nofill, "modes": {}}
+            for mode in MODES:
+                run(True, mode)
+                torch.cuda.synchronize()
+                if mode == 0:
+                    ref = out.clone()
+                elif mode in (1, 3):
+                    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                    row.setdefault("rel_err_vs_mode0", {})[mode] = err
+                    assert err < 1e-2, (mode, err)
+                t = do_bench(lambda: run(True, mode), warmup=25, rep=300, return_mode="median")
+                computed = fill_flops(index, count, n, hq, d, bs, base["BJ"])
+                row["modes"][mode] = {"ms": t, "fill_ms": t - t_nofill,
+                                      "fill_tflops_useful": useful / max(t - t_nofill, 1e-9) / 1e9,
+                                      "fill_tflops_computed": computed / max(t - t_nofill, 1e-9) / 1e9}
+                print(f"N={n} {base} mode {mode}: {t:.2f} ms (no fill {t_nofill:.2f}), fill "
+                      f"{useful / max(t - t_nofill, 1e-9) / 1e9:.0f} TFLOP/s useful", flush=True)
+            pt["runs"].append(row)
+        res["points"].append(pt)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        del q, k, v, out, lse
+        torch.cuda.empty_cache()
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
