@@ -21,7 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from spa_compile.codegen import pooling, selection, sparse_backward, sparse_forward  # noqa: E402
+from spa_compile.codegen import bound_selection, pooling, selection, sparse_backward, sparse_forward  # noqa: E402
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
        torch.int8: "i8", torch.int64: "i64"}
@@ -123,7 +123,7 @@ def main():
                     desc = {n: (f"tensordesc<{_TY[dt]}[1,1,{bs},{d}]>" if tma else None) for n in ("KD", "VD")}
                     desc.update({n: (f"tensordesc<{_TY[dt]}[1,1,{bj},{d}]>" if tma == 2 else None) for n in ("KBD", "VBD")})
                     args = {**common, **ptrs, **strides, **desc, "scale": 0.1, "TMA": bool(tma), "TMA_FILL": tma == 2,
-                            "HF": False}
+                            "HF": False, "UNIFORM_N": causal and not kv, "BIAS_MODE": 0}
                     # heads first (HF: grid axes swapped, the autotuner's GQA variants of the 2-head configs)
                     hf = gp == 2 and s in (2, 3)
                     tag = (f"{str(dt)[6:]} D{d} bs{bs} gp{gp} w{w} s{s} bj{bj} fs{fs} causal{int(causal)} fill{int(fill)}"
@@ -154,10 +154,13 @@ def main():
                         CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
                         KMAX=I, GS=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
                         CAUSAL=causal, WINDOW=window, BS=64, QB=qb, KPB=kpb, BJ=bj,
-                        RC=16 if dot else max(1, min(128, 16384 // (qb * bj))), USE_DOT=dot, NEAR=6)
+                        RC=16 if dot else max(1, min(128, 16384 // (qb * bj))), USE_DOT=dot, NEAR=6, HALF=False)
             w = 4 if qb * bj < 1024 else 8
             ok &= compile_one(selection._select_kernel, args, a.arch, w, 1,
                               f"select kpb{kpb} bj{bj} qb{qb} causal{int(causal)} win{int(window)}")
+            if kpb == 16 and causal:  # block_score "hybrid": the projector's half
+                ok &= compile_one(selection._select_kernel, dict(args, HALF=True), a.arch, w, 1,
+                                  f"select kpb{kpb} bj{bj} qb{qb} causal1 win0 half")
     # dense selection (NKB <= 256): the launcher's configs at 16K and 4K (block 64)
     for nqb, nkb, kmax in [(256, 256, 64), (64, 64, 16)]:
         qb, nkbp, rc, dot, w = selection._dense_config(nqb, nkb, 16, kmax)
@@ -166,9 +169,25 @@ def main():
                         CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
                         KMAX=I, GS=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
                         CAUSAL=causal, WINDOW=window, BS=64, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=dot,
-                        RB=rb, FW=9 if rb == 3 else 10)
+                        RB=rb, FW=9 if rb == 3 else 10, HALF=rb == 2)
             ok &= compile_one(selection._select_dense_kernel, args, a.arch, w, 1,
                               f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} rb{rb}")
+    # the key-range bound pass (block_score "bound" / "hybrid"): 16K and 128K at density 0.2, GQA 4 and MHA
+    for gs, kmax, dt in [(4, 56, torch.bfloat16), (1, 416, torch.bfloat16), (4, 56, torch.float32)]:
+        k2 = max(16, triton.next_power_of_2(kmax // 2))
+        gt, bj, w = bound_selection._bound_config(gs, 64, 128, k2)
+        for causal, window in [(True, False), (False, True)]:
+            args = dict(Q=dt, KMX=dt, KMN=dt, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32, CS=torch.int32,
+                        SEL1=torch.int32, IDX1=torch.int32, CNT1=torch.int32, IDX=torch.int32, CNT=torch.int32,
+                        sqb=I, sqh=I, sqn=I, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, KMAX=I, OFF=I, WIN=I, scale=0.1,
+                        TOPK=I, PPM=I, MINB=I, MAXB=I, D=128, BD=128, GS=gs, GT=gt, BS=64, BJ=bj, KP=k2,
+                        KP1=triton.next_power_of_2(kmax), KPO=triton.next_power_of_2(kmax), HYBRID=True,
+                        CAUSAL=causal, WINDOW=window, PREC="ieee" if dt == torch.float32 else "tf32")
+            ok &= compile_one(bound_selection._bound_select_kernel, args, a.arch, w, 1,
+                              f"bound {str(dt)[6:]} gs{gs} kmax{kmax} bj{bj} causal{int(causal)} win{int(window)}")
+    ok &= compile_one(bound_selection._key_range_kernel,
+                      dict(K=torch.bfloat16, VALID=torch.int8, KMX=torch.bfloat16, KMN=torch.bfloat16, skb=I, skh=I,
+                           skn=I, H=I, Nk=I, NKB=I, D=128, BS=64, BD=128), a.arch, 8, 1, "key_range")
     args = dict(K=torch.bfloat16, V=torch.bfloat16, VALID=torch.int8, KBAR=torch.float32, VBAR=torch.float32, KLP=torch.bfloat16, VLP=torch.bfloat16, LP=True,
                 skb=I, skh=I, skn=I, svb=I, svh=I, svn=I, H=I, Nk=I, NKB=I, D=128, DV=128, BS=64, BD=128, BDV=128)
     for nbp in (1, 4):  # blocks a program (pooling.POOL_BLOCKS_PER_PROGRAM and the unrolled variant)

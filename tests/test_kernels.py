@@ -189,6 +189,8 @@ CASES = [
     pytest.param(2, 2, 1, 60, 60, 16, dict(key_valid="left"), dict(selection="head", sink_blocks=0), id="leftpad-head"),
     pytest.param(1, 4, 2, 50, 80, 16, dict(causal=True, offset=30, window=40), dict(local_blocks=1), id="offset-window"),
     pytest.param(1, 2, 1, 40, 90, 32, dict(window=33, offset=50), dict(min_blocks=2, max_blocks=3), id="window-only"),
+    # every key block full (sparse_forward.uniform_counts): the fill's count is a constant
+    pytest.param(1, 4, 2, 128, 128, 16, dict(causal=True), dict(density=0.4), id="causal-uniform-counts"),
     # the key-range bound score (bound_selection): first pass half or forced-only, then the bound
     pytest.param(1, 4, 1, 150, 150, 16, dict(causal=True), dict(block_score="hybrid"), id="hybrid-causal-gqa4"),
     pytest.param(2, 2, 2, 97, 97, 32, dict(key_valid="right"), dict(block_score="bound", selection="head"),
@@ -709,3 +711,38 @@ def test_gpu_pooling_blocks_per_program():
             tol = 1e-6 if x.dtype == torch.float32 else 8e-3  # the bf16 copies: one rounding step
             torch.testing.assert_close(y.float(), x.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(pooling.pool_q(q, 64, blocks_per_program=nbp), q1, rtol=1e-6, atol=1e-6)
+
+
+def test_uniform_counts_from_geometry():
+    """The fill takes a constant landmark count only when every key block is full of valid keys."""
+    def info(nq, nk, **kw):
+        return block_info(Visibility(nq=nq, nk=nk, **kw), 1, nq, nk, 16, "cpu")
+
+    assert sparse_forward.uniform_counts(info(128, 128, causal=True))
+    assert sparse_forward.uniform_counts(info(64, 128))
+    assert sparse_forward.uniform_counts(info(64, 128, causal=True, offset=64))
+    assert not sparse_forward.uniform_counts(info(75, 75, causal=True))  # a partial last block
+    assert not sparse_forward.uniform_counts(info(64, 128, causal=True, offset=0))  # keys 64.. never seen
+    assert not sparse_forward.uniform_counts(info(128, 128, causal=True, window=40))
+    assert not sparse_forward.uniform_counts(info(128, 128, key_valid=padding(1, 128, [100])))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("n", [128, 150])
+def test_fill_bias_forms_agree(n):
+    """fill_bias (scalar selection words, constant count when uniform) and the per-column loads of
+    fill_bias_loads give the same forward."""
+    q, k, v = make_qkv(1, 4, 2, n, n, 16, seed=n)
+    vis = Visibility(n, n, causal=True)
+    cfg = SPAConfig(block_size=16, topk=2)
+    info = block_info(vis, 1, n, n, 16, q.device)
+    assert sparse_forward.uniform_counts(info) == (n % 16 == 0)
+    kmax = int(max_selected(n, n, vis, cfg))
+    kbar, _, kb, vb = pool_kv(k, v, info)
+    idx, cnt = api.selection_stage(q, kbar, info, 0.25, cfg, None, kmax, k)
+    sel = codegen.bitmap.build_bitmap(idx, cnt, info.nkb)
+    outs = [sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, 0.25, True,
+                                          {"GP": 2, "num_warps": 4, "num_stages": 2, "BJ": bj, "BIAS_MODE": mode},
+                                          sel=sel) for mode, bj in ((0, 32), (1, 32), (0, 64))]
+    for o, lse in outs[1:]:
+        assert torch.allclose(o, outs[0][0], atol=1e-6) and torch.allclose(lse, outs[0][1], atol=1e-5)

@@ -32,8 +32,9 @@ _SHIPPED = Path(__file__).with_name("tuned")
 # (fwd v2: fill over [ls, he) with the bias as the score dot's accumulator, BJ / FILL_STAGES
 # candidates, unmasked clamped K/V loads; v3: TMA candidates, K/V of the exact loop and kbar/vbar
 # of the fill through tensor descriptors; v4: heads-first (HF) candidates; dq v2: HF candidates,
-# which shipped dq timings would otherwise hide)
-KERNEL_VERSION = {"fwd": 4, "dq": 2}
+# which shipped dq timings would otherwise hide; fwd v6 / dq v3: the fill's bias from scalar
+# selection words and a constant count (sparse_forward.fill_bias))
+KERNEL_VERSION = {"fwd": 6, "dq": 3}
 
 
 def interpreting() -> bool:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .blockinfo import BlockInfo
 from .common import block_is_clean, fill_bounds, load_rows, pair_mask, qblock_prologue
-from .sparse_forward import LOG2E, dot_precision, fill_bias, selected_bitmap
+from .sparse_forward import LOG2E, dot_precision, fill_bias, selected_bitmap, uniform_counts
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _dq_kernel(
     D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
-    PREC: tl.constexpr, HF: tl.constexpr = False,
+    PREC: tl.constexpr, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF)
     BM: tl.constexpr = GP * BS
@@ -105,8 +105,9 @@ def _dq_kernel(
         tl.static_assert(BJ % 32 == 0)
         cj = tl.arange(0, BJ)
         inv_scale = 1.0 / qk_scale
+        log2_n = tl.math.log2(BS * 1.0)
         for c0 in range(ls - ls % 32, he, BJ):
-            bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW)
+            bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW, BJ, UNIFORM_N, log2_n)
             jc = tl.minimum(c0 + cj, he - 1)
             kb = load_rows(KB_h, jc, D, d, D, BD)
             vb = load_rows(VB_h, jc, DV, dv, DV, BDV)
@@ -349,7 +350,8 @@ def launch_dq(q, k, v, do, lse, delta, kbar, vbar, info: BlockInfo, index, count
         float(scale) * LOG2E, float(scale),
         D=d, DV=dvd, BS=info.block, GP=gp, BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dvd),
         BJ=config.get("BJ", 64), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None,
-        FILL=fill, PREC=dot_precision(q.dtype), HF=hf, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        FILL=fill, PREC=dot_precision(q.dtype), HF=hf, UNIFORM_N=uniform_counts(info),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return dq
 

@@ -31,17 +31,39 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def fill_bias(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
+def fill_bias(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr, BJ: tl.constexpr, UNIFORM_N: tl.constexpr, LOG2_N):
     """Additive log2-domain bias of landmarks c0 + cj (cj = arange(BJ), c0 a multiple of 32)
     for a fill over [lo, he) (see fill_bounds): log2(n) for non-empty, unselected blocks,
     -inf for the rest (log2(0) = -inf drops empty blocks without a test).
 
-    Register budget matters here (the 16-warp 4-head tile is at 128 registers): the shift of
-    the selection bit is a constant per column because c0 is 32-aligned, the two loads are
-    plain loads issued before the score dot, and nothing [BJ]-sized crosses pipeline stages.
+    The bias sits in the score dot's accumulator layout, where every thread holds about BJ / 4 of
+    its columns: per-column global loads there cost more than the fill's softmax (the H200,
+    128K top-k 32: the fill took 7.7 ms with two loads a column, 4.7 ms with no bias;
+    benchmarks/bench_fill.py). So the chunk's BJ / 32 selection words are scalar loads, and
+    UNIFORM_N (every block holds BS valid keys: no key padding, Nk a multiple of BS, every key
+    visible to some row) replaces the count load by the constant LOG2_N.
     LOW: also drop columns below lo (the loop start was aligned down to 32).
     """
+    word = tl.zeros_like(cj)
+    last_w = (he - 1) // 32
+    for w in tl.static_range(BJ // 32):
+        ww = tl.load(SEL_r + tl.minimum(c0 // 32 + w, last_w))  # one scalar load a word
+        word = tl.where(cj // 32 == w, ww, word)
+    use = (cj < he - c0) & (((word >> (cj % 32)) & 1) == 0)
+    if LOW:
+        use = use & (cj >= lo - c0)
+    if UNIFORM_N:
+        return tl.where(use, LOG2_N, float("-inf"))
     jc = tl.minimum(c0 + cj, he - 1)  # in range: unmasked loads
+    n = tl.load(NB_b + jc)
+    return tl.math.log2(tl.where(use, n, 0).to(tl.float32))
+
+
+@triton.jit
+def fill_bias_loads(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
+    """The bias of ``fill_bias`` with a count and a selection-word load per column (the shipped
+    form until 2026-11-28; BIAS_MODE 1, for benchmarks/bench_fill.py)."""
+    jc = tl.minimum(c0 + cj, he - 1)
     n = tl.load(NB_b + jc)
     word = tl.load(SEL_r + jc // 32)
     use = (cj < he - c0) & (((word >> (cj % 32)) & 1) == 0)
@@ -59,7 +81,8 @@ def _fwd_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
-    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, BIAS_MODE: tl.constexpr = 0,
+    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False,
+    BIAS_MODE: tl.constexpr = 0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF)
     BM: tl.constexpr = GP * BS
@@ -122,21 +145,16 @@ def _fwd_kernel(
         cj = tl.arange(0, BJ)
         inv_scale = 1.0 / qk_scale
         c_lo = ls - ls % 32  # 32-aligned chunks: a selection word's bit of column cj is cj % 32
-        if BIAS_MODE == 3:
-            bias_next = fill_bias(c_lo, cj, ls, he, NB_b, SEL_r, WINDOW)
+        log2_n = tl.math.log2(BS * 1.0)
         for c0 in tl.range(c_lo, he, BJ, num_stages=FILL_STAGES if FILL_STAGES > 0 else None):
-            # BIAS_MODE (experiment, benchmarks/bench_fill.py): 0 the bias as the dot's accumulator,
-            # 1 added after the dot, 2 none (timing only: wrong results), 3 loaded one chunk ahead,
-            # 4 log2(n) only, no selection word (timing only)
-            if BIAS_MODE == 3:
-                bias = bias_next
-                bias_next = fill_bias(c0 + BJ, cj, ls, he, NB_b, SEL_r, WINDOW)
+            # BIAS_MODE (benchmarks/bench_fill.py): 0 fill_bias (shipped), 1 fill_bias_loads (the
+            # earlier per-column loads), 2 no bias at all (timing only: wrong results)
+            if BIAS_MODE == 1:
+                bias = fill_bias_loads(c0, cj, ls, he, NB_b, SEL_r, WINDOW)
             elif BIAS_MODE == 2:
                 bias = tl.zeros([BJ], dtype=tl.float32)
-            elif BIAS_MODE == 4:
-                bias = tl.math.log2(tl.load(NB_b + tl.minimum(c0 + cj, he - 1)).to(tl.float32))
             else:
-                bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW)
+                bias = fill_bias(c0, cj, ls, he, NB_b, SEL_r, WINDOW, BJ, UNIFORM_N, log2_n)
             if TMA_FILL:
                 # rows c0 .. c0 + BJ - 1 (the descriptor zero-fills past NKB; columns at or past
                 # he, or below ls, get a -inf bias like the clamped rows of the pointer loads)
@@ -150,11 +168,8 @@ def _fwd_kernel(
             # the 1/qk_scale): fewer live registers than an add after the dot, and it keeps the
             # small loads out of the pipeline's shared-memory stages (compile_check: 228 -> ~195
             # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
-            if BIAS_MODE == 1:
-                qk = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale + bias[None, :]
-            else:
-                qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
-                            input_precision=PREC) * qk_scale
+            qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
+                        input_precision=PREC) * qk_scale
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_s)
@@ -234,6 +249,15 @@ def tma_descriptors(k: Tensor, v: Tensor, block: int):
     return tuple(TensorDescriptor(x, list(x.shape), _tma_strides(x), [1, 1, block, x.shape[-1]]) for x in (k, v))
 
 
+def uniform_counts(info: BlockInfo) -> bool:
+    """Whether every key block holds ``block`` valid keys, from the geometry alone (no device
+    read): no key padding, no window, Nk a multiple of the block, and (causal) every key visible
+    to the last row. Then the fill's landmark count is a constant (``fill_bias``'s UNIFORM_N)."""
+    if info.key_valid is not None or info.has_window or info.nk % info.block:
+        return False
+    return not info.causal or info.nq - 1 + info.offset >= info.nk - 1
+
+
 def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool, config, out=None, lse=None,
                    sel=None):
     b, hq, nq, d = q.shape
@@ -267,7 +291,8 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         D=d, DV=dv, BS=info.block, GP=gp,
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
-        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, BIAS_MODE=config.get("BIAS_MODE", 0),
+        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, UNIFORM_N=uniform_counts(info),
+        BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
