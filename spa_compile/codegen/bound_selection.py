@@ -34,7 +34,7 @@ from torch import Tensor
 from .bitmap import build_bitmap
 from .blockinfo import BlockInfo
 from .common import classify_blocks
-from .selection import SENTINEL, _encode, _topk_count
+from .selection import SENTINEL, _encode, _merge_top, _topk_count
 
 BIG = tl.constexpr(2**30)
 
@@ -155,9 +155,7 @@ def _bound_select_kernel(
             sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 -> +0.0: equal scores must tie
             key = tl.where(rem, _encode(sc[None, :], jj), SENTINEL)
             if tl.max(tl.max((key > kth[:, None]).to(tl.int32), axis=1), axis=0) > 0:
-                asc = tl.sort(key, dim=1, descending=False)
-                top = tl.max(tl.reshape(asc, [1, BJ // KP, KP]), axis=1)  # the KP largest, ascending
-                best = tl.sort(tl.maximum(best, top), dim=1, descending=True)
+                best = _merge_top(best, key, KP)  # ascending
 
     cnt1 = tl.load(CNT1 + row)
     kc = _topk_count(nvis, nvis, TOPK, PPM, MINB, MAXB)  # topk_count(visible), clipped by visible only
@@ -167,10 +165,10 @@ def _bound_select_kernel(
     k2 = tl.minimum(kc - k1, nvis - cnt1)  # [1]
     k2s = tl.sum(k2, axis=0)
 
-    # merge the k2 best (ascending, BIG padding) into the first pass's ascending list
+    # merge the k2 best (the buffer's last k2; ascending j, BIG padding) into the first pass's list
     kcols = tl.arange(0, KP)
     jb = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
-    jb = tl.reshape(tl.where(kcols[None, :] < k2[:, None], jb, BIG), [KP])
+    jb = tl.reshape(tl.where(kcols[None, :] >= KP - k2[:, None], jb, BIG), [KP])
     jb = tl.sort(jb, dim=0, descending=False)
     c1 = tl.arange(0, KP1)
     ja = tl.load(IDX1 + row * KMAX + c1, mask=(c1 < cnt1) & (c1 < KMAX), other=BIG)
