@@ -746,3 +746,14 @@ def test_fill_bias_forms_agree(n):
                                           sel=sel) for mode, bj in ((0, 32), (1, 32), (0, 64))]
     for o, lse in outs[1:]:
         assert torch.allclose(o, outs[0][0], atol=1e-6) and torch.allclose(lse, outs[0][1], atol=1e-5)
+
+
+def test_bound_selection_needs_the_keys():
+    """The bound's key ranges come from k: selection_stage says so instead of failing inside."""
+    q, k, v = make_qkv(1, 2, 1, 64, 64, 16)
+    vis = Visibility(64, 64, causal=True)
+    info = block_info(vis, 1, 64, 64, 16, q.device)
+    cfg = SPAConfig(block_size=16, block_score="hybrid")
+    kbar = R.pool_blocks(k, v, R.valid_keys(vis, 1, 1, 16, q.device), 16).kbar
+    with pytest.raises(ValueError, match="needs the keys k"):
+        api.selection_stage(q, kbar, info, 0.25, cfg, None, int(max_selected(64, 64, vis, cfg)))

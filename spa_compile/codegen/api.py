@@ -99,6 +99,9 @@ def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax, k=Non
     group = qp.shape[1] // hkv if cfg.selection == "group" else 1
     if cfg.block_score == "projector":
         return select(qp, kp, info, scale, cfg, kmax, group=group)
+    if k is None:
+        raise ValueError(f"selection_stage: block_score={cfg.block_score!r} needs the keys k (their per-channel "
+                         f"ranges): pass k=, or use block_score='projector'")
     first_cfg = cfg if cfg.block_score == "hybrid" else cfg.replace(topk=0, min_blocks=None, max_blocks=None)
     index1, count1 = select(qp, kp, info, scale, first_cfg, kmax, group=group, half=cfg.block_score == "hybrid")
     kmx, kmn = key_range(k, info)
