@@ -133,8 +133,6 @@ def main(argv=None) -> int:
             pt["runs"].append(row)
         res["points"].append(pt)
         Path(a.out).write_text(json.dumps(res, indent=1))
-        del q, k, v, out, lse
-        torch.cuda.empty_cache()
     print(f"wrote {a.out}")
     return 0
 

@@ -327,6 +327,10 @@ def parse_args(argv=None):
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--rep-ms", type=int, default=100, help="timed runs per measurement: as many as fit (3 at least)")
     p.add_argument("--from-json", default=None, help="render the table/targets/docs of an earlier run's JSON")
+    p.add_argument("--selection", choices=["group", "head"], default="group",
+                   help="SPAConfig.selection of every SPA run (the issue's targets are for 'group')")
+    p.add_argument("--block-score", choices=["projector", "hybrid", "bound"], default="projector",
+                   help="SPAConfig.block_score of every SPA run (the issue's targets are for 'projector')")
     return p.parse_args(argv)
 
 
@@ -369,7 +373,8 @@ def main(argv=None):
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     path = out_dir / f"{info['card'].replace(' ', '_')}-{stamp}.json"
     result = {"info": info, "setup": {"B": 1, "Hq": a.hq, "D": a.d, "dtype": "bfloat16", "causal": True,
-                                      "block_size": 64, "timing": "median ms of CUDA-event-timed runs, L2 flushed before each (3 runs for calls over 100 ms)"},
+                                      "block_size": 64, "selection": a.selection, "block_score": a.block_score,
+                                      "timing": "median ms of CUDA-event-timed runs, L2 flushed before each (3 runs for calls over 100 ms)"},
               "points": [], "checks": [], "errors": []}
     dtype = torch.bfloat16
     op_mode = "op"
@@ -392,7 +397,7 @@ def main(argv=None):
             log(f"time budget reached: skipping Hkv={hkv} N={n} {mode}")
             result["errors"].append(f"skipped (budget) Hkv={hkv} N={n} {mode}")
             continue
-        cfg = mode_config(mode)
+        cfg = mode_config(mode).replace(selection=a.selection, block_score=a.block_score)
         seed = hash((hkv, n, mode)) % 1000
         pt = {"Hkv": hkv, "N": n, "mode": mode}
         result["points"].append(pt)  # saved as it fills: a timeout keeps what was measured
@@ -496,7 +501,7 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
 
     def select_only(q_, k_, v_):
         kb, _, _, _ = pool_kv(k_, v_, info)
-        return api.selection_stage(q_, kb, info, scale, cfg, None, kmax)[0]
+        return api.selection_stage(q_, kb, info, scale, cfg, None, kmax, k_)[0]
 
     select_only(qd, kd, vd)
     pt["spa_select_fwd"] = {"ms": timed_runs(lambda: select_only(qd, kd, vd), a.rep_ms)}
