@@ -638,6 +638,31 @@ def test_gpu_forward_tma_variants(hkv, nk, d):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("cfgk", [dict(topk=32), dict(density=0.2)], ids=["topk32", "density0.2"])
+def test_gpu_streaming_selection_equals_dense(cfgk):
+    """The streaming kernel (running top-k, merged by tl.topk + tl.bitonic_merge) against the dense
+    kernel's k-th search at 20K tokens (313 key blocks: streaming by default, dense when forced),
+    on the card, GQA 4, bf16 queries: the same lists."""
+    from spa_compile.codegen import selection
+    from spa_compile.codegen.pooling import pool_q
+
+    b, hq, hkv, n, d = 1, 32, 8, 20000, 128
+    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.bfloat16, device="cuda", seed=23)
+    vis = Visibility(n, n, causal=True)
+    cfg = SPAConfig(**cfgk)
+    info = block_info(vis, b, n, n, cfg.block_size, q.device)
+    kbar = pool_kv(k, v, info)[0]
+    kmax = int(max_selected(n, n, vis, cfg))
+    qbar = pool_q(q, cfg.block_size)
+    assert selection.select_path(info.nkb) == "stream"
+    got = {p: selection.select(qbar, kbar, info, d**-0.5, cfg, kmax, group=hq // hkv, path=p)
+           for p in ("stream", "dense")}
+    assert torch.equal(got["stream"][1], got["dense"][1])
+    assert torch.equal(got["stream"][0], got["dense"][0])
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("hkv", [8, 32])
 def test_gpu_selection_radix_and_heads_first(hkv):
     """On the card, at the benchmark's shape class (Hq=32, D=128, bf16, causal, block 64, 8K + 37):
