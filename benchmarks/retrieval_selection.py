@@ -54,22 +54,21 @@ SCORES = ("pooled", "answer_mean", "key_max", "row_max", "bound", "exact")
 
 
 def key_extrema(k: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel max and min of each key block's keys: ``[..., NKB, D]`` each (a partial last
-    block takes its own keys only)."""
-    n = k.shape[-2]
-    nkb = -(-n // block)
-    pad = nkb * block - n
-    hi = F.pad(k, (0, 0, 0, pad), value=-math.inf).unflatten(-2, (nkb, block)).amax(-2)
-    lo = F.pad(k, (0, 0, 0, pad), value=math.inf).unflatten(-2, (nkb, block)).amin(-2)
-    return hi, lo
+    """Per-channel max and min of each key block's keys, ``[..., NKB, D]`` each, any leading dims
+    (``reference.key_extrema`` with every key valid; a partial last block takes its own keys)."""
+    lead, (n, d) = k.shape[:-2], k.shape[-2:]
+    valid = torch.ones(1, 1, n, dtype=torch.bool, device=k.device)
+    hi, lo = R.key_extrema(k.reshape(1, -1, n, d), valid, block)
+    return hi.reshape(*lead, -1, d).to(k.dtype), lo.reshape(*lead, -1, d).to(k.dtype)
 
 
 def bound_scores(qrows: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor) -> torch.Tensor:
     """max over rows of the upper bound of q . k per key block: ``[..., R, D]`` x ``[..., NKB, D]``
-    -> ``[..., NKB]``. max(q a, q b) over a >= b is q a for q >= 0 and q b otherwise, so the bound is
-    two matrix products (tensor-core work on a GPU: 2 N NKB D per head)."""
-    pos, neg = qrows.clamp(min=0), qrows.clamp(max=0)
-    return (pos @ kmax.transpose(-1, -2) + neg @ kmin.transpose(-1, -2)).amax(-2)
+    -> ``[..., NKB]`` (``reference.bound_scores`` per leading index, scale 1)."""
+    lead = qrows.shape[:-2]
+    flat = lambda x: x.reshape(1, -1, *x.shape[-2:])  # noqa: E731
+    h = flat(qrows).shape[1]
+    return R.bound_scores(flat(qrows), flat(kmax), flat(kmin), h, 1.0).reshape(*lead, -1)
 
 
 def block_ranks(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block: int, target: int) -> dict:
