@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import long_context_accuracy as LC  # noqa: E402
+from selection_scores_ppl import swapped_scores  # noqa: E402
 from spa_compile import reference as R  # noqa: E402
 
 SCORES = ("pooled", "answer_mean", "key_max", "row_max", "bound", "exact")
@@ -145,48 +146,31 @@ def _ranks(score: torch.Tensor) -> torch.Tensor:
     return torch.sort(score, dim=-1, descending=True, stable=True).indices.argsort(dim=-1)
 
 
-@contextlib.contextmanager
 def bound_selection(rule: str = "bound"):
     """The reference selection with another score in place of SPEC's pooled score (forced
     blocks, top-k counts and ties unchanged): ``bound`` (group selection: the max over the
     group's heads), or ``hybrid``: a block's better rank under pooled and bound, so the top k
     takes about k/2 blocks of each. Identity projector only. An experiment: it patches
-    ``reference.select_blocks``, which the op's CPU path calls, so it acts on the CPU path only."""
-    orig = R.select_blocks
-    last_k: list = [None]
-    orig_pool = R.pool_blocks
+    ``reference.select_blocks`` (``selection_scores_ppl.swapped_scores``), which the op's CPU path
+    calls, so it acts on the CPU path only."""
+    ranges: dict = {}  # the key ranges of the current call, computed once for all its query blocks
 
-    def pool(k, v, valid, block_k):
-        last_k[0] = k
-        return orig_pool(k, v, valid, block_k)
-
-    def select(q, pooled, vis, valid, scale, cfg, projector=None):
-        if projector is not None and not projector.is_identity:
-            raise ValueError("bound_selection: identity projector only")
-        k = last_k[0].to(q.dtype)
+    def score(q, k, pooled, vis, scale, cfg, t0, t1):  # [B, Hs, NKB]
         hq, hkv = q.shape[1], k.shape[1]
-        kmax, kmin = key_extrema(R._to_heads(k, hq), cfg.block_size)
+        if ranges.get("k") is not k:
+            ranges["k"], ranges["x"] = k, key_extrema(R._to_heads(k.to(q.dtype), hq), cfg.block_size)
+        kmax, kmin = ranges["x"]
+        sc = bound_scores(q[:, :, t0:t1], kmax, kmin)
+        sc = sc.unflatten(1, (hkv, hq // hkv)).amax(2) if cfg.selection == "group" else sc
+        if rule == "hybrid":
+            kbar = R._to_heads(pooled.kbar.to(q.dtype), hq)
+            pooled_sc = torch.einsum("bhd,bhjd->bhj", q[:, :, t0:t1].mean(2), kbar)
+            if cfg.selection == "group":
+                pooled_sc = pooled_sc.unflatten(1, (hkv, hq // hkv)).sum(2)
+            return -torch.minimum(_ranks(sc), _ranks(pooled_sc)).to(q.dtype)
+        return scale * sc
 
-        kbar = R._to_heads(pooled.kbar.to(q.dtype), hq)
-
-        def scores(t0, t1):  # [B, Hs, NKB]
-            sc = bound_scores(q[:, :, t0:t1], kmax, kmin)
-            sc = sc.unflatten(1, (hkv, hq // hkv)).amax(2) if cfg.selection == "group" else sc
-            if rule == "hybrid":
-                qbar = q[:, :, t0:t1].mean(2)
-                pooled_sc = torch.einsum("bhd,bhjd->bhj", qbar, kbar)
-                if cfg.selection == "group":
-                    pooled_sc = pooled_sc.unflatten(1, (hkv, hq // hkv)).sum(2)
-                return -torch.minimum(_ranks(sc), _ranks(pooled_sc)).to(q.dtype)
-            return scale * sc
-
-        return orig(q, pooled, vis, valid, scale, cfg, projector, block_scores=scores)
-
-    R.pool_blocks, R.select_blocks = pool, select
-    try:
-        yield
-    finally:
-        R.pool_blocks, R.select_blocks = orig_pool, orig
+    return swapped_scores(score)
 
 
 def end_to_end(model, windows, text, densities, block, dev) -> list[dict]:

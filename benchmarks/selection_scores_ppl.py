@@ -88,8 +88,11 @@ def _rule_scores(rule: str, q, k, pooled, vis, scale, cfg, t0: int, t1: int):
 
 
 @contextlib.contextmanager
-def scored_selection(rule: str):
-    """The reference selection with ``rule``'s score (see the module docstring)."""
+def swapped_scores(score):
+    """The reference selection (``reference.select_blocks``, which the op's CPU path calls) with
+    ``score(q, k, pooled, vis, scale, cfg, t0, t1) -> [B, Hs, NKB]`` in place of the projector
+    score (forced blocks, k and ties unchanged); ``k`` is the call's keys, captured from
+    ``reference.pool_blocks``. Identity projector only."""
     orig_select, orig_pool = R.select_blocks, R.pool_blocks
     last: dict = {}
 
@@ -98,15 +101,23 @@ def scored_selection(rule: str):
         return orig_pool(k, v, valid, block_k, extrema)
 
     def select(q, pooled, vis, valid, scale, cfg, projector=None, block_scores=None):
+        if projector is not None and not projector.is_identity:
+            raise ValueError("swapped_scores: identity projector only")
         k = last["k"]
         return orig_select(q, pooled, vis, valid, scale, cfg, projector,
-                           block_scores=lambda t0, t1: _rule_scores(rule, q, k, pooled, vis, scale, cfg, t0, t1))
+                           block_scores=lambda t0, t1: score(q, k, pooled, vis, scale, cfg, t0, t1))
 
     R.select_blocks, R.pool_blocks = select, pool
     try:
         yield
     finally:
         R.select_blocks, R.pool_blocks = orig_select, orig_pool
+
+
+def scored_selection(rule: str):
+    """The reference selection with ``rule``'s score (see the module docstring)."""
+    return swapped_scores(lambda q, k, pooled, vis, scale, cfg, t0, t1:
+                          _rule_scores(rule, q, k, pooled, vis, scale, cfg, t0, t1))
 
 
 def main(argv=None) -> int:
