@@ -10,7 +10,8 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
   kernel on the summed queries for each path (stream, dense where NKB allows), the selection
   kernel summing the group itself (``group=G``), the dense kernel's k-th search at 2 and 3 bits
   a step (``radix_bits``), the whole ``api.selection_stage`` and the
-  whole op forward with each selection path, and both with ``block_score="hybrid"``;
+  whole op forward with each selection path, and both with ``block_score="hybrid"``; with
+  ``--warps W ...`` each path again at W warps; ``--only REGEX`` keeps the matching stages;
 * the CUDA kernels of one op forward (``torch.profiler``): name, count and device time.
 
 Every selection path is checked against the streaming path's (index, count) before timing.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,7 +84,7 @@ def _with_path(path: str, fn):
             os.environ[PATH_ENV] = old
 
 
-def one_point(n: int, hkv: int, cfg: SPAConfig, dev) -> dict:
+def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None) -> dict:
     hq, d, bs = 32, 128, cfg.block_size
     g = hq // hkv
     q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
@@ -133,8 +135,17 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev) -> dict:
         if g > 1:
             stages[f"select_{path}_group_in_kernel"] = lambda path=path: select(qbar, kbar, info, scale, cfg, kmax,
                                                                                  group=g, path=path)
+    for w in warps:  # the same kernels at other warp counts (selection.select(num_warps=))
+        for path in paths:
+            got = select(qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w)
+            checks[f"{path}_w{w}"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
+            stages[f"select_{path}_w{w}"] = lambda path=path, w=w: select(qsum, kbar, info, scale, cfg, kmax,
+                                                                          path=path, num_warps=w)
+    op_stage = f"op_fwd_{paths[-1]}"
+    if only is not None:
+        stages = {name: fn for name, fn in stages.items() if re.search(only, name) or name == op_stage}
     pt["times"] = {name: timings(fn) for name, fn in stages.items()}
-    pt["op_kernels"] = kernel_table(stages[f"op_fwd_{paths[-1]}"])
+    pt["op_kernels"] = kernel_table(stages[op_stage])
     return pt
 
 
@@ -146,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ns", type=int, nargs="+", default=[16384, 131072])
     ap.add_argument("--hkvs", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--modes", nargs="+", default=["density0.2", "topk32"])
+    ap.add_argument("--warps", type=int, nargs="*", default=[], help="also time each path at these warp counts")
+    ap.add_argument("--only", default=None, help="time only the stages matching this regex (and the op)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     result = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
@@ -158,7 +171,7 @@ def main(argv=None) -> int:
                 cfg = SPAConfig(mode="spa", density=0.2) if mode == "density0.2" else SPAConfig(mode="spa", topk=32)
                 t0 = time.perf_counter()
                 try:
-                    pt = one_point(n, hkv, cfg, dev)
+                    pt = one_point(n, hkv, cfg, dev, args.warps, args.only)
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     pt = {"N": n, "Hkv": hkv, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 pt["mode"] = mode

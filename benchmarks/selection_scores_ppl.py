@@ -13,6 +13,12 @@ visible key blocks j (causal) and the heads of a selection head (mean over them 
     landmark   mean over rows of softmax_j(s q[t] . kbar[j] + log n[j]): each row's attention over
                the block landmarks (the fill's pseudo-keys)
     subM       the same over M sub-block means per block (Bk / M keys each), summed per block
+    psubM      the pooled query's view of subM: softmax over the visible blocks of
+               logsumexp_m(s qbar . ksub[j, m]) + log(Bk / M), the block's softmax mass as seen by
+               the mean query (cost ~ M x pooled; psub64 = every key)
+    qsubAxM    subM with the rows pooled to A query sub-block means (t0:t1 split into A groups):
+               mean over them of the softmax over all visible key sub-blocks, summed per block
+               (cost ~ A M x pooled; qsub1xM = psubM)
     rowmax     max over rows of s q[t] . kbar[j]
     oracle     the true block mass: mean over rows of the dense attention each block receives (the
                ceiling of any score at this budget; dense attention's cost)
@@ -64,12 +70,22 @@ def _rule_scores(rule: str, q, k, pooled, vis, scale, cfg, t0: int, t1: int):
         else:
             logn = R._to_heads(pooled.count.to(q.dtype), hq).log()[:, :, None, :]
             sc = (logits + logn).masked_fill(~visible, -math.inf).softmax(-1).mean(2)
-    elif rule.startswith("sub"):
-        m = int(rule[3:])
+    elif rule.startswith(("sub", "psub", "qsub")):
+        # subM scores every row; psubM / qsubAxM pool the rows to 1 / A means first (cost ~ query
+        # blocks, not rows), so they see the query block's visibility: j * bs <= its last row
+        if rule.startswith("sub"):
+            a, m = None, int(rule[3:])
+        elif rule.startswith("psub"):
+            a, m = 1, int(rule[4:])
+        else:
+            a, m = (int(x) for x in rule[4:].split("x"))
         if bs % m:
             raise ValueError(f"{rule}: block size {bs} is not a multiple of {m}")
         kh = F.pad(R._to_heads(k.to(q.dtype), hq), (0, 0, 0, nkb * bs - n))
         sub = kh.unflatten(2, (nkb * m, bs // m)).mean(3)  # [B, Hq, NKB * m, D]; no padding here
+        if a is not None:
+            qr = torch.stack([c.mean(2) for c in qr.tensor_split(a, dim=2)], 2)  # [B, Hq, A, D]
+            visible = visible[-1:]
         logits = scale * qr @ sub.transpose(-1, -2) + math.log(bs // m)
         p = logits.masked_fill(~visible.repeat_interleave(m, dim=1), -math.inf).softmax(-1).mean(2)
         sc = p.unflatten(-1, (nkb, m)).sum(-1)

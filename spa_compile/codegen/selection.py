@@ -424,7 +424,8 @@ def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
 
 
 def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
-           path: str | None = None, radix_bits: int | None = None, half: bool = False) -> tuple[Tensor, Tensor]:
+           path: str | None = None, radix_bits: int | None = None, half: bool = False,
+           num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
@@ -432,7 +433,8 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     selection without the torch sum; ``group=1``: qp already summed, or "head" selection).
     kp: projected key block means ``[B, Hkv, NKB, r]`` float32. ``path``: see ``select_path``;
     ``radix_bits``: see ``dense_radix_bits`` (the dense path only). ``half``: take ``ceil(k/2)``
-    by score (the projector's share of block_score "hybrid", see bound_selection).
+    by score (the projector's share of block_score "hybrid", see bound_selection). ``num_warps``
+    overrides the launch's warps (benchmarks/bench_selection.py compares them).
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -456,13 +458,13 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
-            HALF=half, num_warps=warps,
+            HALF=half, num_warps=num_warps or warps,
         )
     else:
         qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
         _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=bj, RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
-            HALF=half, num_warps=warps,
+            HALF=half, num_warps=num_warps or warps,
         )
     return index, count
