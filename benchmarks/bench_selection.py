@@ -84,7 +84,7 @@ def _with_path(path: str, fn):
             os.environ[PATH_ENV] = old
 
 
-def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None) -> dict:
+def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases=()) -> dict:
     hq, d, bs = 32, 128, cfg.block_size
     g = hq // hkv
     q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
@@ -141,6 +141,10 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None) -> dic
             checks[f"{path}_w{w}"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
             stages[f"select_{path}_w{w}"] = lambda path=path, w=w: select(qsum, kbar, info, scale, cfg, kmax,
                                                                           path=path, num_warps=w)
+        for path in paths:  # where a program's time goes: the kernel cut after each phase
+            for stop in phases if path == "dense" else [1] if phases else []:
+                stages[f"select_{path}_w{w}_stop{stop}"] = lambda path=path, w=w, stop=stop: select(
+                    qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w, stop=stop)
     op_stage = f"op_fwd_{paths[-1]}"
     if only is not None:
         stages = {name: fn for name, fn in stages.items() if re.search(only, name) or name == op_stage}
@@ -158,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hkvs", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--modes", nargs="+", default=["density0.2", "topk32"])
     ap.add_argument("--warps", type=int, nargs="*", default=[], help="also time each path at these warp counts")
+    ap.add_argument("--phases", type=int, nargs="*", default=[],
+                    help="with --warps: also the dense kernel cut after phase 1 (classify), 2 (scores), 3 (k-th), "
+                         "and the streaming kernel without merges")
     ap.add_argument("--only", default=None, help="time only the stages matching this regex (and the op)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -171,7 +178,7 @@ def main(argv=None) -> int:
                 cfg = SPAConfig(mode="spa", density=0.2) if mode == "density0.2" else SPAConfig(mode="spa", topk=32)
                 t0 = time.perf_counter()
                 try:
-                    pt = one_point(n, hkv, cfg, dev, args.warps, args.only)
+                    pt = one_point(n, hkv, cfg, dev, args.warps, args.only, args.phases)
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     pt = {"N": n, "Hkv": hkv, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 pt["mode"] = mode

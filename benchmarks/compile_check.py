@@ -32,8 +32,8 @@ def signature(fn, args: dict):
     (pointers 16-byte aligned, strides multiples of 16)."""
     sig, consts, attrs = {}, {}, {}
     for pos, name in enumerate(fn.arg_names):
-        val = args[name]
         p = fn.params[fn.arg_names.index(name)]
+        val = args[name] if name in args else p.default  # a constexpr left out: its default
         if p.is_constexpr or val is None:  # None: what a launch passes for an unused descriptor
             sig[name] = "constexpr"
             consts[name] = val

@@ -205,7 +205,7 @@ def _select_kernel(
     SINK, LOCAL, TOPK, PPM, MINB, MAXB,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
-    USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False,
+    USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
 ):
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
@@ -257,7 +257,9 @@ def _select_kernel(
             sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT, GS, NQB * R)
             key = tl.where(rem, _encode(sc, jj), key)
         kth = tl.min(best, axis=1)
-        if tl.max(tl.max((key > kth[:, None]).to(tl.int32), axis=1), axis=0) > 0:
+        if STOP == 1:  # timing only (bench_selection.py --phases): the walk without its merges
+            best = tl.maximum(best, tl.max(key, axis=1)[:, None])
+        elif tl.max(tl.max((key > kth[:, None]).to(tl.int32), axis=1), axis=0) > 0:
             best = _merge_top(best, key, KPB)
 
     # k per query block (budget.topk_count); S = the last n_forced + k entries of the (ascending) buffer
@@ -284,7 +286,7 @@ def _select_dense_kernel(
     SINK, LOCAL, TOPK, PPM, MINB, MAXB,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
-    RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False,
+    RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
@@ -310,6 +312,9 @@ def _select_dense_kernel(
     nvis = tl.sum(vi, axis=1)
     nrem = tl.sum(rem.to(tl.int32), axis=1)
     nforced = tl.sum(forced.to(tl.int32), axis=1)
+    if STOP == 1:  # STOP: benchmarks/bench_selection.py --phases times the kernel cut after each phase
+        tl.store(CNT + bh.to(tl.int64) * NQB + rows, nrem + nforced, mask=row_ok)
+        return
 
     # k per query block (budget.topk_count)
     k = _topk_count(nvis, nrem, TOPK, PPM, MINB, MAXB)
@@ -322,7 +327,13 @@ def _select_dense_kernel(
         bits = sc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order = float order (as _encode)
         ordered = tl.where(rem, ordered, -2147483647 - 1)
+        if STOP == 2:
+            tl.store(CNT + bh.to(tl.int64) * NQB + rows, tl.max(ordered, axis=1), mask=row_ok)
+            return
         thr = _kth_threshold(ordered, rem, k, QB, RB, FW)
+        if STOP == 3:
+            tl.store(CNT + bh.to(tl.int64) * NQB + rows, thr, mask=row_ok)
+            return
         gt = rem & (ordered > thr[:, None])
         eq = rem & (ordered == thr[:, None])
         need = k - tl.sum(gt.to(tl.int32), axis=1)  # ties at T: the lowest j first (the key's low half)
@@ -425,7 +436,7 @@ def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
 
 def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
            path: str | None = None, radix_bits: int | None = None, half: bool = False,
-           num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+           num_warps: int | None = None, stop: int = 0) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
@@ -434,7 +445,9 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     kp: projected key block means ``[B, Hkv, NKB, r]`` float32. ``path``: see ``select_path``;
     ``radix_bits``: see ``dense_radix_bits`` (the dense path only). ``half``: take ``ceil(k/2)``
     by score (the projector's share of block_score "hybrid", see bound_selection). ``num_warps``
-    overrides the launch's warps (benchmarks/bench_selection.py compares them).
+    overrides the launch's warps (benchmarks/bench_selection.py compares them); ``stop`` 1/2/3 cuts
+    the dense kernel after its classification / scores / threshold, and 1 drops the streaming
+    kernel's merges (timing only: no valid lists).
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -458,13 +471,13 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
-            HALF=half, num_warps=num_warps or warps,
+            HALF=half, STOP=stop, num_warps=num_warps or warps,
         )
     else:
         qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
         _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=bj, RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
-            HALF=half, num_warps=num_warps or warps,
+            HALF=half, STOP=stop, num_warps=num_warps or warps,
         )
     return index, count
