@@ -135,6 +135,14 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
         if g > 1:
             stages[f"select_{path}_group_in_kernel"] = lambda path=path: select(qbar, kbar, info, scale, cfg, kmax,
                                                                                  group=g, path=path)
+    for path in paths:  # the score dot on tensor cores (three tf32 products): same lists up to near-ties
+        got = select(qsum, kbar, info, scale, cfg, kmax, path=path, precision="tf32x3")
+        checks[f"{path}_tf32x3_rows_differing"] = int((got[0] != ref[0]).any(-1).sum()) + int((got[1] != ref[1]).sum())
+        stages[f"select_{path}_tf32x3"] = lambda path=path: select(qsum, kbar, info, scale, cfg, kmax, path=path,
+                                                                   precision="tf32x3")
+        for w in warps:
+            stages[f"select_{path}_tf32x3_w{w}"] = lambda path=path, w=w: select(
+                qsum, kbar, info, scale, cfg, kmax, path=path, precision="tf32x3", num_warps=w)
     for w in warps:  # the same kernels at other warp counts (selection.select(num_warps=))
         for path in paths:
             got = select(qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w)

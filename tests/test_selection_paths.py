@@ -67,6 +67,9 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
     if cfg.selection == "group":  # summed by torch here; "-gs" below sums in the kernel
         qp = qp.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
     got = {p: selection.select(qp, kp, info, scale, cfg, kmax, path=p) for p in ("dense", "stream")}
+    # tensor-core scores (three tf32 products; exact fp32 under the interpreter): the reference's
+    # lists up to near-ties, checked below like every path
+    got["dense-tf32x3"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", precision="tf32x3")
     for rb in (2, 3):  # the dense kernel's k-th search, RB bits a step: the same threshold
         got[f"dense-rb{rb}"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", radix_bits=rb)
     if cfg.selection == "group" and hq > hkv:  # the group sum in the kernel
@@ -147,6 +150,17 @@ def test_dense_config_fits():
         qb, nkbp, rc, dot, warps = selection._dense_config(nqb, nkb, 128, kmax)
         assert nkbp >= nkb and nkbp >= kmax
         assert (qb == 16 and rc == 16) if dot else qb * nkbp * rc <= 16384
+
+
+def test_score_precision_choice(monkeypatch):
+    monkeypatch.delenv(selection.PRECISION_ENV, raising=False)
+    assert selection.score_precision() == selection.SCORE_PRECISION
+    assert selection.score_precision("tf32x3") == "tf32x3"
+    monkeypatch.setenv(selection.PRECISION_ENV, "tf32x3")
+    assert selection.score_precision() == "tf32x3" and selection.score_precision("ieee") == "ieee"
+    monkeypatch.setenv(selection.PRECISION_ENV, "tf32")  # plain tf32 would reorder near blocks
+    with pytest.raises(ValueError, match="must be 'ieee' or 'tf32x3'"):
+        selection.score_precision()
 
 
 def test_dense_radix_bits_choice(monkeypatch):

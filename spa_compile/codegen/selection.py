@@ -47,8 +47,10 @@ FORCED_HI = tl.constexpr(2147483647 * 4294967296)  # the score part of a forced 
 
 @triton.jit
 def _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
-                USE_DOT: tl.constexpr, GS, sqg):
-    """scale * qp[rows] . kp[jj] in float32 as ``[QB, BJ]`` (fp32 FMA, no tf32).
+                USE_DOT: tl.constexpr, GS, sqg, PREC: tl.constexpr = "ieee"):
+    """scale * qp[rows] . kp[jj] in float32 as ``[QB, BJ]``: fp32 FMA (PREC "ieee"), or with
+    USE_DOT and PREC "tf32x3" three tf32 tensor-core products (near fp32: tf32 alone, 10 mantissa
+    bits, would reorder blocks whose scores differ by 1e-3).
 
     With GS > 1 the query rows are the sum of GS heads ``sqg`` elements apart (the group sum of
     "group" selection, done here instead of by a torch launch)."""
@@ -63,7 +65,7 @@ def _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB: tl.constexpr, BJ
             qv += tl.load(qptr + g * sqg, mask=qm, other=0.0)
         kv = tl.load(KP_h + jj[:, None].to(tl.int64) * R + rr[None, :], mask=jm[:, None] & rm[None, :], other=0.0)
         if USE_DOT:
-            acc += tl.dot(qv, tl.trans(kv), input_precision="ieee")
+            acc += tl.dot(qv, tl.trans(kv), input_precision=PREC)
         else:
             acc += tl.sum(qv[:, None, :] * kv[None, :, :], axis=2)
     s = acc * scale
@@ -206,6 +208,7 @@ def _select_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
     USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
+    PREC: tl.constexpr = "ieee",
 ):
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
@@ -254,7 +257,7 @@ def _select_kernel(
         low = (2147483647 - jj).to(tl.int64)[None, :]
         key = tl.where(forced, FORCED_HI + low, SENTINEL)
         if tl.max(tl.max(rem.to(tl.int32), axis=1), axis=0) > 0:
-            sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT, GS, NQB * R)
+            sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT, GS, NQB * R, PREC)
             key = tl.where(rem, _encode(sc, jj), key)
         kth = tl.min(best, axis=1)
         if STOP == 1:  # timing only (bench_selection.py --phases): the walk without its merges
@@ -287,6 +290,7 @@ def _select_dense_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
     RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
+    PREC: tl.constexpr = "ieee",
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
@@ -323,7 +327,7 @@ def _select_dense_kernel(
 
     sel = forced
     if tl.max(nrem, axis=0) > 0:
-        sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, NKBP, RC, USE_DOT, GS, NQB * R)
+        sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, NKBP, RC, USE_DOT, GS, NQB * R, PREC)
         bits = sc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order = float order (as _encode)
         ordered = tl.where(rem, ordered, -2147483647 - 1)
@@ -388,6 +392,19 @@ def dense_radix_bits(nkbp: int, bits: int | None = None) -> int:
     return 2 if rb == 3 and nkbp > 256 else rb
 
 
+SCORE_PRECISION = "ieee"  # the score dot's input precision: "ieee" (fp32 FMA) or "tf32x3"
+PRECISION_ENV = "SPA_SELECT_PRECISION"
+
+
+def score_precision(precision: str | None = None) -> str:
+    """The score dot's input precision: ``precision``, else $SPA_SELECT_PRECISION, else
+    SCORE_PRECISION. The broadcast-product configs (fewer than 16 rows a program) stay fp32 FMA."""
+    prec = precision or os.environ.get(PRECISION_ENV, "") or SCORE_PRECISION
+    if prec not in ("ieee", "tf32x3"):
+        raise ValueError(f"{PRECISION_ENV}/precision must be 'ieee' or 'tf32x3', not {prec!r}")
+    return prec
+
+
 def select_path(nkb: int, path: str | None = None) -> str:
     """"dense" (all scores of a program at once, binary search for the k-th) or "stream" (chunks and
     a running top-k buffer). ``path`` (else $SPA_SELECT_PATH, else DEFAULT_PATH) chooses; "auto"
@@ -436,7 +453,7 @@ def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
 
 def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
            path: str | None = None, radix_bits: int | None = None, half: bool = False,
-           num_warps: int | None = None, stop: int = 0) -> tuple[Tensor, Tensor]:
+           num_warps: int | None = None, stop: int = 0, precision: str | None = None) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
@@ -447,7 +464,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     by score (the projector's share of block_score "hybrid", see bound_selection). ``num_warps``
     overrides the launch's warps (benchmarks/bench_selection.py compares them); ``stop`` 1/2/3 cuts
     the dense kernel after its classification / scores / threshold, and 1 drops the streaming
-    kernel's merges (timing only: no valid lists).
+    kernel's merges (timing only: no valid lists). ``precision``: see ``score_precision``.
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -465,19 +482,20 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
               -1 if cfg.topk is None else cfg.topk, cfg.density_ppm,
               -1 if cfg.min_blocks is None else cfg.min_blocks,
               -1 if cfg.max_blocks is None else cfg.max_blocks)
+    prec = score_precision(precision)
     if select_path(info.nkb, path) == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
         rb = dense_radix_bits(nkbp, radix_bits)
         _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
-            HALF=half, STOP=stop, num_warps=num_warps or warps,
+            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", num_warps=num_warps or warps,
         )
     else:
         qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
         _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=bj, RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
-            HALF=half, STOP=stop, num_warps=num_warps or warps,
+            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", num_warps=num_warps or warps,
         )
     return index, count
