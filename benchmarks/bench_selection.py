@@ -14,7 +14,9 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
   ``--warps W ...`` each path again at W warps; ``--only REGEX`` keeps the matching stages;
 * the CUDA kernels of one op forward (``torch.profiler``): name, count and device time.
 
-Every selection path is checked against the streaming path's (index, count) before timing.
+Every selection path is checked against the streaming path's (index, count) before timing, with
+fp32 scores (exactly comparable); the tensor-core scores ("tf32x3", the dense path's default) by
+the number of rows that differ (near-ties).
 """
 
 from __future__ import annotations
@@ -98,12 +100,12 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
     qbar = pool_q(q, bs)
     qsum = qbar.unflatten(1, (hkv, g)).sum(dim=2)
     pt: dict = {"N": n, "Hkv": hkv, "nkb": info.nkb, "kmax": kmax}
-    ref = select(qsum, kbar, info, scale, cfg, kmax, path="stream")
+    ref = select(qsum, kbar, info, scale, cfg, kmax, path="stream", precision="ieee")
     paths = ["stream"] + (["dense"] if info.nkb <= DENSE_MAX_NKB else [])
     checks = {}
     for path in paths:
         for grp in (1, g):
-            got = select(qbar if grp > 1 else qsum, kbar, info, scale, cfg, kmax, group=grp, path=path)
+            got = select(qbar if grp > 1 else qsum, kbar, info, scale, cfg, kmax, group=grp, path=path, precision="ieee")
             checks[f"{path}_group{grp}"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
     pt["selection_equal_to_stream"] = checks
     hcfg = cfg.replace(block_score="hybrid")
@@ -126,7 +128,7 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
             path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
     if "dense" in paths:  # the dense kernel's k-th search, 2 and 3 bits a step (1 is select_dense)
         for rb in (2, 3):
-            got = select(qsum, kbar, info, scale, cfg, kmax, path="dense", radix_bits=rb)
+            got = select(qsum, kbar, info, scale, cfg, kmax, path="dense", radix_bits=rb, precision="ieee")
             checks[f"dense_radix{rb}"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
             stages[f"select_dense_radix{rb}"] = lambda rb=rb: select(qsum, kbar, info, scale, cfg, kmax, path="dense",
                                                                    radix_bits=rb)
@@ -145,7 +147,7 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
                 qsum, kbar, info, scale, cfg, kmax, path=path, precision="tf32x3", num_warps=w)
     for w in warps:  # the same kernels at other warp counts (selection.select(num_warps=))
         for path in paths:
-            got = select(qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w)
+            got = select(qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w, precision="ieee")
             checks[f"{path}_w{w}"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
             stages[f"select_{path}_w{w}"] = lambda path=path, w=w: select(qsum, kbar, info, scale, cfg, kmax,
                                                                           path=path, num_warps=w)

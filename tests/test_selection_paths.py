@@ -66,16 +66,18 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
     qp, kp = proj.project_queries(qbar), proj.project_keys(kbar)
     if cfg.selection == "group":  # summed by torch here; "-gs" below sums in the kernel
         qp = qp.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
-    got = {p: selection.select(qp, kp, info, scale, cfg, kmax, path=p) for p in ("dense", "stream")}
+    # fp32 scores on both paths (exactly comparable), then the dense path's tensor-core default
+    got = {p: selection.select(qp, kp, info, scale, cfg, kmax, path=p, precision="ieee") for p in ("dense", "stream")}
     # tensor-core scores (three tf32 products; exact fp32 under the interpreter): the reference's
     # lists up to near-ties, checked below like every path
     got["dense-tf32x3"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", precision="tf32x3")
     for rb in (2, 3):  # the dense kernel's k-th search, RB bits a step: the same threshold
-        got[f"dense-rb{rb}"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", radix_bits=rb)
+        got[f"dense-rb{rb}"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", radix_bits=rb,
+                                                precision="ieee")
     if cfg.selection == "group" and hq > hkv:  # the group sum in the kernel
         qh = proj.project_queries(qbar)
         for p in gs_paths:  # the streaming kernel is slow in the interpreter (sorts): one case
-            got[p + "-gs"] = selection.select(qh, kp, info, scale, cfg, kmax, group=hq // hkv, path=p)
+            got[p + "-gs"] = selection.select(qh, kp, info, scale, cfg, kmax, group=hq // hkv, path=p, precision="ieee")
     valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
     ref = R.select_blocks(q.double(), pooled, vis, valid, scale, cfg, projector)
     scores = block_scores(q, pooled, scale, cfg, projector)
@@ -154,10 +156,11 @@ def test_dense_config_fits():
 
 def test_score_precision_choice(monkeypatch):
     monkeypatch.delenv(selection.PRECISION_ENV, raising=False)
-    assert selection.score_precision() == selection.SCORE_PRECISION
-    assert selection.score_precision("tf32x3") == "tf32x3"
+    assert selection.score_precision() == selection.SCORE_PRECISION["dense"] == "tf32x3"  # measured defaults
+    assert selection.score_precision(path="stream") == selection.SCORE_PRECISION["stream"] == "ieee"
+    assert selection.score_precision("tf32x3", "stream") == "tf32x3"
     monkeypatch.setenv(selection.PRECISION_ENV, "tf32x3")
-    assert selection.score_precision() == "tf32x3" and selection.score_precision("ieee") == "ieee"
+    assert selection.score_precision(path="stream") == "tf32x3" and selection.score_precision("ieee") == "ieee"
     monkeypatch.setenv(selection.PRECISION_ENV, "tf32")  # plain tf32 would reorder near blocks
     with pytest.raises(ValueError, match="must be 'ieee' or 'tf32x3'"):
         selection.score_precision()

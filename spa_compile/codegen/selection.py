@@ -392,14 +392,20 @@ def dense_radix_bits(nkbp: int, bits: int | None = None) -> int:
     return 2 if rb == 3 and nkbp > 256 else rb
 
 
-SCORE_PRECISION = "ieee"  # the score dot's input precision: "ieee" (fp32 FMA) or "tf32x3"
+# The score dot's input precision per path: "ieee" (fp32 FMA) or "tf32x3" (three tf32 tensor-core
+# products, near fp32). H200, torch 2.11, triton 3.6, 2026-11-28 (bench_selection.py, CUDA graph):
+# the dense kernel at 16K, Hkv=8 took 27 us with tf32x3 at 8 warps against 42 us fp32 (the best
+# warps of each), the same lists; the streaming kernel at 128K was slower with it (2.07 against
+# 1.59 ms: its walk waits on loads, not on the FMAs), so it stays fp32.
+SCORE_PRECISION = {"dense": "tf32x3", "stream": "ieee"}
 PRECISION_ENV = "SPA_SELECT_PRECISION"
 
 
-def score_precision(precision: str | None = None) -> str:
-    """The score dot's input precision: ``precision``, else $SPA_SELECT_PRECISION, else
-    SCORE_PRECISION. The broadcast-product configs (fewer than 16 rows a program) stay fp32 FMA."""
-    prec = precision or os.environ.get(PRECISION_ENV, "") or SCORE_PRECISION
+def score_precision(precision: str | None = None, path: str = "dense") -> str:
+    """The score dot's input precision on ``path``: ``precision``, else $SPA_SELECT_PRECISION, else
+    SCORE_PRECISION[path]. The broadcast-product configs (fewer than 16 rows a program) stay fp32
+    FMA whatever this says."""
+    prec = precision or os.environ.get(PRECISION_ENV, "") or SCORE_PRECISION[path]
     if prec not in ("ieee", "tf32x3"):
         raise ValueError(f"{PRECISION_ENV}/precision must be 'ieee' or 'tf32x3', not {prec!r}")
     return prec
@@ -432,7 +438,9 @@ def _stream_config(nqb: int, nkb: int, r: int, kmax: int):
     qb = min(qb, max(1, triton.next_power_of_2(nqb)))
     use_dot = qb >= 16
     rc = 16 if use_dot else min(triton.next_power_of_2(r), max(1, 16384 // (qb * bj)))
-    warps = 4 if qb * bj < 1024 else 8
+    # 4 warps for the dot configs: at 128K, top-k 32 (H200, 2026-11-28) 1.32 ms against 1.59 at 8
+    # (Hkv=8) and 4.53 against 5.81 (Hkv=32), the same lists
+    warps = 4 if use_dot or qb * bj < 1024 else 8
     return qb, kpb, bj, rc, use_dot, warps
 
 
@@ -447,7 +455,8 @@ def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
     else:
         rc, use_dot = min(src, max(1, 16384 // nkbp)), False  # a single row: cap the broadcast product
         qb = max(1, min(16384 // (nkbp * rc), 4096 // nkbp, triton.next_power_of_2(nqb)))
-    warps = 4 if qb * nkbp < 1024 else (8 if qb * nkbp < 4096 else 16)  # 16 rows x 256: 126 regs at 16 warps
+    # 16 rows x 256 at 8 warps: 232 registers, no spill (tf32x3); 27 us against 31 at 4 and 32 at 16
+    warps = 4 if qb * nkbp < 1024 else (8 if qb * nkbp <= 4096 else 16)
     return qb, nkbp, rc, use_dot, warps
 
 
@@ -482,8 +491,9 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
               -1 if cfg.topk is None else cfg.topk, cfg.density_ppm,
               -1 if cfg.min_blocks is None else cfg.min_blocks,
               -1 if cfg.max_blocks is None else cfg.max_blocks)
-    prec = score_precision(precision)
-    if select_path(info.nkb, path) == "dense":
+    chosen = select_path(info.nkb, path)
+    prec = score_precision(precision, chosen)
+    if chosen == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
         rb = dense_radix_bits(nkbp, radix_bits)
         _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
