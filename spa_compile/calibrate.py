@@ -586,7 +586,7 @@ def evaluate_site_call(
     b, hq, nq, d = q.shape
     bs = cfg.block_size
     valid = valid_keys(vis, b, k.shape[1], bs, q.device)
-    pooled = reference.pool_blocks(k, v, valid, bs, extrema=cfg.block_score != "projector")
+    pooled = reference.pool_for(cfg, k, v, valid)
     st = block_stats(q, k, v, vis, scale, cfg, with_output=True, valid=valid, kbar=pooled.kbar)
     dense = st.out
     nkb = pooled.kbar.shape[2]

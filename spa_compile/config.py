@@ -17,7 +17,7 @@ FILLS = ("landmark", "none")
 SELECTIONS = ("group", "head")
 # How the top-k blocks are scored (docs/design.md, "A retrieval-aware block score"): "projector" is
 # SPEC.md section 1; "bound" and "hybrid" add the key-range bound (an extension proposed for SPEC.md).
-BLOCK_SCORES = ("projector", "hybrid", "bound")
+BLOCK_SCORES = ("projector", "hybrid", "bound", "fine")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 SITE_DECISIONS = ("spa", "dense")
 # Built-in hardware profiles (spa_compile.hardware.BUILTIN_PROFILES); "auto" measures the present GPU.
@@ -57,7 +57,12 @@ class SPAConfig:
     block_score:   how the top-k blocks are picked: "projector" (SPEC.md: the projected pooled score),
                    "bound" (a per-row upper bound of q . k from each key block's per-channel key range:
                    finds a single matching key, e.g. a retrieval lookup, that block means average away)
-                   or "hybrid" (half of the top-k by each: ceil(k/2) by projector, the rest by bound).
+                   or "hybrid" (half of the top-k by each: ceil(k/2) by projector, the rest by bound), or
+                   "fine" (the attention mass each block gets from ``fine_rows`` row means of the query
+                   block over ``fine_keys`` sub-block key means per block: closer to the true block mass,
+                   ~fine_rows * fine_keys times the pooled score's work; selection runs in PyTorch).
+    fine_rows / fine_keys: the "fine" score's query row means per query block and key sub-block
+                   means per key block (powers of two, at most block_size).
     projectors:    path of a projector file (safetensors) or None for the identity (pooled) projector.
     min_seq_len:   "auto" (the cost model's crossover) or an int that overrides it: in mode "auto",
                    sites with fewer keys stay dense and the others take SPA.
@@ -83,6 +88,8 @@ class SPAConfig:
     fill: str = "landmark"
     selection: str = "group"
     block_score: str = "projector"
+    fine_rows: int = 16
+    fine_keys: int = 16
     projectors: str | None = None
     min_seq_len: Any = "auto"
     inner_backend: str = "inductor"
@@ -179,6 +186,10 @@ def _validate(cfg: SPAConfig) -> None:
     _int_at_least(cfg, "max_blocks", 0, optional=True)
     if cfg.min_blocks is not None and cfg.max_blocks is not None and cfg.min_blocks > cfg.max_blocks:
         _fail("min_blocks", cfg.min_blocks, f"at most max_blocks ({cfg.max_blocks})")
+    for name in ("fine_rows", "fine_keys"):
+        value = getattr(cfg, name)
+        if not _is_int(value) or value < 1 or value & (value - 1) or value > cfg.block_size:
+            _fail(name, value, f"a power of two between 1 and block_size ({cfg.block_size})")
     _int_at_least(cfg, "sink_blocks", 0)
     _int_at_least(cfg, "local_blocks", 0)
     if cfg.projectors is not None and not isinstance(cfg.projectors, str):

@@ -33,7 +33,8 @@ OP_FIELDS = ("block_size", "density", "topk", "min_blocks", "max_blocks", "sink_
 @torch.compiler.assume_constant_result  # a config is a constant of the traced program
 def config_to_str(cfg: SPAConfig) -> str:
     """The op's ``config`` argument: a compact JSON string of :data:`OP_FIELDS`."""
-    return json.dumps({f: getattr(cfg, f) for f in OP_FIELDS}, separators=(",", ":"), sort_keys=True)
+    fields = OP_FIELDS + (("fine_rows", "fine_keys") if cfg.block_score == "fine" else ())
+    return json.dumps({f: getattr(cfg, f) for f in fields}, separators=(",", ":"), sort_keys=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -150,7 +151,7 @@ def attention(
         out, lse, index, count = _codegen().spa_forward(q, k, v, vis, scale, cfg, projector)
         return out, lse, index, count
     valid = reference.valid_keys(vis, b, k.shape[1], cfg.block_size, q.device)
-    pooled = reference.pool_blocks(k, v, valid, cfg.block_size, extrema=cfg.block_score != "projector")
+    pooled = reference.pool_for(cfg, k, v, valid)
     sel = reference.select_blocks(q, pooled, vis, valid, scale, cfg, projector)
     out, lse = reference.sparse_attention(q, k, v, sel, pooled, vis, valid, scale, cfg.fill, cfg.block_size)
     return out.contiguous(), lse.to(torch.float32).contiguous(), sel.index, sel.count

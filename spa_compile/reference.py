@@ -34,6 +34,9 @@ class Pooled:
     # per-channel max / min of the valid keys (0 for empty blocks), for the "bound" block score
     kmax: Tensor | None = None  # [B, Hkv, NKB, D]
     kmin: Tensor | None = None
+    # means and counts of M sub-blocks (Bk / M consecutive keys) per block, for the "fine" score
+    ksub: Tensor | None = None  # [B, Hkv, NKB * M, D]
+    nsub: Tensor | None = None  # [B, 1|Hkv, NKB * M], float
 
 
 @dataclass
@@ -114,9 +117,11 @@ def _to_selection_heads(x: Tensor, hs: int) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def pool_blocks(k: Tensor, v: Tensor, valid: Tensor, block_k: int, extrema: bool = False) -> Pooled:
+def pool_blocks(k: Tensor, v: Tensor, valid: Tensor, block_k: int, extrema: bool = False,
+                sub_blocks: int | None = None) -> Pooled:
     """Means of the valid keys and values of every key block, and their counts; with ``extrema``
-    also the per-channel max and min of the valid keys (what ``block_score="bound"`` needs)."""
+    also the per-channel max and min of the valid keys (what ``block_score="bound"`` needs); with
+    ``sub_blocks`` M the means and counts of M sub-blocks a block (``block_score="fine"``)."""
     dt = compute_dtype(k)
     nk = k.shape[2]
     nkb = num_blocks(nk, block_k)
@@ -129,7 +134,18 @@ def pool_blocks(k: Tensor, v: Tensor, valid: Tensor, block_k: int, extrema: bool
     pooled = Pooled(kbar=ks / denom, vbar=vs / denom, count=n)
     if extrema:
         pooled.kmax, pooled.kmin = key_extrema(k.detach(), valid, block_k)
+    if sub_blocks:
+        sub = pool_blocks(k.detach(), k.detach()[..., :1], valid, block_k // sub_blocks)
+        short = nkb * sub_blocks - sub.count.shape[-1]  # a last block shorter than Bk: empty sub-blocks
+        pooled.ksub = torch.nn.functional.pad(sub.kbar, (0, 0, 0, short))
+        pooled.nsub = torch.nn.functional.pad(sub.count, (0, short))
     return pooled
+
+
+def pool_for(cfg: SPAConfig, k: Tensor, v: Tensor, valid: Tensor) -> Pooled:
+    """:func:`pool_blocks` with what ``cfg.block_score`` needs (extrema, sub-block means)."""
+    return pool_blocks(k, v, valid, cfg.block_size, extrema=cfg.block_score in ("bound", "hybrid"),
+                       sub_blocks=cfg.fine_keys if cfg.block_score == "fine" else None)
 
 
 def key_extrema(k: Tensor, valid: Tensor, block_k: int) -> tuple[Tensor, Tensor]:
@@ -157,6 +173,29 @@ def bound_scores(q_rows: Tensor, kmax: Tensor, kmin: Tensor, hs: int, scale: flo
     if sc.shape[1] != hs:
         sc = sc.unflatten(1, (hs, sc.shape[1] // hs)).amax(2)
     return scale * sc
+
+
+def fine_scores(q_rows: Tensor, ksub: Tensor, nsub: Tensor, visible: Tensor, rows: int, hs: int, scale: float,
+                projector: Projector) -> Tensor:
+    """The ``block_score="fine"`` score of every key block for one query block: its rows
+    ``q_rows`` ``[B, Hq, R, D]`` pooled to ``min(rows, R)`` consecutive-row means, each attending
+    (softmax, projected like the block means) over the M sub-block key means of the visible blocks
+    with their log counts; a block's score is the attention mass its sub-blocks get, averaged over
+    the row means (and over the query heads of a selection head). It estimates the block's share of
+    the true attention mass, which finer row means track better than one block mean (docs/accuracy.md).
+    ksub ``[B, Hq, NKB * M, D]``, nsub ``[B, 1|Hq, NKB * M]``, visible ``[B, 1|Hq, NKB]`` bool.
+    Returns ``[B, hs, NKB]``."""
+    nkb = visible.shape[-1]
+    m = ksub.shape[2] // nkb
+    parts = q_rows.tensor_split(min(rows, q_rows.shape[2]), dim=2)
+    qm = projector.project_queries(torch.stack([p.mean(2) for p in parts], dim=2))  # [B, Hq, A, r]
+    logits = scale * qm @ ksub.transpose(-1, -2) + nsub.log()[:, :, None, :]  # [B, Hq, A, NKB * M]
+    ok = visible.repeat_interleave(m, dim=-1)[:, :, None, :] & (nsub > 0)[:, :, None, :]
+    logits = logits.masked_fill(~ok, -math.inf)
+    mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(2).unflatten(-1, (nkb, m)).sum(-1)  # [B, Hq, NKB]
+    if mass.shape[1] != hs:
+        mass = mass.unflatten(1, (hs, mass.shape[1] // hs)).mean(2)
+    return mass
 
 
 def _top(score: Tensor, among: Tensor, k: Tensor) -> Tensor:
@@ -199,7 +238,8 @@ def select_blocks(
     ``cfg.block_score``: "projector" (SPEC.md) takes the top k by the projector score; "bound" by
     :func:`bound_scores` (needs ``pooled.kmax``/``kmin``: ``pool_blocks(..., extrema=True)``);
     "hybrid" the top ``ceil(k/2)`` by the projector score, then the top ``k - ceil(k/2)`` of the
-    remaining blocks by the bound. Forced blocks, k and ties (lower j first) are the same for all.
+    remaining blocks by the bound; "fine" by :func:`fine_scores` (needs ``pooled.ksub``/``nsub``:
+    :func:`pool_for`). Forced blocks, k and ties (lower j first) are the same for all.
 
     ``block_scores(t0, t1)`` (optional, for experiments with other scores): the ``[B, Hs, NKB]``
     scores of query rows ``t0:t1`` in place of the projector score."""
@@ -216,7 +256,15 @@ def select_blocks(
     kp = proj.project_keys(pooled.kbar.to(dt))  # [B, Hkv, NKB, r]
     if hs == hq:
         kp = _to_heads(kp, hq)
-    use_bound = cfg.block_score != "projector"
+    use_bound = cfg.block_score in ("bound", "hybrid")
+    fine = cfg.block_score == "fine" and block_scores is None
+    if fine:
+        if pooled.ksub is None or pooled.nsub is None:
+            raise ValueError("block_score='fine' needs the sub-block key means: pool the keys with "
+                             "pool_for(cfg, ...) or pool_blocks(..., sub_blocks=cfg.fine_keys)")
+        kpf = proj.project_keys(pooled.ksub.to(dt))
+        ksub, nsub = _to_heads(kpf, hq), pooled.nsub.to(dt)
+        nsub = nsub if nsub.shape[1] == 1 else _to_heads(nsub, hq)
     if use_bound:
         if pooled.kmax is None or pooled.kmin is None:
             raise ValueError(f"block_score={cfg.block_score!r} needs the key extrema: pool the keys with "
@@ -230,7 +278,10 @@ def select_blocks(
         visible_h, full_h = classify_blocks(vis.rows(t0, t1, q.device), valid, bs)
         visible = _to_selection_heads(visible_h, hs)
         partial = _to_selection_heads(visible_h & ~full_h, hs)
-        if block_scores is None:
+        if fine:
+            vis_h = visible_h if visible_h.shape[1] == 1 else _to_heads(visible_h, hq)
+            score = fine_scores(q[:, :, t0:t1].to(dt), ksub, nsub, vis_h, cfg.fine_rows, hs, scale, proj)
+        elif block_scores is None:
             qbar = q[:, :, t0:t1].to(dt).mean(dim=2)  # [B, Hq, D]
             qp = proj.project_queries(qbar)  # [B, Hq, r]
             if hs == hkv:
@@ -405,8 +456,9 @@ def spa_attention(
     vis = visibility if visibility is not None else from_sdpa(attn_mask, is_causal, nq, nk)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     valid = valid_keys(vis, q.shape[0], k.shape[1], cfg.block_size, q.device)
-    pooled = pool_blocks(k, v, valid, cfg.block_size, extrema=cfg.block_score != "projector")
-    detached = Pooled(pooled.kbar.detach(), pooled.vbar.detach(), pooled.count, pooled.kmax, pooled.kmin)
+    pooled = pool_for(cfg, k, v, valid)
+    detached = Pooled(pooled.kbar.detach(), pooled.vbar.detach(), pooled.count, pooled.kmax, pooled.kmin,
+                      pooled.ksub, pooled.nsub)
     sel = select_blocks(q.detach(), detached, vis, valid, scale, cfg, projector)
     out, lse = sparse_attention(q, k, v, sel, pooled, vis, valid, scale, cfg.fill, cfg.block_size)
     if squeeze:

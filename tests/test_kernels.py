@@ -79,7 +79,7 @@ def padding(b, nk, lengths, left=False, device="cpu"):
 def reference_stages(q, k, v, vis, scale, cfg, projector=None):
     b, hkv = q.shape[0], k.shape[1]
     valid = R.valid_keys(vis, b, hkv, cfg.block_size, q.device)
-    pooled = R.pool_blocks(k, v, valid, cfg.block_size, extrema=cfg.block_score != "projector")
+    pooled = R.pool_for(cfg, k, v, valid)
     return valid, pooled
 
 
@@ -114,8 +114,27 @@ def bound_block_scores(q, pooled, scale, cfg):
                         for t0 in range(0, nq, bs)], dim=2)
 
 
-def selection_scores(q, pooled, scale, cfg, projector=None):
-    """The scores the selection ranks by: the projector's, and the bound for "bound"/"hybrid"."""
+def fine_block_scores(q, pooled, scale, cfg, vis, valid, projector=None):
+    """reference "fine" scores [B, Hs, NQB, NKB] (float64) for tie checks."""
+    hq, nq, d = q.shape[1], q.shape[2], q.shape[3]
+    hkv, bs = pooled.kbar.shape[1], cfg.block_size
+    hs = hkv if cfg.selection == "group" else hq
+    proj = projector or Projector.identity(hkv, d)
+    ksub = R._to_heads(proj.project_keys(pooled.ksub.double()), hq)
+    nsub = pooled.nsub.double() if pooled.nsub.shape[1] == 1 else R._to_heads(pooled.nsub.double(), hq)
+    out = []
+    for t0 in range(0, nq, bs):
+        visible, _ = R.classify_blocks(vis.rows(t0, min(nq, t0 + bs), q.device), valid, bs)
+        visible = visible if visible.shape[1] == 1 else R._to_heads(visible, hq)
+        out.append(R.fine_scores(q[:, :, t0:t0 + bs].double(), ksub, nsub, visible, cfg.fine_rows, hs, scale, proj))
+    return torch.stack(out, dim=2)
+
+
+def selection_scores(q, pooled, scale, cfg, projector=None, vis=None, valid=None):
+    """The scores the selection ranks by: the projector's, the bound for "bound"/"hybrid", the
+    fine score for "fine" (needs vis and valid)."""
+    if cfg.block_score == "fine":
+        return [fine_block_scores(q, pooled, scale, cfg, vis, valid, projector)]
     scores = [block_scores(q, pooled, scale, cfg, projector)]
     if cfg.block_score != "projector":
         scores.append(bound_block_scores(q, pooled, scale, cfg))
@@ -154,7 +173,7 @@ def run_and_check(q, k, v, vis, cfg, projector=None, grads=True, tol=2e-5, gtol=
     valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
     if check_sel:
         ref_sel = R.select_blocks(q.double(), pooled, vis, valid, scale, cfg, projector)
-        assert_same_selection(ref_sel, idx, cnt, selection_scores(q, pooled, scale, cfg, projector))
+        assert_same_selection(ref_sel, idx, cnt, selection_scores(q, pooled, scale, cfg, projector, vis, valid))
     # stage check: the sparse part with the kernels' own selection
     qr, kr, vr = (x.detach().double().requires_grad_(grads) for x in (q, k, v))
     pooled_r = R.pool_blocks(kr, vr, valid, cfg.block_size)
@@ -197,6 +216,9 @@ CASES = [
                  id="bound-pad-head"),
     pytest.param(1, 8, 1, 90, 130, 16, dict(causal=True, offset=40, window=70),
                  dict(block_score="hybrid", topk=3, local_blocks=1), id="hybrid-window-gqa8"),
+    # block_score "fine": the reference selection in torch, the kernels' sparse stage on its lists
+    pytest.param(2, 4, 2, 90, 90, 16, dict(causal=True, key_valid="right"),
+                 dict(block_score="fine", fine_rows=4, fine_keys=8, selection="head"), id="fine-causal-pad-head"),
 ]
 
 
@@ -518,7 +540,7 @@ def _gpu_case(b, hq, hkv, n, d, dtype, causal, fill, pad, selection="group", nk=
     tol = GPU_TOL[dtype]
     valid, pooled = reference_stages(q.float(), k.float(), v.float(), vis, scale, cfg)
     ref_sel = R.select_blocks(q.float(), pooled, vis, valid, scale, cfg)
-    assert_same_selection(ref_sel, idx, cnt, selection_scores(q.float(), pooled, scale, cfg), tol=1e-3)
+    assert_same_selection(ref_sel, idx, cnt, selection_scores(q.float(), pooled, scale, cfg, None, vis, valid), tol=1e-3)
     qr, kr, vr = (x.detach().float().requires_grad_(grads) for x in (q, k, v))
     pooled_r = R.pool_blocks(kr, vr, valid, cfg.block_size)
     ro, rl = R.sparse_attention(qr, kr, vr, R.Selection(idx, cnt), pooled_r, vis, valid, scale, fill, cfg.block_size)
@@ -566,6 +588,7 @@ def test_gpu_real_shapes(b, hq, hkv, n, d, dtype, causal, fill, pad, selection, 
     pytest.param(1, 8, 2, 8192 + 37, 128, torch.bfloat16, 0, "group", "hybrid", id="bf16-d128-gqa4-hybrid"),
     pytest.param(2, 4, 4, 3000, 64, torch.float16, 300, "head", "bound", id="fp16-d64-pad-head-bound"),
     pytest.param(1, 4, 1, 2048, 64, torch.float32, 0, "group", "hybrid", id="fp32-d64-gqa4-hybrid"),
+    pytest.param(1, 8, 2, 4096 + 37, 128, torch.bfloat16, 100, "head", "fine", id="bf16-d128-gqa4-fine-head"),
 ])
 def test_gpu_bound_scores(b, hq, hkv, n, d, dtype, pad, selection, block_score):
     """block_score "bound" / "hybrid": bound_selection's lists against the reference, and the

@@ -102,3 +102,17 @@ def test_fullgraph_compile_training_and_dynamic_lengths(backend):
     with torch.no_grad():  # inference
         q, k, v = _qkv(n=55)
         torch.testing.assert_close(compiled(q, k, v), f(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_fine_block_score_through_the_op():
+    """block_score "fine" and its resolutions travel in the op's config string (only then: other
+    configs' strings, and so compiled graphs, are unchanged) and the op gives the reference's result."""
+    cfg = SPAConfig(density=0.3, block_size=16, block_score="fine", fine_rows=4, fine_keys=8)
+    text = ops.config_to_str(cfg)
+    assert ops.config_from_str(text) == SPAConfig(**{f: getattr(cfg, f) for f in ops.OP_FIELDS + ("fine_rows", "fine_keys")})
+    assert "fine_rows" not in ops.config_to_str(SPAConfig(block_size=16))
+    q, k, v = _qkv(grad=True)
+    out = spa_attention(q, k, v, is_causal=True, enable_gqa=True, config=cfg)
+    torch.testing.assert_close(out, R.spa_attention(q, k, v, is_causal=True, enable_gqa=True, config=cfg))
+    out.square().sum().backward()  # training: gradients through the fixed selection
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..budget import max_selected
 from ..config import SPAConfig
 from ..projector import Projector
@@ -110,6 +111,16 @@ def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax, k=Non
     return bound_select(q, kmx, kmn, info, scale, cfg, index1, count1, k2_cap)
 
 
+def fine_selection(q, k, v, vis: Visibility, scale, cfg, projector):
+    """block_score "fine" has no Triton kernel yet: reference.select_blocks, in PyTorch on the
+    tensors' device (one query block at a time: [B, Hq, fine_rows, NKB * fine_keys] scores, never
+    N x N), then the kernels' sparse stage on its lists (the same format)."""
+    valid = reference.valid_keys(vis, q.shape[0], k.shape[1], cfg.block_size, q.device)
+    pooled = reference.pool_for(cfg, k.detach(), v.detach()[..., :1], valid)
+    sel = reference.select_blocks(q.detach(), pooled, vis, valid, scale, cfg, projector)
+    return sel.index, sel.count
+
+
 def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool):
     """The sparse attention kernel alone (exact part + optional fill): (out, lse)."""
     if kbar is None:  # no fill: the landmark pointers are never read
@@ -134,7 +145,10 @@ def spa_forward(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, scale: float, 
     info = block_info(vis, b, nq, nk, cfg.block_size, q.device)
     kmax = int(max_selected(nq, nk, vis, cfg))
     kbar, vbar, kbar_lp, vbar_lp = pool_kv(k, v, info)
-    index, count = selection_stage(q, kbar, info, scale, cfg, projector, kmax, k)
+    if cfg.block_score == "fine":
+        index, count = fine_selection(q, k, v, vis, scale, cfg, projector)
+    else:
+        index, count = selection_stage(q, kbar, info, scale, cfg, projector, kmax, k)
     out, lse = sparse_stage(q, k, v, kbar_lp, vbar_lp, info, index, count, scale, cfg.fill == "landmark")
     return out, lse, index, count
 

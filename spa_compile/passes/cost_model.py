@@ -12,6 +12,8 @@ The work of each kernel is a sympy expression (:func:`formulas`) in the shape sy
     E, r, T, proj, fill              bytes per element, projector rank, the dense kernel's tile,
                                      whether a (non-identity) projector and the landmark fill run
     bnd                              whether the key-range bound runs (block_score "bound"/"hybrid")
+    fin, AM                          whether the "fine" score runs (in PyTorch, one query block a
+                                     step) and its fine_rows * fine_keys
 
 The dense path is what the site runs when it stays dense: ``dense`` (fused SDPA, flash: causal
 tiles skipped), ``dense_masked`` (SDPA with a mask tensor: every tile computed, the mask read) or
@@ -63,8 +65,9 @@ N_MIN = 16
 
 B, Hq, Hkv, Hs, Nq, Nk, D, Dv = sympy.symbols("B Hq Hkv Hs Nq Nk D Dv", positive=True)
 Bq, Bk, k, r, T, E, P, W, K = sympy.symbols("Bq Bk k r T E P W K", positive=True)
-c, w, proj, fill, bnd = sympy.symbols("c w proj fill bnd", nonnegative=True)
-SHAPE_SYMBOLS = (B, Hq, Hkv, Hs, Nq, Nk, D, Dv, Bq, Bk, k, r, T, E, P, W, c, w, proj, fill, K, bnd)
+c, w, proj, fill, bnd, fin, AM = sympy.symbols("c w proj fill bnd fin AM", nonnegative=True)
+SHAPE_SYMBOLS = (B, Hq, Hkv, Hs, Nq, Nk, D, Dv, Bq, Bk, k, r, T, E, P, W, c, w, proj, fill, K, bnd, fin, AM)
+FINE_LAUNCHES_PER_QUERY_BLOCK = 25  # the torch ops of one step of reference.select_blocks with "fine"
 
 # Profile symbols: rates, SM count, launch gap, per-stage efficiencies.
 F_peak, V_peak, BW, BW_L2, SMS, L_launch = sympy.symbols("F_peak V_peak BW BW_L2 SMs t_launch", positive=True)
@@ -143,6 +146,16 @@ def formulas() -> dict[str, Cost]:
         l2_bytes=scores * r + bnd * E * B * Hq * Nq * D * (nvis / 64 + 1),  # fp32 kp, two passes, 8 query blocks per program
         items=B * Hs * ceiling(nqb / 8),
         launches=1 + 3 * bnd,
+    )
+    # fin: AM row-mean x sub-block-mean products per (head, query block, visible block), their
+    # softmax in fp32 through memory (about 5 passes of 4 bytes), one query block per torch step
+    select = Cost(
+        flops=select.flops + fin * 2 * B * Hq * nqb * nvis * AM * D,
+        vops=select.vops + fin * 8 * B * Hq * nqb * nvis * AM,
+        bytes=select.bytes + fin * (20 * B * Hq * nqb * nvis * AM + E * B * Hkv * Nk * D),
+        l2_bytes=select.l2_bytes,
+        items=select.items,
+        launches=select.launches + fin * nqb * FINE_LAUNCHES_PER_QUERY_BLOCK,
     )
     exact = Cost(  # every (row of block i, key of a selected block), the masked diagonal included
         flops=2 * B * Hq * nqb * Bq * k * Bk * (D + Dv),
@@ -336,7 +349,8 @@ def _shape_values(shape: SiteShape, cfg: SPAConfig, kk: float, tile: int, kmax: 
         cfg.block_size, cfg.block_size, kk, shape.d, tile, shape.dtype_bytes,
         heads_per_program(shape.hq, shape.hkv, cfg), shape.window or 1, int(shape.causal),
         int(shape.causal and shape.window is not None), int(cfg.projectors is not None), int(cfg.fill == "landmark"),
-        max(kk, kk if kmax is None else kmax), int(cfg.block_score != "projector"),
+        max(kk, kk if kmax is None else kmax), int(cfg.block_score in ("bound", "hybrid")),
+        int(cfg.block_score == "fine"), cfg.fine_rows * cfg.fine_keys,
     )
 
 
@@ -427,7 +441,8 @@ def crossover(
 
 def _op_key(cfg: SPAConfig) -> tuple:
     return (cfg.block_size, cfg.density_ppm, cfg.topk, cfg.min_blocks, cfg.max_blocks, cfg.sink_blocks,
-            cfg.local_blocks, cfg.fill, cfg.selection, cfg.projectors is not None, cfg.block_score)
+            cfg.local_blocks, cfg.fill, cfg.selection, cfg.projectors is not None, cfg.block_score,
+            cfg.fine_rows, cfg.fine_keys)
 
 
 _crossover_memo: dict[tuple, float] = {}
