@@ -612,7 +612,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--selections", nargs="+", choices=["group", "head"], default=["group"],
                     help="SPAConfig.selection values to evaluate (projectors are calibrated for each)")
-    ap.add_argument("--block-scores", nargs="+", choices=["projector", "hybrid", "bound"], default=["projector"],
+    ap.add_argument("--block-scores", nargs="+", choices=["projector", "hybrid", "bound", "fine"], default=["projector"],
                     help="SPAConfig.block_score values to evaluate")
     ap.add_argument("--fills", nargs="+", choices=["landmark", "none"], default=["landmark", "none"])
     ap.add_argument("--calib-windows", type=int, nargs="+", default=[8, 4, 2], help="calibration windows per context")

@@ -20,6 +20,8 @@ visible key blocks j (causal) and the heads of a selection head (mean over them 
                mean over them of the softmax over all visible key sub-blocks, summed per block
                (cost ~ A M x pooled; qsub1xM = psubM)
     rowmax     max over rows of s q[t] . kbar[j]
+    fineAxM    the package's ``block_score="fine"`` (fine_rows A, fine_keys M; "fine": 16 x 16), run
+               as configured (no score swap): checks the implementation against qsubAxM
     oracle     the true block mass: mean over rows of the dense attention each block receives (the
                ceiling of any score at this budget; dense attention's cost)
 
@@ -166,9 +168,12 @@ def main(argv=None) -> int:
             torch._dynamo.reset()
             opts = {"mode": "spa", "block_size": a.block_size, "density": a.density, "fill": "landmark",
                     "inner_backend": "eager", "selection": selection}
+            if rule.startswith("fine"):  # the package's block_score "fine" (fineAxM), no score swap
+                a_, m_ = (int(x) for x in rule[4:].split("x")) if "x" in rule else (16, 16)
+                opts.update(block_score="fine", fine_rows=a_, fine_keys=m_)
             fn = torch.compile(model, backend="spa", options=opts, dynamic=False)
             t0 = time.time()
-            with scored_selection(rule):
+            with contextlib.nullcontext() if rule.startswith("fine") else scored_selection(rule):
                 nll, cnt, _ = LC.nll_and_retrieval(fn, text, False, 2, dev)
             row = {"rule": rule, "selection": selection, "ppl": math.exp(nll / cnt),
                    "ppl_ratio": math.exp(nll / cnt - dn / dc), "seconds": time.time() - t0}
