@@ -303,10 +303,11 @@ def select_blocks(
             chosen = forced | first | _top(bound, remaining & ~first, k - k1)
         idx = torch.where(chosen, jj, nkb).sort(dim=-1).values[..., :kmax]
         n = chosen.sum(-1)
-        if int(n.max()) > kmax:  # a bug in max_selected, never a silent truncation
-            raise RuntimeError(f"selected {int(n.max())} blocks but the bound is {kmax}")
         index[:, :, i] = torch.where(idx < nkb, idx, -1).to(torch.int32)
-        count[:, :, i] = n.to(torch.int32)
+        count[:, :, i] = torch.clamp(n, max=kmax + 1).to(torch.int32)  # kmax + 1 marks an overflow
+    # checked once, after the loop (a check per query block would sync a GPU once a block)
+    if nqb and int(count.max()) > kmax:  # a bug in max_selected, never a silent truncation
+        raise RuntimeError(f"selected more than {kmax} blocks (the bound) for some query block")
     return Selection(index=index, count=count)
 
 
