@@ -115,9 +115,9 @@ def swapped_scores(score):
     orig_select, orig_pool = R.select_blocks, R.pool_blocks
     last: dict = {}
 
-    def pool(k, v, valid, block_k, extrema=False):
+    def pool(k, v, valid, block_k, extrema=False, sub_blocks=None):
         last["k"] = k
-        return orig_pool(k, v, valid, block_k, extrema)
+        return orig_pool(k, v, valid, block_k, extrema, sub_blocks)
 
     def select(q, pooled, vis, valid, scale, cfg, projector=None, block_scores=None):
         if projector is not None and not projector.is_identity:
