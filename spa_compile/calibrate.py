@@ -143,19 +143,6 @@ def _chunks(blocks: list[int], nq: int, bs: int, per_chunk: int) -> list[list[in
     return out
 
 
-def _local_mask_rows(visible: Tensor, diag: Tensor, local_blocks: int) -> Tensor:
-    """``reference._local_mask`` with one ``diag`` per query block: ``visible`` [..., nb, NKB],
-    ``diag`` [nb]."""
-    nkb = visible.shape[-1]
-    if local_blocks == 0:
-        return torch.zeros_like(visible)
-    j = torch.arange(nkb, device=visible.device)
-    key = (j - diag[:, None]).abs() * nkb + j  # distance first, then lower j
-    key = torch.where(visible, key, torch.full_like(key, nkb * nkb * 4))
-    rank = key.argsort(dim=-1).argsort(dim=-1)
-    return visible & (rank < local_blocks)
-
-
 def block_stats(
     q: Tensor, k: Tensor, v: Tensor, vis: Visibility, scale: float, cfg: SPAConfig,
     blocks: Iterable[int] | None = None, with_output: bool = False,
@@ -255,7 +242,7 @@ def block_stats(
         # the forced blocks exactly as reference.select_blocks forms them
         sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
         diag = torch.div(blk * bs + (r - 1 + vis.offset), bs, rounding_mode="floor").clamp(0, nkb - 1)
-        forceds.append(partial | sink | _local_mask_rows(visible, diag, cfg.local_blocks))
+        forceds.append(partial | sink | reference.local_mask_rows(visible, diag, cfg.local_blocks))
         visibles.append(visible)
         targets.append(a)
         qsels.append(qsel)

@@ -177,25 +177,43 @@ def bound_scores(q_rows: Tensor, kmax: Tensor, kmin: Tensor, hs: int, scale: flo
 
 def fine_scores(q_rows: Tensor, ksub: Tensor, nsub: Tensor, visible: Tensor, rows: int, hs: int, scale: float,
                 projector: Projector) -> Tensor:
-    """The ``block_score="fine"`` score of every key block for one query block: its rows
-    ``q_rows`` ``[B, Hq, R, D]`` pooled to ``min(rows, R)`` consecutive-row means, each attending
-    (softmax, projected like the block means) over the M sub-block key means of the visible blocks
-    with their log counts; a block's score is the attention mass its sub-blocks get, averaged over
-    the row means (and over the query heads of a selection head). It estimates the block's share of
-    the true attention mass, which finer row means track better than one block mean (docs/accuracy.md).
-    ksub ``[B, Hq, NKB * M, D]``, nsub ``[B, 1|Hq, NKB * M]``, visible ``[B, 1|Hq, NKB]`` bool.
-    Returns ``[B, hs, NKB]``."""
+    """The ``block_score="fine"`` score of every key block for query blocks: each block's rows
+    ``q_rows`` ``[B, Hq, *blocks, R, D]`` pooled to ``min(rows, R)`` consecutive-row means, each
+    attending (softmax, projected like the block means) over the M sub-block key means of the
+    visible blocks with their log counts; a block's score is the attention mass its sub-blocks
+    get, averaged over the row means (and over the query heads of a selection head). It estimates
+    the block's share of the true attention mass, which finer row means track better than one
+    block mean (docs/accuracy.md). ksub ``[B, Hq, NKB * M, r]`` (projected), nsub
+    ``[B, 1|Hq, NKB * M]``, visible ``[B, 1|Hq, *blocks, NKB]`` bool. ``*blocks``: no dimension
+    (one query block, the reference) or one (a chunk of blocks with R rows each).
+    Returns ``[B, hs, *blocks, NKB]``."""
     nkb = visible.shape[-1]
     m = ksub.shape[2] // nkb
-    parts = q_rows.tensor_split(min(rows, q_rows.shape[2]), dim=2)
-    qm = projector.project_queries(torch.stack([p.mean(2) for p in parts], dim=2))  # [B, Hq, A, r]
-    logits = scale * qm @ ksub.transpose(-1, -2) + nsub.log()[:, :, None, :]  # [B, Hq, A, NKB * M]
-    ok = visible.repeat_interleave(m, dim=-1)[:, :, None, :] & (nsub > 0)[:, :, None, :]
+    extra = q_rows.dim() - 4  # block dims between the heads and the rows
+    parts = q_rows.tensor_split(min(rows, q_rows.shape[-2]), dim=-2)
+    qm = projector.project_queries(torch.stack([p.mean(-2) for p in parts], dim=-2))  # [B, Hq, *, A, r]
+    ks = ksub.reshape(ksub.shape[:2] + (1,) * extra + ksub.shape[2:])
+    ns = nsub.reshape(nsub.shape[:2] + (1,) * extra + nsub.shape[2:])
+    logits = scale * qm @ ks.transpose(-1, -2) + ns.log()[..., None, :]  # [B, Hq, *, A, NKB * M]
+    ok = visible.repeat_interleave(m, dim=-1)[..., None, :] & (ns > 0)[..., None, :]
     logits = logits.masked_fill(~ok, -math.inf)
-    mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(2).unflatten(-1, (nkb, m)).sum(-1)  # [B, Hq, NKB]
+    mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(-2).unflatten(-1, (nkb, m)).sum(-1)  # [B, Hq, *, NKB]
     if mass.shape[1] != hs:
         mass = mass.unflatten(1, (hs, mass.shape[1] // hs)).mean(2)
     return mass
+
+
+def local_mask_rows(visible: Tensor, diag: Tensor, local_blocks: int) -> Tensor:
+    """:func:`_local_mask` with one ``diag`` per query block: ``visible`` [..., nb, NKB],
+    ``diag`` [nb]."""
+    nkb = visible.shape[-1]
+    if local_blocks == 0:
+        return torch.zeros_like(visible)
+    j = torch.arange(nkb, device=visible.device)
+    key = (j - diag[:, None]).abs() * nkb + j  # distance first, then lower j
+    key = torch.where(visible, key, torch.full_like(key, nkb * nkb * 4))
+    rank = key.argsort(dim=-1).argsort(dim=-1)
+    return visible & (rank < local_blocks)
 
 
 def _top(score: Tensor, among: Tensor, k: Tensor) -> Tensor:

@@ -74,11 +74,13 @@ def test_flop_counts_match_hand_counts():
     assert float(forms["select"].flops.subs(vals_b)) == 4 * 2 * 8 * 4096 * 64 * 64
     assert float(forms["select"].launches.subs(vals_b)) == 4
     # the "fine" score: fine_rows * fine_keys products of D per (head, query block, visible block),
-    # and the torch steps of reference.select_blocks, one query block each
+    # and the torch launches of codegen/fine_selection.py (here one chunk: 8.4 MB of logits)
     vals_f = _values(shape, SPAConfig(block_score="fine", fine_rows=8, fine_keys=4), 10.0)
     assert (vals_f[cm.fin], vals_f[cm.AM], vals_f[cm.bnd]) == (1, 32, 0)
     assert float(forms["select"].flops.subs(vals_f)) == 2 * 2 * 8 * 64 * 64 * 32 * 64
-    assert float(forms["select"].launches.subs(vals_f)) == 1 + 64 * cm.FINE_LAUNCHES_PER_QUERY_BLOCK
+    assert float(forms["select"].launches.subs(vals_f)) == 1 + cm.FINE_LAUNCHES_PER_CHUNK
+    from spa_compile.codegen import fine_selection
+    assert cm.FINE_CHUNK_BYTES == fine_selection.CHUNK_BYTES
 
 
 def test_fine_score_costs_selection_time_only():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference
 from ..budget import max_selected
 from ..config import SPAConfig
 from ..projector import Projector
@@ -19,6 +18,7 @@ from .bitmap import build_bitmap
 from .blockinfo import BlockInfo, block_info
 from .pooling import pool_kv, pool_q
 from .bound_selection import bound_select, key_range
+from .fine_selection import fine_selection
 from .selection import select, topk_capacity
 from .sparse_backward import launch_delta, launch_dkdv, launch_dq, launch_landmark, landmark_splits, reverse_map
 from .sparse_forward import launch_forward
@@ -111,16 +111,6 @@ def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax, k=Non
     return bound_select(q, kmx, kmn, info, scale, cfg, index1, count1, k2_cap)
 
 
-def fine_selection(q, k, v, vis: Visibility, scale, cfg, projector):
-    """block_score "fine" has no Triton kernel yet: reference.select_blocks, in PyTorch on the
-    tensors' device (one query block at a time: [B, Hq, fine_rows, NKB * fine_keys] scores, never
-    N x N), then the kernels' sparse stage on its lists (the same format)."""
-    valid = reference.valid_keys(vis, q.shape[0], k.shape[1], cfg.block_size, q.device)
-    pooled = reference.pool_for(cfg, k.detach(), v.detach()[..., :1], valid)
-    sel = reference.select_blocks(q.detach(), pooled, vis, valid, scale, cfg, projector)
-    return sel.index, sel.count
-
-
 def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool):
     """The sparse attention kernel alone (exact part + optional fill): (out, lse)."""
     if kbar is None:  # no fill: the landmark pointers are never read
@@ -146,7 +136,7 @@ def spa_forward(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, scale: float, 
     kmax = int(max_selected(nq, nk, vis, cfg))
     kbar, vbar, kbar_lp, vbar_lp = pool_kv(k, v, info)
     if cfg.block_score == "fine":
-        index, count = fine_selection(q, k, v, vis, scale, cfg, projector)
+        index, count = fine_selection(q, k, vis, scale, cfg, projector)  # PyTorch, no kernel yet
     else:
         index, count = selection_stage(q, kbar, info, scale, cfg, projector, kmax, k)
     out, lse = sparse_stage(q, k, v, kbar_lp, vbar_lp, info, index, count, scale, cfg.fill == "landmark")

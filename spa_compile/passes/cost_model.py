@@ -12,8 +12,8 @@ The work of each kernel is a sympy expression (:func:`formulas`) in the shape sy
     E, r, T, proj, fill              bytes per element, projector rank, the dense kernel's tile,
                                      whether a (non-identity) projector and the landmark fill run
     bnd                              whether the key-range bound runs (block_score "bound"/"hybrid")
-    fin, AM                          whether the "fine" score runs (in PyTorch, one query block a
-                                     step) and its fine_rows * fine_keys
+    fin, AM                          whether the "fine" score runs (in PyTorch, chunks of query
+                                     blocks) and its fine_rows * fine_keys
 
 The dense path is what the site runs when it stays dense: ``dense`` (fused SDPA, flash: causal
 tiles skipped), ``dense_masked`` (SDPA with a mask tensor: every tile computed, the mask read) or
@@ -67,7 +67,8 @@ B, Hq, Hkv, Hs, Nq, Nk, D, Dv = sympy.symbols("B Hq Hkv Hs Nq Nk D Dv", positive
 Bq, Bk, k, r, T, E, P, W, K = sympy.symbols("Bq Bk k r T E P W K", positive=True)
 c, w, proj, fill, bnd, fin, AM = sympy.symbols("c w proj fill bnd fin AM", nonnegative=True)
 SHAPE_SYMBOLS = (B, Hq, Hkv, Hs, Nq, Nk, D, Dv, Bq, Bk, k, r, T, E, P, W, c, w, proj, fill, K, bnd, fin, AM)
-FINE_LAUNCHES_PER_QUERY_BLOCK = 25  # the torch ops of one step of reference.select_blocks with "fine"
+FINE_LAUNCHES_PER_CHUNK = 40  # the torch ops of one chunk of codegen/fine_selection.py
+FINE_CHUNK_BYTES = 256 << 20  # its chunk budget (fine_selection.CHUNK_BYTES)
 
 # Profile symbols: rates, SM count, launch gap, per-stage efficiencies.
 F_peak, V_peak, BW, BW_L2, SMS, L_launch = sympy.symbols("F_peak V_peak BW BW_L2 SMs t_launch", positive=True)
@@ -148,14 +149,16 @@ def formulas() -> dict[str, Cost]:
         launches=1 + 3 * bnd,
     )
     # fin: AM row-mean x sub-block-mean products per (head, query block, visible block), their
-    # softmax in fp32 through memory (about 5 passes of 4 bytes), one query block per torch step
+    # softmax in fp32 through memory (about 5 passes of 4 bytes), chunks of query blocks whose
+    # logits fit FINE_CHUNK_BYTES, about FINE_LAUNCHES_PER_CHUNK torch launches each
     select = Cost(
         flops=select.flops + fin * 2 * B * Hq * nqb * nvis * AM * D,
         vops=select.vops + fin * 8 * B * Hq * nqb * nvis * AM,
         bytes=select.bytes + fin * (20 * B * Hq * nqb * nvis * AM + E * B * Hkv * Nk * D),
         l2_bytes=select.l2_bytes,
         items=select.items,
-        launches=select.launches + fin * nqb * FINE_LAUNCHES_PER_QUERY_BLOCK,
+        launches=select.launches + fin * FINE_LAUNCHES_PER_CHUNK
+        * Max(1, ceiling(nqb * B * Hq * AM * nkb * 4 / FINE_CHUNK_BYTES)),
     )
     exact = Cost(  # every (row of block i, key of a selected block), the masked diagonal included
         flops=2 * B * Hq * nqb * Bq * k * Bk * (D + Dv),

@@ -1,0 +1,83 @@
+"""block_score "fine" on an accelerator: the reference selection vectorised over chunks of query blocks.
+
+``reference.select_blocks`` scores one query block at a time (about 40 torch launches each: the
+whole long-context study's SPA time on a GPU). Here a chunk of query blocks is scored at once:
+``[B, Hq, blocks, fine_rows, NKB * fine_keys]`` logits within a byte budget (never N x N), with
+the visibility, the forced blocks (partial, sink, local), k and the ties of the reference, so the
+lists are the reference's (tests/test_fine_selection.py compares them). No Triton kernel yet
+(docs/design.md); the sparse kernels take these lists as they take the selection kernels'.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference as R
+from ..budget import max_selected, topk_count
+from ..projector import Projector
+from ..visibility import Visibility, num_blocks
+
+CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk (the softmax adds temporaries of the same size)
+
+
+def _classify(vis: Visibility, valid: Tensor, t0: int, nb: int, r: int, bs: int):
+    """(visible, fully visible) ``[B, Hm, nb, NKB]`` of the nb query blocks of r rows from row t0:
+    ``reference.classify_blocks`` with the blocks folded into the batch dimension."""
+    b, nk = valid.shape[0], valid.shape[-1]
+    rows = vis.rows(t0, t0 + nb * r, valid.device)  # [B|1, Hm, nb * r, Nk]
+    hm = rows.shape[1]
+    folded = rows.expand(b, hm, nb * r, nk).unflatten(2, (nb, r)).movedim(2, 0).reshape(nb * b, hm, r, nk)
+    visible, full = R.classify_blocks(folded, valid.repeat(nb, 1, 1), bs)  # [nb * B, Hm, NKB]
+    unfold = lambda x: x.unflatten(0, (nb, b)).movedim(0, 2)  # noqa: E731
+    return unfold(visible), unfold(full)
+
+
+def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, projector: Projector | None,
+                   chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor]:
+    """index ``[B, Hs, NQB, kmax]`` int32 (ascending, -1 padded) and count ``[B, Hs, NQB]`` of
+    ``block_score="fine"``: what ``reference.select_blocks`` gives, a chunk of query blocks at a time."""
+    b, hq, nq, d = q.shape
+    hkv, bs = k.shape[1], cfg.block_size
+    hs = hkv if cfg.selection == "group" else hq
+    dt = R.compute_dtype(q)
+    valid = R.valid_keys(vis, b, hkv, bs, q.device)
+    pooled = R.pool_blocks(k.detach(), k.detach()[..., :1], valid, bs, sub_blocks=cfg.fine_keys)
+    proj = projector or Projector.identity(hkv, d, device=q.device, dtype=dt)
+    ksub = R._to_heads(proj.project_keys(pooled.ksub.to(dt)), hq)
+    nsub = pooled.nsub.to(dt)
+    nsub = nsub if nsub.shape[1] == 1 else R._to_heads(nsub, hq)
+    nkb, nqb = pooled.kbar.shape[2], num_blocks(nq, bs)
+    kmax = int(max_selected(nq, vis.nk, vis, cfg))
+    index = torch.full((b, hs, nqb, kmax), -1, dtype=torch.int32, device=q.device)
+    count = torch.zeros((b, hs, nqb), dtype=torch.int32, device=q.device)
+    per_block = b * hq * min(cfg.fine_rows, bs) * ksub.shape[2] * torch.empty((), dtype=dt).element_size()
+    step = max(1, chunk_bytes // max(per_block, 1))
+    jj = torch.arange(nkb, device=q.device)
+    nfull = nq // bs
+    chunks = [(i, min(i + step, nfull), bs) for i in range(0, nfull, step)]
+    if nq % bs:
+        chunks.append((nfull, nfull + 1, nq - nfull * bs))  # the partial last block alone
+    for i0, i1, r in chunks:
+        nb, t0 = i1 - i0, i0 * bs
+        visible_h, full_h = _classify(vis, valid, t0, nb, r, bs)  # [B, Hm, nb, NKB]
+        sel_heads = lambda x: R._to_selection_heads(x.movedim(2, 0).flatten(0, 1), hs).unflatten(  # noqa: E731
+            0, (nb, b)).movedim(0, 2)
+        visible = sel_heads(visible_h).expand(b, hs, nb, nkb)
+        partial = sel_heads(visible_h & ~full_h).expand(b, hs, nb, nkb)
+        vis_q = visible_h if visible_h.shape[1] == 1 else R._to_heads(visible_h, hq)
+        q_rows = q[:, :, t0:t0 + nb * r].to(dt).unflatten(2, (nb, r))  # [B, Hq, nb, r, D]
+        score = R.fine_scores(q_rows, ksub, nsub, vis_q, cfg.fine_rows, hs, scale, proj)  # [B, Hs, nb, NKB]
+        sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
+        blk = torch.arange(i0, i1, device=q.device)
+        diag = torch.div(blk * bs + (r - 1 + vis.offset), bs, rounding_mode="floor").clamp(0, nkb - 1)
+        forced = partial | sink | R.local_mask_rows(visible, diag, cfg.local_blocks)
+        remaining = visible & ~forced
+        kk = torch.minimum(topk_count(visible.sum(-1), cfg), remaining.sum(-1))
+        chosen = forced | R._top(score, remaining, kk)
+        idx = torch.where(chosen, jj, nkb).sort(dim=-1).values[..., :kmax]
+        index[:, :, i0:i1] = torch.where(idx < nkb, idx, -1).to(torch.int32)
+        count[:, :, i0:i1] = torch.clamp(chosen.sum(-1), max=kmax + 1).to(torch.int32)
+    if nqb and int(count.max()) > kmax:  # a bug in max_selected, never a silent truncation
+        raise RuntimeError(f"selected more than {kmax} blocks (the bound) for some query block")
+    return index, count
