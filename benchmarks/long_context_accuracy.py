@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import sysconfig
@@ -344,16 +342,20 @@ def spa_options(args, density, fill="landmark", projectors=None, selection="grou
             "projectors": projectors, "inner_backend": "eager", "selection": selection, "block_score": block_score}
 
 
-def projector_path(work: Path, selection: str) -> Path:
-    """Projectors fitted for a selection mode ("group": the name of runs 1-2, so their files resume)."""
-    return work / ("projectors.safetensors" if selection == "group" else f"projectors_{selection}.safetensors")
+def projector_path(work: Path, selection: str, block_score: str = "projector") -> Path:
+    """Projectors fitted for a selection mode ("group": the name of runs 1-2, so their files resume)
+    and a score: "fine" has its own fit (row means and sub-block means); "hybrid" and "bound" use
+    the projector score's."""
+    tag = ("" if selection == "group" else f"_{selection}") + ("_fine" if block_score == "fine" else "")
+    return work / f"projectors{tag}.safetensors"
 
 
-def calibrate_stage(args, dev, work: Path, selection: str = "group") -> dict:
-    """Fit the projectors for one selection mode (the fit and the recall figures use the projector
-    score alone: block_score "hybrid" runs the same projectors for its first half)."""
-    out = projector_path(work, selection)
-    tag = "" if selection == "group" else f"_{selection}"
+def calibrate_stage(args, dev, work: Path, selection: str = "group", block_score: str = "projector") -> dict:
+    """Fit the projectors for one selection mode and score (the fit and the recall figures use the
+    projector score alone, or the fine score for "fine": block_score "hybrid" runs the projector
+    score's projectors for its first half)."""
+    out = projector_path(work, selection, block_score)
+    tag = ("" if selection == "group" else f"_{selection}") + ("_fine" if block_score == "fine" else "")
     res_path = work / f"calibration{tag}.json"
     if out.exists() and res_path.exists() and not args.force:
         print(f"[calibrate] reusing {out}")
@@ -369,7 +371,8 @@ def calibrate_stage(args, dev, work: Path, selection: str = "group") -> dict:
             if rng.random() < args.retrieval_share:
                 x = plant_retrieval(x, rng, region=rng.uniform(0.05, 0.9))
             batches.append(x[None].to(dev, torch.long))
-    cfg = {k: v for k, v in spa_options(args, 0.2, selection=selection).items() if k not in ("projectors", "inner_backend")}
+    cfg = {k: v for k, v in spa_options(args, 0.2, selection=selection, block_score=block_score).items()
+           if k not in ("projectors", "inner_backend")}
     t0 = time.time()
     report = C.calibrate(model, batches, cfg, steps=args.calib_steps, lr=args.calib_lr, out=out,
                          loss_blocks=args.loss_blocks, progress=True)
@@ -449,7 +452,7 @@ def eval_stage(args, dev, work: Path, calib: dict) -> dict:
             if kind == "dense":
                 fn = model
             else:
-                proj = str(projector_path(work, selection)) if projector == "calibrated" else None
+                proj = str(projector_path(work, selection, block_score)) if projector == "calibrated" else None
                 opts = spa_options(args, density, fill, proj, selection, block_score)
                 fn = torch.compile(model, backend="spa", options=opts, dynamic=False)
             t0 = time.time()
@@ -486,7 +489,7 @@ def check_targets(evals: dict, calibs: dict, contexts) -> dict:
     long = [c for c in contexts if c >= 8192] or list(contexts)[-2:]
     variants = sorted({_variant(r) for r in evals["runs"] if r["attention"] == "spa"})
     for variant in variants:
-        calib = calibs[variant.split("/")[0]]
+        calib = calibs.get(variant) or calibs[variant.split("/")[0]]
         for length in long:
             out.setdefault(variant, {})[str(length)] = _targets_at(evals, calib, length, variant)
     return out
@@ -650,6 +653,9 @@ def main(argv=None) -> int:
     if args.stage == "train":
         return 0
     calibs = {selection: calibrate_stage(args, dev, work, selection) for selection in args.selections}
+    if "fine" in args.block_scores:  # the fine score's own fit
+        calibs.update({f"{selection}/fine": calibrate_stage(args, dev, work, selection, "fine")
+                       for selection in args.selections})
     result["calibrate"] = calibs[args.selections[0]]
     result["calibrate_by_selection"] = calibs
     if args.stage == "calibrate":

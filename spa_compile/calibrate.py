@@ -102,6 +102,13 @@ class BlockStats:
     forced: Tensor  # [B, Hs, nb, NKB]: partial, sink and local blocks (always selected, SPEC.md 2)
     blocks: list[int]
     out: Tensor | None = None  # dense attention output [B, Hq, Nq, Dv] when asked for
+    # block_score "fine" (the fit then scores by reference.fine_scores): the fine_rows row means
+    # [B, Hq, nb, A, D] of each query block, False in fine_ok [B, Hs, nb] for a block with fewer
+    # rows than A (left out of the fine loss), and the sub-block key means and counts of the call
+    qrows: Tensor | None = None
+    fine_ok: Tensor | None = None
+    ksub: Tensor | None = None  # [B, Hkv, NKB * M, D]
+    nsub: Tensor | None = None  # [B, Hkv, NKB * M]
 
     def loss_target(self, loss_blocks: str) -> tuple[Tensor, Tensor]:
         """(target, blocks the loss runs over): all visible blocks (SPEC.md), or only those the
@@ -189,6 +196,8 @@ def block_stats(
     pad = nkb * bs - nk
     out = torch.empty(b, hq, nq, v.shape[-1], dtype=q.dtype, device=q.device) if with_output else None
     qsels, targets, visibles, forceds = [], [], [], []
+    fine = cfg.block_score == "fine"
+    qrowss, fine_oks = [], []
     for chunk in _chunks(blocks, nq, bs, max(int(chunk_blocks), 1)):
         nb = len(chunk)
         r = min((chunk[0] + 1) * bs, nq) - chunk[0] * bs  # rows per block, the same for the chunk
@@ -246,12 +255,23 @@ def block_stats(
         visibles.append(visible)
         targets.append(a)
         qsels.append(qsel)
+        if fine:
+            nr = cfg.fine_rows
+            qrowss.append(reference.row_means(qi.unflatten(2, (nb, r)), nr) if r >= nr
+                          else qi.new_zeros(b, hq, nb, nr, d))
+            fine_oks.append(torch.full((b, hs, nb), r >= nr, dtype=torch.bool, device=q.device))
     cat = lambda xs, shape: torch.cat(xs, 2) if xs else torch.zeros(shape)  # noqa: E731
-    return BlockStats(
+    st = BlockStats(
         qsel=cat(qsels, (b, hs, 0, d)), kbar=kbar.to(dt), target=cat(targets, (b, hs, 0, nkb)),
         visible=cat(visibles, (b, hs, 0, nkb)).bool(), forced=cat(forceds, (b, hs, 0, nkb)).bool(),
         blocks=blocks, out=out,
     )
+    if fine:
+        sub = reference.pool_blocks(k.detach(), k.detach()[..., :1], valid, bs, sub_blocks=cfg.fine_keys)
+        st.qrows = cat(qrowss, (b, hq, 0, cfg.fine_rows, d))
+        st.fine_ok = cat(fine_oks, (b, hs, 0)).bool()
+        st.ksub, st.nsub = sub.ksub.to(dt), sub.nsub.to(dt)
+    return st
 
 
 def selection_mask(sel: reference.Selection, nkb: int) -> Tensor:
@@ -363,26 +383,49 @@ def _merged(stats: list[BlockStats]) -> list[BlockStats]:
     """Batches with the same block counts concatenated along the batch dim: one einsum per step."""
     groups: dict[tuple, list[BlockStats]] = {}
     for st in stats:
-        groups.setdefault((tuple(st.qsel.shape[1:]), tuple(st.kbar.shape[1:])), []).append(st)
+        fine = None if st.qrows is None else (tuple(st.qrows.shape[1:]), tuple(st.ksub.shape[1:]))
+        groups.setdefault((tuple(st.qsel.shape[1:]), tuple(st.kbar.shape[1:]), fine), []).append(st)
     out = []
     for group in groups.values():
         if len(group) == 1:
             out.append(group[0])
             continue
         cat = lambda name: torch.cat([getattr(g, name) for g in group])  # noqa: E731
-        out.append(BlockStats(cat("qsel"), cat("kbar"), cat("target"), cat("visible"), cat("forced"),
-                              group[0].blocks))
+        merged = BlockStats(cat("qsel"), cat("kbar"), cat("target"), cat("visible"), cat("forced"), group[0].blocks)
+        if group[0].qrows is not None:
+            merged.qrows, merged.fine_ok = cat("qrows"), cat("fine_ok")
+            merged.ksub, merged.nsub = cat("ksub"), cat("nsub")  # valid keys are per (batch, kv head)
+        out.append(merged)
     return out
+
+
+def _scores(proj: Projector, s: BlockStats, scale: float) -> Tensor:
+    """What the selection ranks by: the projector score of the block means, or for block_score
+    "fine" (``s.qrows`` recorded) the log of reference.fine_scores (a distribution over the
+    visible blocks, so the KL of SPEC.md applies unchanged)."""
+    if s.qrows is None:
+        return block_scores(proj, s.qsel, s.kbar, scale)
+    hq, hs = s.qrows.shape[1], s.visible.shape[1]
+    ks = reference._to_heads(proj.project_keys(s.ksub), hq)
+    ns = s.nsub if s.nsub.shape[1] == 1 else reference._to_heads(s.nsub, hq)
+    vis_q = s.visible if hs == hq else reference._to_heads(s.visible, hq)  # a group's visibility per head
+    mass = reference.fine_scores(s.qrows, ks, ns, vis_q, s.qrows.shape[-2], hs, scale, proj)
+    return mass.clamp_min(1e-30).log()
+
+
+def _live(s: BlockStats, target: Tensor, blocks: Tensor) -> Tensor:
+    live = blocks.any(-1) & (target.sum(-1) > 0)
+    return live if s.fine_ok is None else live & s.fine_ok
 
 
 def _loss(proj: Projector, stats: list[BlockStats], scale: float, masks: list[Tensor] | None,
           loss_blocks: str) -> Tensor:
     total, rows = 0.0, 0
     for j, s in enumerate(stats):
-        score = block_scores(proj, s.qsel, s.kbar, scale)
+        score = _scores(proj, s, scale)
         tgt, blocks = s.loss_target(loss_blocks)
         per_row = distillation_loss(score, tgt, blocks, reduction="none")
-        live = blocks.any(-1) & (tgt.sum(-1) > 0)
+        live = _live(s, tgt, blocks)
         if masks is not None:
             live = live & masks[j].to(live.device)
         total = total + (per_row * live).sum()
@@ -398,13 +441,13 @@ def _recall(proj: Projector, stats: list[BlockStats], scale: float, masks: list[
 
     total, rows = 0.0, 0
     for j, s in enumerate(stats):
-        score = block_scores(proj, s.qsel, s.kbar, scale)
+        score = _scores(proj, s, scale)
         remaining = s.visible & ~s.forced
         k = torch.minimum(topk_count(s.visible.sum(-1), cfg), remaining.sum(-1))
         masked = torch.where(remaining, score, torch.full_like(score, -math.inf))
         order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
         chosen = s.forced | (remaining & (order.argsort(dim=-1) < k[..., None]))
-        live = s.visible.any(-1) & (s.target.sum(-1) > 0)
+        live = _live(s, s.target, s.visible)
         if masks is not None:
             live = live & masks[j].to(live.device)
         total += float(((s.target * chosen).sum(-1) * live).sum())

@@ -190,8 +190,7 @@ def fine_scores(q_rows: Tensor, ksub: Tensor, nsub: Tensor, visible: Tensor, row
     nkb = visible.shape[-1]
     m = ksub.shape[2] // nkb
     extra = q_rows.dim() - 4  # block dims between the heads and the rows
-    parts = q_rows.tensor_split(min(rows, q_rows.shape[-2]), dim=-2)
-    qm = projector.project_queries(torch.stack([p.mean(-2) for p in parts], dim=-2))  # [B, Hq, *, A, r]
+    qm = projector.project_queries(row_means(q_rows, rows))  # [B, Hq, *, A, r]
     ks = ksub.reshape(ksub.shape[:2] + (1,) * extra + ksub.shape[2:])
     ns = nsub.reshape(nsub.shape[:2] + (1,) * extra + nsub.shape[2:])
     logits = scale * qm @ ks.transpose(-1, -2) + ns.log()[..., None, :]  # [B, Hq, *, A, NKB * M]
@@ -201,6 +200,12 @@ def fine_scores(q_rows: Tensor, ksub: Tensor, nsub: Tensor, visible: Tensor, row
     if mass.shape[1] != hs:
         mass = mass.unflatten(1, (hs, mass.shape[1] // hs)).mean(2)
     return mass
+
+
+def row_means(q_rows: Tensor, rows: int) -> Tensor:
+    """``[..., R, D]`` -> ``[..., min(rows, R), D]``: the means of consecutive, near-equal row groups."""
+    parts = q_rows.tensor_split(min(rows, q_rows.shape[-2]), dim=-2)
+    return torch.stack([p.mean(-2) for p in parts], dim=-2)
 
 
 def local_mask_rows(visible: Tensor, diag: Tensor, local_blocks: int) -> Tensor:

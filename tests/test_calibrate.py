@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from spa_compile import SPAConfig
 from spa_compile import calibrate as C
 from spa_compile import reference as R
+from spa_compile.projector import Projector
 from spa_compile.projector_file import load_projectors
 from spa_compile.visibility import Visibility, num_blocks
 
@@ -393,3 +394,40 @@ def test_chunked_block_stats_property(p, rnd):
     blocks = rnd.sample(range(nqb), rnd.randint(0, nqb)) if rnd.random() < 0.5 else None
     got = C.block_stats(q, k, v, vis, 0.5, cfg, blocks=blocks, with_output=blocks is None, chunk_blocks=p["chunk"])
     _assert_same_stats(got, _block_stats_per_block(q, k, v, vis, 0.5, cfg, blocks=blocks, with_output=blocks is None))
+
+
+FINE = {**CFG, "block_score": "fine", "fine_rows": 4, "fine_keys": 4}
+
+
+@pytest.mark.parametrize("selection", ["group", "head"])
+def test_fine_stats_rank_as_the_fine_selection(selection):
+    """With block_score "fine" the calibration scores blocks as the op selects them: ranking the
+    recorded row and sub-block means by C._scores (identity projector) picks the blocks of
+    reference.select_blocks; a last query block with fewer rows than fine_rows is left out."""
+    g = torch.Generator().manual_seed(7)
+    b, hq, hkv, n, d = 2, 4, 2, 16 * 9 + 3, 8  # the last block has 3 rows < fine_rows
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for h in (hq, hkv, hkv))
+    vis = Visibility(n, n, causal=True)
+    cfg = SPAConfig(**FINE, selection=selection)
+    scale = d**-0.5
+    st = C.block_stats(q, k, v, vis, scale, cfg)
+    assert st.qrows.shape == (b, hq, 10, 4, d) and st.fine_ok.shape == st.visible.shape[:3]
+    assert st.fine_ok[:, :, :9].all() and not st.fine_ok[:, :, 9].any()
+    score = C._scores(Projector.identity(hkv, d), st, scale)
+    valid = R.valid_keys(vis, b, hkv, 16, q.device)
+    sel = R.select_blocks(q, R.pool_for(cfg, k, v, valid), vis, valid, scale, cfg)
+    want = C.selection_mask(sel, st.visible.shape[-1])
+    remaining = st.visible & ~st.forced
+    kk = torch.minimum(want.sum(-1) - st.forced.sum(-1), remaining.sum(-1))
+    chosen = st.forced | R._top(score, remaining, kk)
+    ok = st.fine_ok
+    assert torch.equal(chosen[ok], want[ok])
+
+
+def test_fine_fit_keeps_the_best_state_and_lowers_its_kl():
+    data = C.collect(SDPA(), [_synthetic(4, 0), _synthetic(4, 1)], FINE)
+    (site,) = data.values()
+    assert site.stats[0].qrows is not None
+    proj, info = C.fit_projector(site, steps=30, lr=0.05, holdout=0.3, select_on=SPAConfig(**FINE))
+    assert info["heldout_recall_fitted"] >= info["heldout_recall_pooled"]
+    assert info["kl_fitted"] <= info["kl_pooled"] + 1e-6 and math.isfinite(info["kl_fitted"])
