@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import random
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -73,6 +74,7 @@ class ProjectorTrainer:
         self.shapes: dict[str, SiteShape] = {}
         self._calls: dict[str, int] = {}
         self._loss: dict[str, list[float]] = {}
+        self._warned_fine = False
         self.block_size: int | None = None if self._start is None else self._start.block_size
         self.config: dict[str, Any] = {} if self._start is None else dict(self._start.config)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -129,6 +131,13 @@ class ProjectorTrainer:
             return None
         nqb = num_blocks(q.shape[2], cfg.block_size)
         blocks = sorted(self._rng.sample(range(nqb), min(self.sample_blocks, nqb)))
+        if cfg.block_score == "fine":  # the closed-form gradient is the block-mean score's
+            if not self._warned_fine:
+                self._warned_fine = True
+                warnings.warn("training alongside fits the projectors for the pooled block-mean score; with "
+                              "block_score='fine' they are applied to row and sub-block means: fit those with "
+                              "spa_compile.calibrate(config={'block_score': 'fine', ...}) instead", stacklevel=2)
+            cfg = cfg.replace(block_score="projector")
         with torch.no_grad():
             st = block_stats(q.detach(), k.detach(), v.detach(), vis, float(scale), cfg, blocks=blocks)
         target, keep = st.loss_target(self.loss_blocks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -117,3 +119,20 @@ def test_trainer_starts_from_an_existing_file(tmp_path):
         torch.testing.assert_close(second.params["model"][0].detach(), saved)
     with pytest.raises(ValueError, match="sample_blocks"):
         ProjectorTrainer(path, sample_blocks=0)
+
+
+def test_trainer_with_the_fine_score_warns_once_and_fits_the_pooled_objective(tmp_path):
+    """block_score "fine": the aux loss (closed form) is the block-mean score's; the trainer says so
+    once and still moves the projectors; training runs through the fine selection."""
+    model = LM()
+    with ProjectorTrainer(tmp_path / "p.safetensors", lr=0.05, sample_blocks=2) as trainer:
+        fn = torch.compile(model, backend="spa", options=trainer.options(**CFG, block_score="fine", fine_rows=4,
+                                                                          fine_keys=4))
+        with pytest.warns(UserWarning, match="block_score='fine'"):
+            _step(fn, model, _tokens(0))
+        losses = trainer.step()
+        assert losses["model"] > 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once only
+            _step(fn, model, _tokens(1))
+        assert not torch.equal(trainer.params["model"][0].detach(), torch.eye(8).expand(2, 8, 8))
