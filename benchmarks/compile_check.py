@@ -172,6 +172,10 @@ def main():
                         RB=rb, FW=9 if rb == 3 else 10, HALF=rb == 2)
             ok &= compile_one(selection._select_dense_kernel, args, a.arch, w, 1,
                               f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} rb{rb}")
+            if dot and rb == 1:  # the dense path's default score precision (selection.SCORE_PRECISION)
+                prec = selection.score_precision(None, "dense")
+                ok &= compile_one(selection._select_dense_kernel, dict(args, PREC=prec), a.arch, w, 1,
+                                  f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} {prec}")
     # the key-range bound pass (block_score "bound" / "hybrid"): 16K and 128K at density 0.2, GQA 4 and MHA
     for gs, kmax, dt in [(4, 56, torch.bfloat16), (1, 416, torch.bfloat16), (4, 56, torch.float32)]:
         k2 = max(16, triton.next_power_of_2(kmax // 2))
