@@ -249,9 +249,8 @@ def block_stats(
         visible = unfold(reference._to_selection_heads(visible_h, hs).expand(nb * b, hs, nkb))
         partial = unfold(reference._to_selection_heads(visible_h & ~full_h, hs).expand(nb * b, hs, nkb))
         # the forced blocks exactly as reference.select_blocks forms them
-        sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
         diag = torch.div(blk * bs + (r - 1 + vis.offset), bs, rounding_mode="floor").clamp(0, nkb - 1)
-        forceds.append(partial | sink | reference.local_mask_rows(visible, diag, cfg.local_blocks))
+        forceds.append(reference.forced_blocks(visible, partial, diag, cfg))
         visibles.append(visible)
         targets.append(a)
         qsels.append(qsel)

@@ -209,8 +209,8 @@ def row_means(q_rows: Tensor, rows: int) -> Tensor:
 
 
 def local_mask_rows(visible: Tensor, diag: Tensor, local_blocks: int) -> Tensor:
-    """:func:`_local_mask` with one ``diag`` per query block: ``visible`` [..., nb, NKB],
-    ``diag`` [nb]."""
+    """The ``local_blocks`` visible blocks nearest to each query block's diagonal block (ties:
+    lower j): ``visible`` [..., nb, NKB], ``diag`` [nb]."""
     nkb = visible.shape[-1]
     if local_blocks == 0:
         return torch.zeros_like(visible)
@@ -233,16 +233,30 @@ def _top(score: Tensor, among: Tensor, k: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def _local_mask(visible: Tensor, diag: int, local_blocks: int) -> Tensor:
-    """The ``local_blocks`` visible blocks nearest to block ``diag`` (ties: lower j)."""
-    nkb = visible.shape[-1]
-    if local_blocks == 0:
-        return torch.zeros_like(visible)
-    j = torch.arange(nkb, device=visible.device)
-    key = (j - diag).abs() * nkb + j  # distance first, then lower j
-    key = torch.where(visible, key, torch.full_like(key, nkb * nkb * 4))
-    rank = key.argsort(dim=-1).argsort(dim=-1)
-    return visible & (rank < local_blocks)
+def forced_blocks(visible: Tensor, partial: Tensor, diag: Tensor, cfg: SPAConfig) -> Tensor:
+    """The blocks always selected (SPEC.md 2): partially visible, the first ``sink_blocks``
+    visible and the ``local_blocks`` visible ones nearest the diagonal. ``visible``, ``partial``
+    [..., nb, NKB], ``diag`` [nb] (query block i's diagonal key block)."""
+    sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
+    return partial | sink | local_mask_rows(visible, diag, cfg.local_blocks)
+
+
+def index_rows(chosen: Tensor, kmax: int) -> tuple[Tensor, Tensor]:
+    """The selected set ``chosen`` [..., NKB] as ascending index rows [..., kmax] (int32, -1
+    padded) and counts (int32; kmax + 1 where more than kmax were chosen: see
+    :func:`check_counts`)."""
+    nkb = chosen.shape[-1]
+    jj = torch.arange(nkb, device=chosen.device)
+    idx = torch.where(chosen, jj, nkb).sort(dim=-1).values[..., :kmax]
+    count = torch.clamp(chosen.sum(-1), max=kmax + 1)
+    return torch.where(idx < nkb, idx, -1).to(torch.int32), count.to(torch.int32)
+
+
+def check_counts(count: Tensor, kmax: int) -> None:
+    """|S| <= kmax for every query block, checked once for a whole selection (a check per
+    query block would sync a GPU once a block): a bug in max_selected, never a silent truncation."""
+    if count.numel() and int(count.max()) > kmax:
+        raise RuntimeError(f"selected more than {kmax} blocks (the bound) for some query block")
 
 
 @torch.no_grad()
@@ -295,7 +309,6 @@ def select_blocks(
         kmx, kmn = _to_heads(pooled.kmax.to(dt), hq), _to_heads(pooled.kmin.to(dt), hq)
     index = torch.full((b, hs, nqb, kmax), -1, dtype=torch.int32, device=q.device)
     count = torch.zeros((b, hs, nqb), dtype=torch.int32, device=q.device)
-    jj = torch.arange(nkb, device=q.device)
     for i in range(nqb):
         t0, t1 = i * bs, min((i + 1) * bs, nq)
         visible_h, full_h = classify_blocks(vis.rows(t0, t1, q.device), valid, bs)
@@ -312,9 +325,8 @@ def select_blocks(
             score = scale * torch.einsum("bhr,bhjr->bhj", qp, kp)
         else:
             score = block_scores(t0, t1).to(dt)
-        sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
-        diag = min(max((t1 - 1 + vis.offset) // bs, 0), nkb - 1)
-        forced = partial | sink | _local_mask(visible, diag, cfg.local_blocks)
+        diag = torch.tensor([min(max((t1 - 1 + vis.offset) // bs, 0), nkb - 1)], device=q.device)
+        forced = forced_blocks(visible[..., None, :], partial[..., None, :], diag, cfg)[..., 0, :]
         remaining = visible & ~forced
         k = torch.minimum(topk_count(visible.sum(-1), cfg), remaining.sum(-1))
         if not use_bound:
@@ -324,13 +336,8 @@ def select_blocks(
             first = _top(score, remaining, k1)
             bound = bound_scores(q[:, :, t0:t1].to(dt), kmx, kmn, hs, scale)
             chosen = forced | first | _top(bound, remaining & ~first, k - k1)
-        idx = torch.where(chosen, jj, nkb).sort(dim=-1).values[..., :kmax]
-        n = chosen.sum(-1)
-        index[:, :, i] = torch.where(idx < nkb, idx, -1).to(torch.int32)
-        count[:, :, i] = torch.clamp(n, max=kmax + 1).to(torch.int32)  # kmax + 1 marks an overflow
-    # checked once, after the loop (a check per query block would sync a GPU once a block)
-    if nqb and int(count.max()) > kmax:  # a bug in max_selected, never a silent truncation
-        raise RuntimeError(f"selected more than {kmax} blocks (the bound) for some query block")
+        index[:, :, i], count[:, :, i] = index_rows(chosen, kmax)
+    check_counts(count, kmax)
     return Selection(index=index, count=count)
 
 

@@ -282,7 +282,8 @@ def _block_stats_per_block(
         # the forced blocks exactly as R.select_blocks forms them
         sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
         diag = min(max((t1 - 1 + vis.offset) // bs, 0), nkb - 1)
-        forceds.append(partial | sink | R._local_mask(visible, diag, cfg.local_blocks))
+        local = R.local_mask_rows(visible[..., None, :], torch.tensor([diag]), cfg.local_blocks)[..., 0, :]
+        forceds.append(partial | sink | local)
         visibles.append(visible)
         targets.append(a)
         qsels.append(qsel)

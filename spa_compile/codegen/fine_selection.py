@@ -53,7 +53,6 @@ def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, pro
     count = torch.zeros((b, hs, nqb), dtype=torch.int32, device=q.device)
     per_block = b * hq * min(cfg.fine_rows, bs) * ksub.shape[2] * torch.empty((), dtype=dt).element_size()
     step = max(1, chunk_bytes // max(per_block, 1))
-    jj = torch.arange(nkb, device=q.device)
     nfull = nq // bs
     chunks = [(i, min(i + step, nfull), bs) for i in range(0, nfull, step)]
     if nq % bs:
@@ -68,16 +67,11 @@ def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, pro
         vis_q = visible_h if visible_h.shape[1] == 1 else R._to_heads(visible_h, hq)
         q_rows = q[:, :, t0:t0 + nb * r].to(dt).unflatten(2, (nb, r))  # [B, Hq, nb, r, D]
         score = R.fine_scores(q_rows, ksub, nsub, vis_q, cfg.fine_rows, hs, scale, proj)  # [B, Hs, nb, NKB]
-        sink = visible & (visible.cumsum(-1) <= cfg.sink_blocks)
         blk = torch.arange(i0, i1, device=q.device)
         diag = torch.div(blk * bs + (r - 1 + vis.offset), bs, rounding_mode="floor").clamp(0, nkb - 1)
-        forced = partial | sink | R.local_mask_rows(visible, diag, cfg.local_blocks)
+        forced = R.forced_blocks(visible, partial, diag, cfg)
         remaining = visible & ~forced
         kk = torch.minimum(topk_count(visible.sum(-1), cfg), remaining.sum(-1))
-        chosen = forced | R._top(score, remaining, kk)
-        idx = torch.where(chosen, jj, nkb).sort(dim=-1).values[..., :kmax]
-        index[:, :, i0:i1] = torch.where(idx < nkb, idx, -1).to(torch.int32)
-        count[:, :, i0:i1] = torch.clamp(chosen.sum(-1), max=kmax + 1).to(torch.int32)
-    if nqb and int(count.max()) > kmax:  # a bug in max_selected, never a silent truncation
-        raise RuntimeError(f"selected more than {kmax} blocks (the bound) for some query block")
+        index[:, :, i0:i1], count[:, :, i0:i1] = R.index_rows(forced | R._top(score, remaining, kk), kmax)
+    R.check_counts(count, kmax)
     return index, count
