@@ -86,8 +86,7 @@ def _rule_scores(rule: str, q, k, pooled, vis, scale, cfg, t0: int, t1: int):
         kh = F.pad(R._to_heads(k.to(q.dtype), hq), (0, 0, 0, nkb * bs - n))
         sub = kh.unflatten(2, (nkb * m, bs // m)).mean(3)  # [B, Hq, NKB * m, D]; no padding here
         if a is not None:
-            groups = qr.tensor_split(min(a, t1 - t0), dim=2)
-            qr = torch.stack([c.mean(2) for c in groups], 2)  # [B, Hq, A, D]
+            qr = R.row_means(qr, a)  # [B, Hq, A, D]
             visible = visible[-1:]
         logits = scale * qr @ sub.transpose(-1, -2) + math.log(bs // m)
         p = logits.masked_fill(~visible.repeat_interleave(m, dim=1), -math.inf).softmax(-1).mean(2)

@@ -241,13 +241,9 @@ def block_stats(
             a, qsel = a.mean(2), qbar.unflatten(1, (hkv, g)).sum(2)
         else:
             a, qsel = a.flatten(1, 2), qbar
-        # reference.classify_blocks per query block: the chunk's blocks folded into the batch dim
-        hm = rows.shape[1]
-        rows_b = rows.expand(b, hm, nb * r, nk).unflatten(2, (nb, r)).movedim(2, 0).reshape(nb * b, hm, r, nk)
-        visible_h, full_h = reference.classify_blocks(rows_b, valid.repeat(nb, 1, 1), bs)  # [nb*B, Hm, NKB]
-        unfold = lambda x: x.unflatten(0, (nb, b)).movedim(0, 2)  # noqa: E731  [B, Hs, nb, NKB]
-        visible = unfold(reference._to_selection_heads(visible_h, hs).expand(nb * b, hs, nkb))
-        partial = unfold(reference._to_selection_heads(visible_h & ~full_h, hs).expand(nb * b, hs, nkb))
+        visible_h, full_h = reference.classify_chunk(rows, valid, nb, bs)  # [B, Hm, nb, NKB]
+        visible = reference._to_selection_heads(visible_h, hs).expand(b, hs, nb, nkb)
+        partial = reference._to_selection_heads(visible_h & ~full_h, hs).expand(b, hs, nb, nkb)
         # the forced blocks exactly as reference.select_blocks forms them
         diag = torch.div(blk * bs + (r - 1 + vis.offset), bs, rounding_mode="floor").clamp(0, nkb - 1)
         forceds.append(reference.forced_blocks(visible, partial, diag, cfg))

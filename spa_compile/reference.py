@@ -94,6 +94,16 @@ def classify_blocks(rows: Tensor, valid: Tensor, block_k: int) -> tuple[Tensor, 
     return visible, full & visible
 
 
+def classify_chunk(rows: Tensor, valid: Tensor, nb: int, block_k: int) -> tuple[Tensor, Tensor]:
+    """:func:`classify_blocks` for ``nb`` query blocks of R rows each at once (folded into the
+    batch dimension): rows ``[B|1, Hm, nb * R, Nk]``; returns visible and full ``[B, Hm, nb, NKB]``."""
+    b, nk = valid.shape[0], rows.shape[-1]
+    hm, r = rows.shape[1], rows.shape[2] // nb
+    folded = rows.expand(b, hm, nb * r, nk).unflatten(2, (nb, r)).movedim(2, 0).reshape(nb * b, hm, r, nk)
+    visible, full = classify_blocks(folded, valid.repeat(nb, 1, 1), block_k)  # [nb * B, Hm, NKB]
+    return tuple(x.unflatten(0, (nb, b)).movedim(0, 2) for x in (visible, full))
+
+
 def _to_heads(x: Tensor, heads: int) -> Tensor:
     """Broadcast a ``[B, h, ...]`` tensor with h in {1, heads/g} to ``heads`` heads."""
     if x.shape[1] == heads:
@@ -104,9 +114,9 @@ def _to_heads(x: Tensor, heads: int) -> Tensor:
 
 
 def _to_selection_heads(x: Tensor, hs: int) -> Tensor:
-    """Reduce a per-head bool ``[B, 1|Hq, NKB]`` to ``hs`` selection heads: a group sees what any head sees."""
+    """Reduce a per-head bool ``[B, 1|Hq, ..., NKB]`` to ``hs`` selection heads: a group sees what any head sees."""
     if x.shape[1] == 1:
-        return x.expand(x.shape[0], hs, x.shape[2])
+        return x.expand(x.shape[0], hs, *x.shape[2:])
     if x.shape[1] == hs:
         return x
     return x.unflatten(1, (hs, x.shape[1] // hs)).any(dim=2)

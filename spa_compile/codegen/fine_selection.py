@@ -21,18 +21,6 @@ from ..visibility import Visibility, num_blocks
 CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk (the softmax adds temporaries of the same size)
 
 
-def _classify(vis: Visibility, valid: Tensor, t0: int, nb: int, r: int, bs: int):
-    """(visible, fully visible) ``[B, Hm, nb, NKB]`` of the nb query blocks of r rows from row t0:
-    ``reference.classify_blocks`` with the blocks folded into the batch dimension."""
-    b, nk = valid.shape[0], valid.shape[-1]
-    rows = vis.rows(t0, t0 + nb * r, valid.device)  # [B|1, Hm, nb * r, Nk]
-    hm = rows.shape[1]
-    folded = rows.expand(b, hm, nb * r, nk).unflatten(2, (nb, r)).movedim(2, 0).reshape(nb * b, hm, r, nk)
-    visible, full = R.classify_blocks(folded, valid.repeat(nb, 1, 1), bs)  # [nb * B, Hm, NKB]
-    unfold = lambda x: x.unflatten(0, (nb, b)).movedim(0, 2)  # noqa: E731
-    return unfold(visible), unfold(full)
-
-
 def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, projector: Projector | None,
                    chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 (ascending, -1 padded) and count ``[B, Hs, NQB]`` of
@@ -59,11 +47,9 @@ def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, pro
         chunks.append((nfull, nfull + 1, nq - nfull * bs))  # the partial last block alone
     for i0, i1, r in chunks:
         nb, t0 = i1 - i0, i0 * bs
-        visible_h, full_h = _classify(vis, valid, t0, nb, r, bs)  # [B, Hm, nb, NKB]
-        sel_heads = lambda x: R._to_selection_heads(x.movedim(2, 0).flatten(0, 1), hs).unflatten(  # noqa: E731
-            0, (nb, b)).movedim(0, 2)
-        visible = sel_heads(visible_h).expand(b, hs, nb, nkb)
-        partial = sel_heads(visible_h & ~full_h).expand(b, hs, nb, nkb)
+        visible_h, full_h = R.classify_chunk(vis.rows(t0, t0 + nb * r, q.device), valid, nb, bs)  # [B, Hm, nb, NKB]
+        visible = R._to_selection_heads(visible_h, hs)
+        partial = R._to_selection_heads(visible_h & ~full_h, hs)
         vis_q = visible_h if visible_h.shape[1] == 1 else R._to_heads(visible_h, hq)
         q_rows = q[:, :, t0:t0 + nb * r].to(dt).unflatten(2, (nb, r))  # [B, Hq, nb, r, D]
         score = R.fine_scores(q_rows, ksub, nsub, vis_q, cfg.fine_rows, hs, scale, proj)  # [B, Hs, nb, NKB]
