@@ -330,9 +330,10 @@ def test_tma_eligibility_and_candidates():
 
 def test_heads_first_candidates():
     """Heads-first (HF) program order is a tuning candidate for GQA group selection only:
-    last in the list (the first config stays the heuristic default), of the first two TMA
-    configs when those are offered, else of the first two; dq of its first two. Only when asked
-    for (``hf=True`` or $SPA_TUNE_HF=1): they lost everywhere on the H200."""
+    last in the list (the first config stays the heuristic default), one per head pack GP
+    smaller than the group (GP = g has no other pack to share K/V with): the first config of
+    that GP, TMA when TMA configs are offered. Offered when asked for (``hf=True``; the op asks
+    above 32K tokens, or as $SPA_TUNE_HF says)."""
     A = functools.partial(codegen.autotune.attention_candidates, hf=True)
     for backward in (False, True):
         assert not any(c.get("HF") for c in codegen.autotune.attention_candidates(4, 64, 128, 128, torch.bfloat16, True,
@@ -342,10 +343,12 @@ def test_heads_first_candidates():
         for tma in (None, True, False):
             cands = A(g, block, d, d, torch.bfloat16, True, backward=backward, fill=fill, tma=tma)
             hf = [c for c in cands if c.get("HF")]
-            rest = cands[:-2]
-            assert len(hf) == 2 and cands[-2:] == hf and not any(c.get("HF") for c in rest)
+            rest = cands[:len(cands) - len(hf)]
+            assert hf and cands[-len(hf):] == hf and not any(c.get("HF") for c in rest)
             tma_cands = [c for c in rest if c.get("TMA")]
-            assert hf == [dict(c, HF=True) for c in (tma_cands or rest)[:2]]
+            base = tma_cands or rest
+            packs = list(dict.fromkeys(c["GP"] for c in base if c["GP"] < g))  # in list order
+            assert packs and hf == [dict(next(c for c in base if c["GP"] == gp), HF=True) for gp in packs]
             if backward or tma is False or codegen.autotune.interpreting():
                 assert not tma_cands
             elif tma:
@@ -359,6 +362,22 @@ def test_heads_first_candidates():
         assert not any(c.get("HF") for c in A(1, 64, 128, 128, torch.bfloat16, True, backward=backward, fill=True))
 
 
+def test_tuning_key_classes(monkeypatch):
+    """The per-query-block kernels tune apart by row length (index rows of up to 64 blocks vs
+    longer) and offer the heads-first candidates above 32K tokens unless $SPA_TUNE_HF says."""
+    def info(n):
+        return block_info(Visibility(n, n, causal=True), 1, n, n, 64, "cpu")
+
+    assert api._row_class(torch.zeros(1, 1, 4, 37)) != api._row_class(torch.zeros(1, 1, 4, 415))
+    assert api._row_class(torch.zeros(1, 1, 4, 64)) == api._row_class(torch.zeros(1, 1, 4, 1))
+    monkeypatch.delenv(codegen.autotune.HF_ENV, raising=False)
+    assert not api._heads_first(info(32768)) and api._heads_first(info(32768 + 64))
+    monkeypatch.setenv(codegen.autotune.HF_ENV, "0")
+    assert not api._heads_first(info(131072))
+    monkeypatch.setenv(codegen.autotune.HF_ENV, "1")
+    assert api._heads_first(info(4096))
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("b,hq,hkv,pad,gps", [(1, 8, 2, False, (4, 2)), (2, 4, 1, True, (2,))],
                          ids=["causal", "causal-padding-b2"])
@@ -366,8 +385,8 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
     """The forward (with the landmark fill) and dq with heads-first program order (HF: grid
     axes swapped, common.qblock_prologue) bitwise equal to query blocks first: same
     arithmetic, only the order of the programs changes. Outputs NaN-poisoned first: every
-    element written. GP = 4 (the group of 4 in one program, as the interpreter's HF
-    candidates) and 2 (two head packs per group, the case HF is for)."""
+    element written. GP = 4 (the whole group in one program: nothing to share, the order still
+    changes) and 2 (two head packs per group, the case HF is for)."""
     n, d, bs = 200, 16, 16
     q, k, v = make_qkv(b, hq, hkv, n, n, d, seed=21 + b)
     kv = padding(b, n, [n - 23 * (i + 1) for i in range(b)]) if pad else None
@@ -381,7 +400,7 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
     delta = sparse_backward.launch_delta(out, do)
     hf_cands = [c for c in codegen.autotune.attention_candidates(hq // hkv, bs, d, d, q.dtype, True, fill=True,
                                                                  hf=True) if c.get("HF")]
-    assert hf_cands and all(c["GP"] == 4 for c in hf_cands)
+    assert hf_cands and all(c["GP"] < hq // hkv for c in hf_cands)
     for gp in gps:
         assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta,
                                  {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64})

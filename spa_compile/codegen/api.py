@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -65,14 +67,32 @@ def _size_class(info: BlockInfo) -> str:
     return "n<=8k" if n <= 8192 else ("n<=32k" if n <= 32768 else "n>32k")
 
 
-def _attention_config(kernel, q, k, v, hs, info, fill, run):
+ROW_CLASS_BLOCKS = 64  # index rows up to this many blocks tune apart from longer ones
+
+
+def _row_class(index: Tensor) -> str:
+    """Row-length class of a tuning key: a top-k of 32 at 128K is a few dozen blocks a program
+    scattered over 2,048 (K/V reads from HBM dominate), density 0.2 there is hundreds (neighbour
+    programs share K/V through L2); one tuned config for both served one of them."""
+    return "k<=64" if index.shape[-1] <= ROW_CLASS_BLOCKS else "k>64"
+
+
+def _heads_first(info: BlockInfo) -> bool:
+    """Offer the heads-first candidates (GQA packs of one query block side by side, sharing the
+    group's K/V tiles through L2) at long sequences, where the group's K/V no longer stays in L2
+    between its packs; $SPA_TUNE_HF ("1" / "0") decides for every length."""
+    env = os.environ.get(autotune.HF_ENV)
+    return env == "1" if env in ("0", "1") else _size_class(info) == "n>32k"
+
+
+def _attention_config(kernel, q, k, v, hs, info, fill, run, index):
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     cands = autotune.attention_candidates(g, info.block, d, v.shape[-1], q.dtype, hs == hkv and g > 1,
-                                          backward=kernel != "fwd", fill=fill)
+                                          backward=kernel != "fwd", fill=fill, hf=_heads_first(info))
     key = (d, v.shape[-1], str(q.dtype).replace("torch.", ""), info.block, g, hs == hkv, info.causal,
-           info.has_window, info.key_valid is not None, fill, _size_class(info))
+           info.has_window, info.key_valid is not None, fill, _size_class(info), _row_class(index))
     return autotune.pick(kernel, key, cands, run, q.device)
 
 
@@ -123,7 +143,7 @@ def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill
     def run(c):
         return launch_forward(q, k, v, kbar, vbar, info, index, count, scale, fill, c, out, lse, sel)
 
-    config = _attention_config("fwd", q, k, v, hs, info, fill, run)
+    config = _attention_config("fwd", q, k, v, hs, info, fill, run, index)
     return run(config)
 
 
@@ -174,7 +194,7 @@ def spa_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     def run_dq(c):
         return launch_dq(q, k, v, grad_out, lse, delta, kbar, vbar, info, index, count, scale, fill, c, dq, sel)
 
-    run_dq(_attention_config("dq", q, k, v, hs, info, fill, run_dq))
+    run_dq(_attention_config("dq", q, k, v, hs, info, fill, run_dq, index))
 
     dkbar = dvbar = None
     if fill:

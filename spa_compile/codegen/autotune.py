@@ -178,12 +178,14 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
     Never under the interpreter, for backward, fp32, or head dims that are not powers of two
     in 16..256 (the launcher also falls back per call on strides the descriptors cannot take).
 
-    hf (default: $SPA_TUNE_HF is "1"), group with g > 1: last, heads-first variants
-    (``"HF": True``, common.qblock_prologue: the head packs of one query block run side by
-    side and can share the group's K/V tiles through L2) of the first two TMA configs when
-    those are offered, else of the first two configs; for backward (dq) of its first two.
-    Off by default: on the H200 (2026-11-28, run 6) they lost at every key they were timed
-    at, forward and dq, 4K to 64K (e.g. 18.03 vs 17.54 ms forward with fill at 64K, Hkv=8).
+    hf (default: $SPA_TUNE_HF is "1"; ``api`` passes it on for sequences over 32K), group with
+    g > 1: last, heads-first variants (``"HF": True``, common.qblock_prologue: the head packs of
+    one query block run side by side and can share the group's K/V tiles through L2) of the first
+    config of each head pack GP < g, TMA ones when those are offered. On the H200 (2026-11-28,
+    run 6) they lost at every key timed, forward and dq, 4K to 64K at density 0.2 (e.g. 18.03 vs
+    17.54 ms forward with fill at 64K, Hkv=8), where neighbouring query blocks already share
+    K/V through L2; short rows scattered over a long sequence (top-k 32 at 128K) are the case
+    they are for.
     """
     out = _attention_candidates(g, block, d, dv, dtype, group, backward, fill)
     if tma is None:
@@ -203,8 +205,13 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
     if hf is None:
         hf = os.environ.get(HF_ENV, "0") == "1"
     if hf and group and g > 1:
-        tma_cfgs = [c for c in out if c.get("TMA", False)]
-        out = out + [dict(c, HF=True) for c in (tma_cfgs or out)[:2]]
+        # the first config of each head pack smaller than the group (GP = g has nothing to share)
+        base = [c for c in out if c.get("TMA", False)] or out
+        firsts = {}
+        for c in base:
+            if c["GP"] < g:
+                firsts.setdefault(c["GP"], c)
+        out = out + [dict(c, HF=True) for c in firsts.values()]
     return out
 
 
