@@ -739,9 +739,11 @@ def test_gpu_selection_radix_and_heads_first(hkv):
     out, lse, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
     do = torch.randn_like(out)
     delta = sparse_backward.launch_delta(out, do)
-    # two head packs per group of 4
-    assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta,
-                             {"GP": 2, "num_warps": 8, "num_stages": 3, "BJ": 64})
+    # two head packs per group of 4; one head a pack through tensor descriptors (the long-sequence
+    # HF candidates: the forward reads K/V and kbar/vbar by TMA, dq ignores those keys)
+    for base in ({"GP": 2, "num_warps": 8, "num_stages": 3, "BJ": 64},
+                 {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": True}):
+        assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta, base)
 
 
 @needs_cpu_kernels
