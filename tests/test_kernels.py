@@ -363,13 +363,20 @@ def test_heads_first_candidates():
 
 
 def test_tuning_key_classes(monkeypatch):
-    """The per-query-block kernels tune apart by row length (index rows of up to 64 blocks vs
-    longer) and offer the heads-first candidates above 32K tokens unless $SPA_TUNE_HF says."""
+    """The per-query-block kernels tune apart by length (8K / 32K / 64K / longer) and row length
+    (index rows of up to 64 blocks vs longer), and offer the heads-first candidates above 32K
+    tokens unless $SPA_TUNE_HF says."""
     def info(n):
         return block_info(Visibility(n, n, causal=True), 1, n, n, 64, "cpu")
 
     assert api._row_class(torch.zeros(1, 1, 4, 37)) != api._row_class(torch.zeros(1, 1, 4, 415))
     assert api._row_class(torch.zeros(1, 1, 4, 64)) == api._row_class(torch.zeros(1, 1, 4, 1))
+    sizes = [api._size_class(info(n)) for n in (4096, 8192, 8256, 32768, 32832, 65536, 65600, 131072)]
+    assert sizes[0] == sizes[1] and sizes[2] == sizes[3] and sizes[4] == sizes[5] and sizes[6] == sizes[7]
+    assert len(set(sizes)) == 4
+    # long kernels are timed over TUNE_MIN_RUNS runs, short ones over 20 ms
+    assert codegen.autotune.tuning_rep_ms(0.1) == 20.0
+    assert codegen.autotune.tuning_rep_ms(17.0) == 17.0 * codegen.autotune.TUNE_MIN_RUNS
     monkeypatch.delenv(codegen.autotune.HF_ENV, raising=False)
     assert not api._heads_first(info(32768)) and api._heads_first(info(32768 + 64))
     monkeypatch.setenv(codegen.autotune.HF_ENV, "0")

@@ -64,7 +64,10 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, cfg: SP
 def _size_class(info: BlockInfo) -> str:
     """Coarse length class of a tuning key: short sequences fill the card differently."""
     n = max(info.nq, info.nk)
-    return "n<=8k" if n <= 8192 else ("n<=32k" if n <= 32768 else "n>32k")
+    for limit, name in ((8192, "n<=8k"), (32768, "n<=32k"), (65536, "n<=64k")):
+        if n <= limit:
+            return name
+    return "n>64k"
 
 
 ROW_CLASS_BLOCKS = 64  # index rows up to this many blocks tune apart from longer ones
@@ -82,7 +85,7 @@ def _heads_first(info: BlockInfo) -> bool:
     group's K/V tiles through L2) at long sequences, where the group's K/V no longer stays in L2
     between its packs; $SPA_TUNE_HF ("1" / "0") decides for every length."""
     env = os.environ.get(autotune.HF_ENV)
-    return env == "1" if env in ("0", "1") else _size_class(info) == "n>32k"
+    return env == "1" if env in ("0", "1") else max(info.nq, info.nk) > 32768
 
 
 def _attention_config(kernel, q, k, v, hs, info, fill, run, index):

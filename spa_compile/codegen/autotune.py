@@ -92,6 +92,16 @@ def _launches(run, cand) -> bool:
         raise
 
 
+TUNE_MIN_RUNS = 10  # timed runs per candidate at least: a median of one or two picked noise at 64K+
+
+
+def tuning_rep_ms(first_ms: float) -> float:
+    """do_bench's time budget per candidate (ms): 20 ms, or ``TUNE_MIN_RUNS`` runs of a kernel
+    that long (do_bench runs ``rep / estimate`` times: 17 ms kernels got one run at rep 20, and
+    64K's pick of 2 against 3 stages, a 3% difference in one run, cost 11% at 128K)."""
+    return max(20.0, TUNE_MIN_RUNS * float(first_ms))
+
+
 def pick(kernel: str, key: tuple, candidates: list[dict], run, device) -> dict:
     """The best of ``candidates`` for ``key`` (``run(config)`` launches the kernel once)."""
     if not candidates:
@@ -114,9 +124,12 @@ def pick(kernel: str, key: tuple, candidates: list[dict], run, device) -> dict:
                 return cand
         raise RuntimeError(f"no launch configuration of {kernel} fits the card for {key}")
     timings = []
+    rep = None
     for i, cand in enumerate(candidates):
         try:
-            ms = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20, return_mode="median")
+            if rep is None:  # the first candidate sets how long each is timed
+                rep = tuning_rep_ms(triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20, return_mode="median"))
+            ms = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=rep, return_mode="median")
         except Exception as e:  # noqa: BLE001 - a config the card cannot run: skip it
             if "OutOfResources" in type(e).__name__ or "out of resource" in str(e).lower():
                 continue
