@@ -489,7 +489,9 @@ def check_targets(evals: dict, calibs: dict, contexts) -> dict:
     long = [c for c in contexts if c >= 8192] or list(contexts)[-2:]
     variants = sorted({_variant(r) for r in evals["runs"] if r["attention"] == "spa"})
     for variant in variants:
-        calib = calibs.get(variant) or calibs[variant.split("/")[0]]
+        calib = calibs.get(variant) or calibs.get(variant.split("/")[0])
+        if calib is None:  # evaluated in an earlier call whose fit this one did not redo
+            continue
         for length in long:
             out.setdefault(variant, {})[str(length)] = _targets_at(evals, calib, length, variant)
     return out
@@ -652,11 +654,13 @@ def main(argv=None) -> int:
     result["train"] = train(args, dev, work)
     if args.stage == "train":
         return 0
-    calibs = {selection: calibrate_stage(args, dev, work, selection) for selection in args.selections}
+    calibs = {}
+    if set(args.block_scores) - {"fine"}:  # the projector score's fit (hybrid and bound use it too)
+        calibs.update({selection: calibrate_stage(args, dev, work, selection) for selection in args.selections})
     if "fine" in args.block_scores:  # the fine score's own fit
         calibs.update({f"{selection}/fine": calibrate_stage(args, dev, work, selection, "fine")
                        for selection in args.selections})
-    result["calibrate"] = calibs[args.selections[0]]
+    result["calibrate"] = next(iter(calibs.values()))
     result["calibrate_by_selection"] = calibs
     if args.stage == "calibrate":
         return 0
