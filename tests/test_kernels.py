@@ -377,6 +377,7 @@ def test_tuning_key_classes(monkeypatch):
     # long kernels are timed over TUNE_MIN_RUNS runs, short ones over 20 ms
     assert codegen.autotune.tuning_rep_ms(0.1) == 20.0
     assert codegen.autotune.tuning_rep_ms(17.0) == 17.0 * codegen.autotune.TUNE_MIN_RUNS
+    assert codegen.autotune.tuning_rep_ms(1000.0) == codegen.autotune.TUNE_MAX_REP_MS
     monkeypatch.delenv(codegen.autotune.HF_ENV, raising=False)
     assert not api._heads_first(info(32768)) and api._heads_first(info(32768 + 64))
     monkeypatch.setenv(codegen.autotune.HF_ENV, "0")

@@ -92,14 +92,16 @@ def _launches(run, cand) -> bool:
         raise
 
 
-TUNE_MIN_RUNS = 10  # timed runs per candidate at least: a median of one or two picked noise at 64K+
+TUNE_MIN_RUNS = 10  # timed runs per candidate: a median of one or two picked noise at 64K+
+TUNE_MAX_REP_MS = 400.0  # but at most this long per candidate (a 70 ms kernel gets 5 runs)
 
 
 def tuning_rep_ms(first_ms: float) -> float:
     """do_bench's time budget per candidate (ms): 20 ms, or ``TUNE_MIN_RUNS`` runs of a kernel
-    that long (do_bench runs ``rep / estimate`` times: 17 ms kernels got one run at rep 20, and
-    64K's pick of 2 against 3 stages, a 3% difference in one run, cost 11% at 128K)."""
-    return max(20.0, TUNE_MIN_RUNS * float(first_ms))
+    that long up to ``TUNE_MAX_REP_MS`` (do_bench runs ``rep / estimate`` times: 17 ms kernels
+    got one run at rep 20, and 64K's pick of 2 against 3 stages, a 3% difference in one run,
+    cost 11% at 128K)."""
+    return max(20.0, min(TUNE_MIN_RUNS * float(first_ms), TUNE_MAX_REP_MS))
 
 
 def pick(kernel: str, key: tuple, candidates: list[dict], run, device) -> dict:
