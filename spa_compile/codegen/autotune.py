@@ -184,7 +184,7 @@ HF_ENV = "SPA_TUNE_HF"  # "1": also time the heads-first (HF) variants
 
 def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype, group: bool,
                          backward: bool = False, fill: bool = False, tma: bool | None = None,
-                         hf: bool | None = None) -> list[dict]:
+                         hf: bool | None = None, pf: bool = False) -> list[dict]:
     """Configs of the per-query-block kernels (forward, dq). First = heuristic default.
 
     tma: also offer the forward's TMA variant of every config (``"TMA": True``: K/V of the exact
@@ -193,14 +193,16 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
     Never under the interpreter, for backward, fp32, or head dims that are not powers of two
     in 16..256 (the launcher also falls back per call on strides the descriptors cannot take).
 
-    hf (default: $SPA_TUNE_HF is "1"; ``api`` passes it on for sequences over 32K), group with
-    g > 1: last, heads-first variants (``"HF": True``, common.qblock_prologue: the head packs of
-    one query block run side by side and can share the group's K/V tiles through L2) of the first
-    config of each head pack GP < g, TMA ones when those are offered. On the H200 (2026-11-28,
-    run 6) they lost at every key timed, forward and dq, 4K to 64K at density 0.2 (e.g. 18.03 vs
-    17.54 ms forward with fill at 64K, Hkv=8), where neighbouring query blocks already share
-    K/V through L2; short rows scattered over a long sequence (top-k 32 at 128K) are the case
-    they are for.
+    hf (default: $SPA_TUNE_HF is "1"), group with g > 1: last, heads-first variants (``"HF":
+    True``, common.qblock_prologue: the head packs of one query block run side by side and can
+    share the group's K/V tiles through L2) of the first config of each head pack GP < g, TMA
+    ones when those are offered. Off by default: on the H200 they lost at every key timed (run 6,
+    forward and dq, 4K to 64K, density 0.2: e.g. 18.03 vs 17.54 ms forward with fill at 64K,
+    Hkv=8; runs 13 and 14, offered above 32K: second or third at best, 128K top-k 32 included).
+
+    pf (forward, compiled runs; ``api`` asks above 32K tokens): after the rest, the first config
+    of each GP (TMA ones when offered) with ``"PF": 4`` (the exact loop hints the K/V lines of
+    the block 4 steps ahead into L2, sparse_forward.prefetch_l2), and the first with ``"PF": 8``.
     """
     out = _attention_candidates(g, block, d, dv, dtype, group, backward, fill)
     if tma is None:
@@ -227,6 +229,12 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
             if c["GP"] < g:
                 firsts.setdefault(c["GP"], c)
         out = out + [dict(c, HF=True) for c in firsts.values()]
+    if pf and not backward and not interpreting():
+        base = [c for c in out if c.get("TMA", False) and not c.get("HF")] or [c for c in out if not c.get("HF")]
+        firsts = {}
+        for c in base:
+            firsts.setdefault(c["GP"], c)
+        out = out + [dict(c, PF=4) for c in firsts.values()] + [dict(base[0], PF=8)]
     return out
 
 
