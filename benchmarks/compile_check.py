@@ -79,8 +79,6 @@ def compile_one(fn, args, arch, num_warps, num_stages, label):
     # bulk tensor copies (TMA) in the PTX: the descriptor loads that reached the hardware copy engine
     bulk = ptx.count("cp.async.bulk.tensor")
     extra = f" bulk-tensor-copies {bulk}" if bulk else ""
-    pf = ptx.count("prefetch.global.L2")  # the forward's PF candidates: L2 prefetch hints
-    extra += f" l2-prefetch {pf}" if pf else ""
     print(f"ok   {label}: regs {regs} stack {spill} smem {c.metadata.shared} mma {sass_mma} loads {pipe}{extra}")
     return True
 
@@ -125,9 +123,7 @@ def main():
                     desc = {n: (f"tensordesc<{_TY[dt]}[1,1,{bs},{d}]>" if tma else None) for n in ("KD", "VD")}
                     desc.update({n: (f"tensordesc<{_TY[dt]}[1,1,{bj},{d}]>" if tma == 2 else None) for n in ("KBD", "VBD")})
                     args = {**common, **ptrs, **strides, **desc, "scale": 0.1, "TMA": bool(tma), "TMA_FILL": tma == 2,
-                            "HF": False, "UNIFORM_N": causal and not kv, "BIAS_MODE": 0,
-                            "PF": 0, "PF_LINE": 128 // (4 if dt == torch.float32 else 2),
-                            "PF_LINES": max(1, d * (4 if dt == torch.float32 else 2) // 128)}
+                            "HF": False, "UNIFORM_N": causal and not kv, "BIAS_MODE": 0}
                     # heads first (HF: grid axes swapped, the autotuner's GQA variants of the 2-head configs)
                     hf = gp == 2 and s in (2, 3)
                     tag = (f"{str(dt)[6:]} D{d} bs{bs} gp{gp} w{w} s{s} bj{bj} fs{fs} causal{int(causal)} fill{int(fill)}"
@@ -136,9 +132,6 @@ def main():
                     if hf:
                         ok &= compile_one(sparse_forward._fwd_kernel, dict(args, HF=True), a.arch, w, s,
                                           "fwd " + tag + " HF")
-                    if (tma or dt == torch.float32) and bj == 64 and fs == 0:
-                        # the L2 prefetch of the block PF steps ahead (autotune's long-sequence candidates)
-                        ok &= compile_one(sparse_forward._fwd_kernel, dict(args, PF=4), a.arch, w, s, "fwd " + tag + " PF4")
                     if tma:
                         continue
                     if bj == 64:

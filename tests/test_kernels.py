@@ -362,10 +362,9 @@ def test_heads_first_candidates():
         assert not any(c.get("HF") for c in A(1, 64, 128, 128, torch.bfloat16, True, backward=backward, fill=True))
 
 
-def test_tuning_key_classes(monkeypatch):
+def test_tuning_key_classes():
     """The per-query-block kernels tune apart by length (8K / 32K / 64K / longer) and row length
-    (index rows of up to 64 blocks vs longer); the forward offers its L2-prefetch candidates
-    above 32K tokens on compiled runs (the interpreter cannot run inline PTX)."""
+    (index rows of up to 64 blocks vs longer)."""
     def info(n):
         return block_info(Visibility(n, n, causal=True), 1, n, n, 64, "cpu")
 
@@ -378,28 +377,6 @@ def test_tuning_key_classes(monkeypatch):
     assert codegen.autotune.tuning_rep_ms(0.1) == 20.0
     assert codegen.autotune.tuning_rep_ms(17.0) == 17.0 * codegen.autotune.TUNE_MIN_RUNS
     assert codegen.autotune.tuning_rep_ms(1000.0) == codegen.autotune.TUNE_MAX_REP_MS
-    # the forward's L2-prefetch candidates: above 32K tokens, compiled runs, never for dq
-    monkeypatch.delenv(codegen.autotune.HF_ENV, raising=False)
-    compiled = not codegen.autotune.interpreting()
-    assert api._prefetch_candidates("fwd", info(65536)) == compiled
-    assert not api._prefetch_candidates("fwd", info(32768)) and not api._prefetch_candidates("dq", info(65536))
-    A = codegen.autotune.attention_candidates
-    if not compiled:  # the interpreter gets none, and refuses a PF config
-        assert A(4, 64, 128, 128, torch.bfloat16, True, fill=True, pf=True) == A(4, 64, 128, 128, torch.bfloat16, True,
-                                                                                  fill=True)
-        with pytest.raises(ValueError, match="PF"):
-            sparse_forward.prefetch_distance({"PF": 4})
-        monkeypatch.setattr(codegen.autotune, "interpreting", lambda: False)  # the list of a compiled run
-    for g, group, fill, tma in [(4, True, True, True), (4, True, False, True), (1, False, True, True), (4, True, True, False)]:
-        plain = A(g, 64, 128, 128, torch.bfloat16, group, fill=fill, tma=tma)
-        cands = A(g, 64, 128, 128, torch.bfloat16, group, fill=fill, tma=tma, pf=True)
-        assert not any(c.get("PF") for c in plain) and not any(c.get("HF") for c in plain)
-        assert not any(c.get("PF") for c in A(g, 64, 128, 128, torch.bfloat16, group, fill=fill, backward=True, pf=True))
-        pf = cands[len(plain):]
-        assert cands[:len(plain)] == plain and pf and all(c.get("PF") in (4, 8) for c in pf)
-        base = [c for c in plain if c.get("TMA")] or plain
-        assert [c["GP"] for c in pf if c["PF"] == 4] == list(dict.fromkeys(c["GP"] for c in base))
-        assert [dict(c, PF=0) for c in pf] == [dict(next(b for b in base if b["GP"] == c["GP"]), PF=0) for c in pf]
 
 
 @needs_cpu_kernels
@@ -768,37 +745,6 @@ def test_gpu_selection_radix_and_heads_first(hkv):
     for base in ({"GP": 2, "num_warps": 8, "num_stages": 3, "BJ": 64},
                  {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": True}):
         assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta, base)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("hkv", [8, 32], ids=["gqa4", "mha"])
-def test_gpu_forward_l2_prefetch(hkv):
-    """The forward's L2-prefetch candidates (PF: hints for the block PF steps ahead) change no
-    result: bitwise the output and lse of the same config without PF, with and without the fill,
-    pointer and TMA loads, into NaN-poisoned buffers (every element written). Top-k 8 at 8K + 37:
-    short index rows, where the last PF steps clamp to the row's last block."""
-    b, hq, n, d = 1, 32, 8192 + 37, 128
-    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.bfloat16, device="cuda", seed=23)
-    vis = Visibility(n, n, causal=True)
-    cfg = SPAConfig(topk=8)
-    scale = d**-0.5
-    info = block_info(vis, b, n, n, cfg.block_size, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
-    gp = 2 if hkv < hq else 1
-    for fill in (True, False):
-        for base in ({"GP": gp, "num_warps": 4 * gp, "num_stages": 3, "BJ": 64},
-                     {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": fill}):
-            res = []
-            for c in (base, dict(base, PF=4), dict(base, PF=8)):
-                o = torch.full((*q.shape[:3], v.shape[-1]), float("nan"), device=q.device, dtype=q.dtype)
-                lo = torch.full(q.shape[:3], float("nan"), device=q.device)
-                sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, c, o, lo)
-                assert not o.isnan().any() and not lo.isnan().any(), c
-                res.append((o, lo))
-            for o, lo in res[1:]:
-                assert torch.equal(o, res[0][0]) and torch.equal(lo, res[0][1]), (fill, base)
 
 
 @needs_cpu_kernels

@@ -78,24 +78,12 @@ def _row_class(index: Tensor) -> str:
     return "k<=64" if index.shape[-1] <= ROW_CLASS_BLOCKS else "k>64"
 
 
-LONG_SEQUENCE = 32768  # above: forward candidates with the L2 prefetch (PF)
-
-
-def _prefetch_candidates(kernel: str, info: BlockInfo) -> bool:
-    """Offer the forward's L2-prefetch candidates (``"PF"``: the exact loop hints the K/V lines
-    of the block PF steps ahead into L2) above 32K tokens, on compiled runs: there the selected
-    blocks are scattered over more K/V than L2 holds (a run of 2026-11-28: the sparse kernel at
-    128K, top-k 32, ran 428 TFLOP/s against 512 at 16K, where most K/V reads hit L2)."""
-    return kernel == "fwd" and max(info.nq, info.nk) > LONG_SEQUENCE and not autotune.interpreting()
-
-
 def _attention_config(kernel, q, k, v, hs, info, fill, run, index):
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     cands = autotune.attention_candidates(g, info.block, d, v.shape[-1], q.dtype, hs == hkv and g > 1,
-                                          backward=kernel != "fwd", fill=fill,
-                                          pf=_prefetch_candidates(kernel, info))
+                                          backward=kernel != "fwd", fill=fill)
     key = (d, v.shape[-1], str(q.dtype).replace("torch.", ""), info.block, g, hs == hkv, info.causal,
            info.has_window, info.key_valid is not None, fill, _size_class(info), _row_class(index))
     return autotune.pick(kernel, key, cands, run, q.device)

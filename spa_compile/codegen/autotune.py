@@ -184,7 +184,7 @@ HF_ENV = "SPA_TUNE_HF"  # "1": also time the heads-first (HF) variants
 
 def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype, group: bool,
                          backward: bool = False, fill: bool = False, tma: bool | None = None,
-                         hf: bool | None = None, pf: bool = False) -> list[dict]:
+                         hf: bool | None = None) -> list[dict]:
     """Configs of the per-query-block kernels (forward, dq). First = heuristic default.
 
     tma: also offer the forward's TMA variant of every config (``"TMA": True``: K/V of the exact
@@ -200,9 +200,8 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
     forward and dq, 4K to 64K, density 0.2: e.g. 18.03 vs 17.54 ms forward with fill at 64K,
     Hkv=8; runs 13 and 14, offered above 32K: second or third at best, 128K top-k 32 included).
 
-    pf (forward, compiled runs; ``api`` asks above 32K tokens): after the rest, the first config
-    of each GP (TMA ones when offered) with ``"PF": 4`` (the exact loop hints the K/V lines of
-    the block 4 steps ahead into L2, sparse_forward.prefetch_l2), and the first with ``"PF": 8``.
+    An L2 prefetch of the block 4 or 8 steps ahead (inline ``prefetch.global.L2``) was tried as a
+    candidate above 32K tokens (run 15): 4-12% slower at every 64K/128K key, so it is gone.
     """
     out = _attention_candidates(g, block, d, dv, dtype, group, backward, fill)
     if tma is None:
@@ -229,12 +228,6 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
             if c["GP"] < g:
                 firsts.setdefault(c["GP"], c)
         out = out + [dict(c, HF=True) for c in firsts.values()]
-    if pf and not backward and not interpreting():
-        base = [c for c in out if c.get("TMA", False) and not c.get("HF")] or [c for c in out if not c.get("HF")]
-        firsts = {}
-        for c in base:
-            firsts.setdefault(c["GP"], c)
-        out = out + [dict(c, PF=4) for c in firsts.values()] + [dict(base[0], PF=8)]
     return out
 
 

@@ -11,9 +11,7 @@ query block's selection bitmap. TMA / TMA_FILL (autotune candidates on Hopper): 
 exact loop's K/V, and the fill's kbar/vbar, through host-built tensor descriptors
 (bulk tensor copies) instead of pointer loads; same arithmetic, same results. HF (autotune
 candidates for GQA): heads-first program order (``common.qblock_prologue``), so that the
-head packs of one group share K/V tiles through L2; same results. PF (autotune candidates
-above 32K tokens, compiled runs): the exact loop hints the K/V lines of the block PF steps
-ahead into L2 (``prefetch.global.L2``); same results.
+head packs of one group share K/V tiles through L2; same results.
 """
 
 from __future__ import annotations
@@ -75,14 +73,6 @@ def fill_bias_loads(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
 
 
 @triton.jit
-def prefetch_l2(ptrs):
-    """Hint the 128-byte lines at ``ptrs`` into L2 (``prefetch.global.L2``: no register result,
-    no L1 fill, nothing waits on it). Compiled runs only (inline PTX: not under the interpreter)."""
-    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K, V, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, SEL, O, LSE, KD, VD, KBD, VBD,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -92,7 +82,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
     TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0, PF: tl.constexpr = 0, PF_LINE: tl.constexpr = 64, PF_LINES: tl.constexpr = 1,
+    BIAS_MODE: tl.constexpr = 0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF)
     BM: tl.constexpr = GP * BS
@@ -115,18 +105,9 @@ def _fwd_kernel(
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
 
-    pf_c = tl.arange(0, PF_LINES) * PF_LINE  # the 128-byte lines of a K (V) row, PF_LINE elements each
     for s in range(0, cnt):
         j = tl.load(IDX_r + s)
         kpos = j * BS + offs_n
-        if PF > 0:
-            # PF blocks ahead into L2: the selected blocks are scattered over the whole sequence, so
-            # at long N (128K, top-k 32: 35 blocks of 2,048) each copy is an HBM miss that the
-            # software pipeline's 2-3 stages do not cover; a prefetched block is an L2 hit
-            jn = tl.load(IDX_r + tl.minimum(s + PF, cnt - 1))
-            rn = tl.minimum(jn * BS + offs_n, Nk - 1).to(tl.int64)
-            prefetch_l2(K_h + rn[:, None] * skn + pf_c[None, :])
-            prefetch_l2(V_h + rn[:, None] * svn + pf_c[None, :])
         if TMA:
             # Hopper bulk tensor copies through host-built descriptors of K, V as
             # [B, Hkv, Nk, D] (tma_descriptors): rows past Nk come back as zeros (the
@@ -311,18 +292,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, UNIFORM_N=uniform_counts(info),
-        BIAS_MODE=config.get("BIAS_MODE", 0), PF=prefetch_distance(config), PF_LINE=128 // k.element_size(),
-        PF_LINES=max(1, triton.next_power_of_2(d) * k.element_size() // 128),
+        BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
-
-
-def prefetch_distance(config) -> int:
-    """The config's L2 prefetch distance ``PF`` (blocks ahead; 0 = none). Compiled runs only:
-    the prefetch is inline PTX, which the interpreter cannot run."""
-    pf = int(config.get("PF", 0))
-    if pf and interpreting():
-        raise ValueError("spa_compile: the forward's L2 prefetch (config PF) needs a compiled CUDA run, "
-                         "not TRITON_INTERPRET=1: drop PF from the config")
-    return pf
