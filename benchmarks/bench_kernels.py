@@ -43,6 +43,7 @@ from spa_compile import reference as R
 from spa_compile.budget import max_selected
 from spa_compile.codegen import api
 from spa_compile.codegen.blockinfo import block_info
+from spa_compile.codegen.fine_selection import fine_selection
 from spa_compile.codegen.pooling import pool_kv
 
 MB = 1 << 20
@@ -341,8 +342,9 @@ def parse_args(argv=None):
     p.add_argument("--from-json", default=None, help="render the table/targets/docs of an earlier run's JSON")
     p.add_argument("--selection", choices=["group", "head"], default="group",
                    help="SPAConfig.selection of every SPA run (the issue's targets are for 'group')")
-    p.add_argument("--block-score", choices=["projector", "hybrid", "bound"], default="projector",
-                   help="SPAConfig.block_score of every SPA run (the issue's targets are for 'projector')")
+    p.add_argument("--block-score", choices=["projector", "hybrid", "bound", "fine"], default="projector",
+                   help="SPAConfig.block_score of every SPA run (the issue's targets are for 'projector'; "
+                        "'fine' selects in PyTorch, codegen/fine_selection.py)")
     return p.parse_args(argv)
 
 
@@ -472,7 +474,7 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
     pt["kmax"] = int(index.shape[-1])
     if n <= 8192:  # the whole op against the pure-PyTorch reference (same selection)
         valid = R.valid_keys(vis, 1, hkv, cfg.block_size, q.device)
-        pooled = R.pool_blocks(kd.float(), vd.float(), valid, cfg.block_size)
+        pooled = R.pool_for(cfg, kd.float(), vd.float(), valid)
         ref_sel = R.select_blocks(qd.float(), pooled, vis, valid, scale, cfg)
         same = float((ref_sel.index == index).all(-1).float().mean())
         ro, _ = R.sparse_attention(qd.float(), kd.float(), vd.float(), R.Selection(index, count), pooled, vis, valid,
@@ -512,6 +514,8 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
     kmax = int(max_selected(n, n, vis, cfg))
 
     def select_only(q_, k_, v_):
+        if cfg.block_score == "fine":  # its own pooling (sub-block means) inside, as in api.spa_forward
+            return fine_selection(q_, k_, vis, scale, cfg, None)[0]
         kb, _, _, _ = pool_kv(k_, v_, info)
         return api.selection_stage(q_, kb, info, scale, cfg, None, kmax, k_)[0]
 
