@@ -21,7 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from spa_compile.codegen import bound_selection, pooling, selection, sparse_backward, sparse_forward  # noqa: E402
+from spa_compile.codegen import bound_selection, fine_score, pooling, selection, sparse_backward, sparse_forward  # noqa: E402
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
        torch.int8: "i8", torch.int64: "i64"}
@@ -176,6 +176,13 @@ def main():
                 prec = selection.score_precision(None, "dense")
                 ok &= compile_one(selection._select_dense_kernel, dict(args, PREC=prec), a.arch, w, 1,
                                   f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} {prec}")
+    # block_score "fine" (fine_score.fine_mass): 16 row means, head dim 128, 16 and 2 sub-keys a block
+    for m in (16, 2):
+        args = dict(QM=torch.float32, KS=torch.float32, LN=torch.float32, VIS=torch.int8, OUT=torch.float32,
+                    **{n: I for n in ["sqb", "sqh", "sqi", "sqa", "skb", "skh", "skn", "slb", "slh", "svb", "svh",
+                                      "svi", "sob", "soh", "soi", "Hq", "HK", "HL", "HV", "NKB", "A", "R"]},
+                    scale=0.1, M=m, BJ=fine_score.SUB_KEYS_PER_CHUNK // m, BA=16, BR=128, PREC="tf32x3")
+        ok &= compile_one(fine_score._fine_mass_kernel, args, a.arch, 8, 1, f"fine_mass m{m}")
     # the key-range bound pass (block_score "bound" / "hybrid"): 16K and 128K at density 0.2, GQA 4 and MHA
     for gs, kmax, dt in [(4, 56, torch.bfloat16), (1, 416, torch.bfloat16), (4, 56, torch.float32)]:
         k2 = max(16, triton.next_power_of_2(kmax // 2))

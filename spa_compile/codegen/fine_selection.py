@@ -4,11 +4,18 @@
 whole long-context study's SPA time on a GPU). Here a chunk of query blocks is scored at once:
 ``[B, Hq, blocks, fine_rows, NKB * fine_keys]`` logits within a byte budget (never N x N), with
 the visibility, the forced blocks (partial, sink, local), k and the ties of the reference, so the
-lists are the reference's (tests/test_fine_selection.py compares them). No Triton kernel yet
-(docs/design.md); the sparse kernels take these lists as they take the selection kernels'.
+lists are the reference's (tests/test_fine_selection.py compares them). The sparse kernels take
+these lists as they take the selection kernels'.
+
+``kernel=True`` (or ``SPA_FINE_KERNEL=1``) scores each chunk with ``fine_score.fine_mass`` (one
+Triton program per query block and head: no logits in global memory) instead of
+``reference.fine_scores``; the forced blocks, k and the ties stay the reference's. Checked against
+the reference under the Triton interpreter; off by default until timed and checked on a card.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -17,14 +24,31 @@ from .. import reference as R
 from ..budget import max_selected, topk_count
 from ..projector import Projector
 from ..visibility import Visibility, num_blocks
+from .autotune import interpreting
+from .fine_score import fine_mass
 
 CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk (the softmax adds temporaries of the same size)
 
 
+KERNEL_ENV = "SPA_FINE_KERNEL"  # "1": score chunks with the Triton kernel (fine_score.fine_mass)
+
+
+def use_kernel(q: Tensor, kernel: bool | None) -> bool:
+    """The Triton scoring where it can run (a CUDA tensor, or the interpreter), when asked for."""
+    if kernel is None:
+        kernel = os.environ.get(KERNEL_ENV, "0") == "1"
+    if kernel and not (q.is_cuda or interpreting()):
+        raise ValueError(f"fine_selection: the Triton fine score needs a CUDA tensor or TRITON_INTERPRET=1 "
+                         f"(got a {q.device} tensor): unset {KERNEL_ENV} or pass kernel=False")
+    return kernel
+
+
 def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, projector: Projector | None,
-                   chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor]:
+                   chunk_bytes: int = CHUNK_BYTES, kernel: bool | None = None) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 (ascending, -1 padded) and count ``[B, Hs, NQB]`` of
-    ``block_score="fine"``: what ``reference.select_blocks`` gives, a chunk of query blocks at a time."""
+    ``block_score="fine"``: what ``reference.select_blocks`` gives, a chunk of query blocks at a time.
+    ``kernel``: score with the Triton kernel (default: ``$SPA_FINE_KERNEL`` is "1")."""
+    kernel = use_kernel(q, kernel)
     b, hq, nq, d = q.shape
     hkv, bs = k.shape[1], cfg.block_size
     hs = hkv if cfg.selection == "group" else hq
@@ -32,9 +56,11 @@ def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, pro
     valid = R.valid_keys(vis, b, hkv, bs, q.device)
     pooled = R.pool_blocks(k.detach(), k.detach()[..., :1], valid, bs, sub_blocks=cfg.fine_keys)
     proj = projector or Projector.identity(hkv, d, device=q.device, dtype=dt)
-    ksub = R._to_heads(proj.project_keys(pooled.ksub.to(dt)), hq)
+    ksub = proj.project_keys(pooled.ksub.to(dt))  # [B, Hkv, NKB * M, r]: the kernel reads kv heads
     nsub = pooled.nsub.to(dt)
-    nsub = nsub if nsub.shape[1] == 1 else R._to_heads(nsub, hq)
+    if not kernel:
+        ksub = R._to_heads(ksub, hq)
+        nsub = nsub if nsub.shape[1] == 1 else R._to_heads(nsub, hq)
     nkb, nqb = pooled.kbar.shape[2], num_blocks(nq, bs)
     kmax = int(max_selected(nq, vis.nk, vis, cfg))
     index = torch.full((b, hs, nqb, kmax), -1, dtype=torch.int32, device=q.device)
@@ -52,7 +78,12 @@ def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, pro
         partial = R._to_selection_heads(visible_h & ~full_h, hs)
         vis_q = visible_h if visible_h.shape[1] == 1 else R._to_heads(visible_h, hq)
         q_rows = q[:, :, t0:t0 + nb * r].to(dt).unflatten(2, (nb, r))  # [B, Hq, nb, r, D]
-        score = R.fine_scores(q_rows, ksub, nsub, vis_q, cfg.fine_rows, hs, scale, proj)  # [B, Hs, nb, NKB]
+        if kernel:
+            qm = proj.project_queries(R.row_means(q_rows, cfg.fine_rows))  # [B, Hq, nb, A, r]
+            score = fine_mass(qm, ksub, nsub, vis_q, scale)  # [B, Hq, nb, NKB]
+            score = score if hs == hq else score.unflatten(1, (hs, hq // hs)).mean(2)
+        else:
+            score = R.fine_scores(q_rows, ksub, nsub, vis_q, cfg.fine_rows, hs, scale, proj)  # [B, Hs, nb, NKB]
         blk = torch.arange(i0, i1, device=q.device)
         diag = torch.div(blk * bs + (r - 1 + vis.offset), bs, rounding_mode="floor").clamp(0, nkb - 1)
         forced = R.forced_blocks(visible, partial, diag, cfg)
