@@ -11,6 +11,8 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
   kernel summing the group itself (``group=G``), the dense kernel's k-th search at 2 and 3 bits
   a step (``radix_bits``), the whole ``api.selection_stage`` and the
   whole op forward with each selection path, and both with ``block_score="hybrid"``; with
+  ``--fine``, ``block_score="fine"`` (head selection) scored in PyTorch and by the Triton kernel,
+  selection and op forward; with
   ``--warps W ...`` each path again at W warps; ``--only REGEX`` keeps the matching stages;
 * the CUDA kernels of one op forward (``torch.profiler``): name, count and device time.
 
@@ -86,7 +88,38 @@ def _with_path(path: str, fn):
             os.environ[PATH_ENV] = old
 
 
-def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases=()) -> dict:
+def fine_stages(q, k, v, vis, scale, cfg, g, checks) -> dict:
+    """block_score "fine": its selection in PyTorch (the default) and with the Triton score
+    (fine_score.fine_mass), checked against each other by the number of rows that differ
+    (tf32x3 dots against fp32: near-ties), and the op forward with each."""
+    from spa_compile.codegen.fine_selection import KERNEL_ENV, fine_selection
+
+    fcfg = cfg.replace(block_score="fine", selection="head")
+    torch_lists = fine_selection(q, k, vis, scale, fcfg, None, kernel=False)
+    kern_lists = fine_selection(q, k, vis, scale, fcfg, None, kernel=True)
+    checks["fine_kernel_rows_differing"] = (int((torch_lists[0] != kern_lists[0]).any(-1).sum())
+                                            + int((torch_lists[1] != kern_lists[1]).sum()))
+
+    def op_with(flag):
+        old = os.environ.get(KERNEL_ENV)
+        os.environ[KERNEL_ENV] = flag
+        try:
+            return spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=fcfg)
+        finally:
+            if old is None:
+                del os.environ[KERNEL_ENV]
+            else:
+                os.environ[KERNEL_ENV] = old
+
+    return {
+        "fine_select_torch": lambda: fine_selection(q, k, vis, scale, fcfg, None, kernel=False),
+        "fine_select_kernel": lambda: fine_selection(q, k, vis, scale, fcfg, None, kernel=True),
+        "op_fwd_fine_torch": lambda: op_with("0"),
+        "op_fwd_fine_kernel": lambda: op_with("1"),
+    }
+
+
+def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases=(), fine=False) -> dict:
     hq, d, bs = 32, 128, cfg.block_size
     g = hq // hkv
     q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
@@ -155,6 +188,8 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
             for stop in phases if path == "dense" else [1] if phases else []:
                 stages[f"select_{path}_w{w}_stop{stop}"] = lambda path=path, w=w, stop=stop: select(
                     qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w, stop=stop)
+    if fine:  # block_score "fine" with head selection (its accuracy setting), PyTorch and Triton scores
+        stages.update(fine_stages(q, k, v, vis, scale, cfg, g, checks))
     op_stage = f"op_fwd_{paths[-1]}"
     if only is not None:
         stages = {name: fn for name, fn in stages.items() if re.search(only, name) or name == op_stage}
@@ -176,6 +211,9 @@ def main(argv=None) -> int:
                     help="with --warps: also the dense kernel cut after phase 1 (classify), 2 (scores), 3 (k-th), "
                          "and the streaming kernel without merges")
     ap.add_argument("--only", default=None, help="time only the stages matching this regex (and the op)")
+    ap.add_argument("--fine", action="store_true",
+                    help="also block_score 'fine' (head selection): its selection in PyTorch and with the Triton "
+                         "score, and the op forward with each")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     result = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
@@ -188,7 +226,7 @@ def main(argv=None) -> int:
                 cfg = SPAConfig(mode="spa", density=0.2) if mode == "density0.2" else SPAConfig(mode="spa", topk=32)
                 t0 = time.perf_counter()
                 try:
-                    pt = one_point(n, hkv, cfg, dev, args.warps, args.only, args.phases)
+                    pt = one_point(n, hkv, cfg, dev, args.warps, args.only, args.phases, args.fine)
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     pt = {"N": n, "Hkv": hkv, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 pt["mode"] = mode
