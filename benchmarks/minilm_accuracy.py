@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from spa_compile import calibrate as C  # noqa: E402
 from spa_compile.backend import recording  # noqa: E402
-from spa_compile.projector_file import ProjectorFile, SiteShape, save_projectors  # noqa: E402
+from spa_compile.projector_file import ProjectorFile, save_projectors  # noqa: E402
 
 
 def load_minilm():

@@ -112,7 +112,7 @@ def test_bad_env_value_names_field_value_source_and_allowed(monkeypatch, var, va
 
 def test_bad_file_values_name_the_file(clean):
     _pyproject(clean, "block_size = 48\n")
-    with pytest.raises(ValueError, match=rf"SPAConfig\.block_size = 48 \(from \[tool\.spa\] in .*pyproject\.toml\) "
+    with pytest.raises(ValueError, match=r"SPAConfig\.block_size = 48 \(from \[tool\.spa\] in .*pyproject\.toml\) "
                                          "is not allowed: expected a power of two"):
         resolve()
     (clean / "pyproject.toml").unlink()

@@ -83,7 +83,6 @@ def _dq_kernel(
     for s in range(0, cnt):
         j = tl.load(IDX_r + s)
         kpos = j * BS + offs_n
-        kin = kpos < Nk
         kc = tl.minimum(kpos, Nk - 1)  # clamped rows: masked below (such a block is never clean)
         k = load_rows(K_h, kc, skn, d, D, BD)
         v = load_rows(V_h, kc, svn, dv, DV, BDV)

@@ -16,8 +16,6 @@ head packs of one group share K/V tiles through L2; same results.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
