@@ -56,7 +56,7 @@ def test_fine_selection_with_a_projector_and_chunks_of_three():
     g = torch.Generator().manual_seed(3)
     proj = Projector(torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g))
     b, hq, hkv, n, d, bs = 1, 4, 2, 200, 16, 16
-    per_block = b * hq * 4 * (-(-n // bs)) * 8 * 4  # the chunk budget of 3 blocks' logits
+    per_block = b * hq * 4 * (-(-n // bs)) * 8 * 4 + b * bs * n  # a block's logits and row visibility
     _check(b, hq, hkv, n, n, d, bs, dict(causal=True), dict(fine_rows=4, fine_keys=8), 3 * per_block, projector=proj)
 
 

@@ -65,7 +65,12 @@ def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, pro
     kmax = int(max_selected(nq, vis.nk, vis, cfg))
     index = torch.full((b, hs, nqb, kmax), -1, dtype=torch.int32, device=q.device)
     count = torch.zeros((b, hs, nqb), dtype=torch.int32, device=q.device)
-    per_block = b * hq * min(cfg.fine_rows, bs) * ksub.shape[2] * torch.empty((), dtype=dt).element_size()
+    es = torch.empty((), dtype=dt).element_size()
+    if kernel:  # the chunk's rows in dt, their projected row means and the masses: no logits
+        per_block = b * hq * (bs * d + min(cfg.fine_rows, bs) * ksub.shape[-1] + nkb) * es
+    else:
+        per_block = b * hq * min(cfg.fine_rows, bs) * ksub.shape[2] * es
+    per_block += b * vis.mask_heads() * bs * vis.nk  # the chunk's row visibility (bool), classify_chunk
     step = max(1, chunk_bytes // max(per_block, 1))
     nfull = nq // bs
     chunks = [(i, min(i + step, nfull), bs) for i in range(0, nfull, step)]
