@@ -75,17 +75,17 @@ def kernel_table(fn) -> list[dict]:
     return sorted(rows, key=lambda r: -r["device_us"])
 
 
-def _with_path(path: str, fn):
-    """fn() with $SPA_SELECT_PATH set to path (read per call by selection.select_path)."""
-    old = os.environ.get(PATH_ENV)
-    os.environ[PATH_ENV] = path
+def _with_env(var: str, value: str, fn):
+    """fn() with $var set to value (the package reads $SPA_SELECT_PATH and $SPA_FINE_KERNEL per call)."""
+    old = os.environ.get(var)
+    os.environ[var] = value
     try:
         return fn()
     finally:
         if old is None:
-            del os.environ[PATH_ENV]
+            del os.environ[var]
         else:
-            os.environ[PATH_ENV] = old
+            os.environ[var] = old
 
 
 def fine_stages(q, k, v, vis, scale, cfg, g, checks) -> dict:
@@ -101,15 +101,7 @@ def fine_stages(q, k, v, vis, scale, cfg, g, checks) -> dict:
                                             + int((torch_lists[1] != kern_lists[1]).sum()))
 
     def op_with(flag):
-        old = os.environ.get(KERNEL_ENV)
-        os.environ[KERNEL_ENV] = flag
-        try:
-            return spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=fcfg)
-        finally:
-            if old is None:
-                del os.environ[KERNEL_ENV]
-            else:
-                os.environ[KERNEL_ENV] = old
+        return _with_env(KERNEL_ENV, flag, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=fcfg))
 
     return {
         "fine_select_torch": lambda: fine_selection(q, k, vis, scale, fcfg, None, kernel=False),
@@ -157,8 +149,8 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
         stages[f"pool_q_nbp{nbp}"] = lambda nbp=nbp: pool_q(q, bs, blocks_per_program=nbp)
         stages[f"pool_kv_nbp{nbp}"] = lambda nbp=nbp: pool_kv(k, v, info, blocks_per_program=nbp)
     for path in paths:
-        stages[f"op_fwd_{path}"] = lambda path=path: _with_path(
-            path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
+        stages[f"op_fwd_{path}"] = lambda path=path: _with_env(
+            PATH_ENV, path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
     if "dense" in paths:  # the dense kernel's k-th search, 2 and 3 bits a step (1 is select_dense)
         for rb in (2, 3):
             got = select(qsum, kbar, info, scale, cfg, kmax, path="dense", radix_bits=rb, precision="ieee")
