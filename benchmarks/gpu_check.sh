@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call (<= 600 s): GPU tests of the SPA kernels (~185 s with the fine score's), then the full grid of
+# One device call (<= 600 s): GPU tests of the SPA kernels (~185 s before the fine score's joined), then the full grid of
 # benchmarks/bench_kernels.py (24 points, key points first) in the time left.
 #   run: bash benchmarks/gpu_check.sh   (writes logs and JSON under $OUT)
 # Env: TOTAL_S (whole script, default 570), TEST_S (test limit, default 300; 0 skips the tests),
