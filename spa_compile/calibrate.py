@@ -401,10 +401,8 @@ def _scores(proj: Projector, s: BlockStats, scale: float) -> Tensor:
     if s.qrows is None:
         return block_scores(proj, s.qsel, s.kbar, scale)
     hq, hs = s.qrows.shape[1], s.visible.shape[1]
-    ks = reference._to_heads(proj.project_keys(s.ksub), hq)
-    ns = s.nsub if s.nsub.shape[1] == 1 else reference._to_heads(s.nsub, hq)
     vis_q = s.visible if hs == hq else reference._to_heads(s.visible, hq)  # a group's visibility per head
-    mass = reference.fine_scores(s.qrows, ks, ns, vis_q, s.qrows.shape[-2], hs, scale, proj)
+    mass = reference.fine_scores(s.qrows, proj.project_keys(s.ksub), s.nsub, vis_q, s.qrows.shape[-2], hs, scale, proj)
     return mass.clamp_min(1e-30).log()
 
 

@@ -193,23 +193,28 @@ def fine_scores(q_rows: Tensor, ksub: Tensor, nsub: Tensor, visible: Tensor, row
     visible blocks with their log counts; a block's score is the attention mass its sub-blocks
     get, averaged over the row means (and over the query heads of a selection head). It estimates
     the block's share of the true attention mass, which finer row means track better than one
-    block mean (docs/accuracy.md). ksub ``[B, Hq, NKB * M, r]`` (projected), nsub
-    ``[B, 1|Hq, NKB * M]``, visible ``[B, 1|Hq, *blocks, NKB]`` bool. ``*blocks``: no dimension
+    block mean (docs/accuracy.md). ksub ``[B, 1|Hkv|Hq, NKB * M, r]`` (projected) and nsub
+    ``[B, 1|Hkv|Hq, NKB * M]`` (broadcast to the query heads here), visible ``[B, 1|Hq, *blocks,
+    NKB]`` bool. ``*blocks``: no dimension
     (one query block, the reference) or one (a chunk of blocks with R rows each).
     Returns ``[B, hs, *blocks, NKB]``."""
     nkb = visible.shape[-1]
     m = ksub.shape[2] // nkb
     extra = q_rows.dim() - 4  # block dims between the heads and the rows
     qm = projector.project_queries(row_means(q_rows, rows))  # [B, Hq, *, A, r]
-    ks = ksub.reshape(ksub.shape[:2] + (1,) * extra + ksub.shape[2:])
-    ns = nsub.reshape(nsub.shape[:2] + (1,) * extra + nsub.shape[2:])
+    ks, ns = _to_heads(ksub, q_rows.shape[1]), _to_heads(nsub, q_rows.shape[1])
+    ks = ks.reshape(ks.shape[:2] + (1,) * extra + ks.shape[2:])
+    ns = ns.reshape(ns.shape[:2] + (1,) * extra + ns.shape[2:])
     logits = scale * qm @ ks.transpose(-1, -2) + ns.log()[..., None, :]  # [B, Hq, *, A, NKB * M]
     ok = visible.repeat_interleave(m, dim=-1)[..., None, :] & (ns > 0)[..., None, :]
     logits = logits.masked_fill(~ok, -math.inf)
     mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(-2).unflatten(-1, (nkb, m)).sum(-1)  # [B, Hq, *, NKB]
-    if mass.shape[1] != hs:
-        mass = mass.unflatten(1, (hs, mass.shape[1] // hs)).mean(2)
-    return mass
+    return selection_head_mean(mass, hs)
+
+
+def selection_head_mean(x: Tensor, hs: int) -> Tensor:
+    """``[B, Hq, ...]`` -> ``[B, hs, ...]``: the mean over the query heads of each selection head."""
+    return x if x.shape[1] == hs else x.unflatten(1, (hs, x.shape[1] // hs)).mean(2)
 
 
 def row_means(q_rows: Tensor, rows: int) -> Tensor:
@@ -309,9 +314,7 @@ def select_blocks(
         if pooled.ksub is None or pooled.nsub is None:
             raise ValueError("block_score='fine' needs the sub-block key means: pool the keys with "
                              "pool_for(cfg, ...) or pool_blocks(..., sub_blocks=cfg.fine_keys)")
-        kpf = proj.project_keys(pooled.ksub.to(dt))
-        ksub, nsub = _to_heads(kpf, hq), pooled.nsub.to(dt)
-        nsub = nsub if nsub.shape[1] == 1 else _to_heads(nsub, hq)
+        ksub, nsub = proj.project_keys(pooled.ksub.to(dt)), pooled.nsub.to(dt)  # kv heads: fine_scores broadcasts
     if use_bound:
         if pooled.kmax is None or pooled.kmin is None:
             raise ValueError(f"block_score={cfg.block_score!r} needs the key extrema: pool the keys with "
@@ -325,8 +328,7 @@ def select_blocks(
         visible = _to_selection_heads(visible_h, hs)
         partial = _to_selection_heads(visible_h & ~full_h, hs)
         if fine:
-            vis_h = visible_h if visible_h.shape[1] == 1 else _to_heads(visible_h, hq)
-            score = fine_scores(q[:, :, t0:t1].to(dt), ksub, nsub, vis_h, cfg.fine_rows, hs, scale, proj)
+            score = fine_scores(q[:, :, t0:t1].to(dt), ksub, nsub, visible_h, cfg.fine_rows, hs, scale, proj)
         elif block_scores is None:
             qbar = q[:, :, t0:t1].to(dt).mean(dim=2)  # [B, Hq, D]
             qp = proj.project_queries(qbar)  # [B, Hq, r]

@@ -120,12 +120,10 @@ def fine_block_scores(q, pooled, scale, cfg, vis, valid, projector=None):
     hkv, bs = pooled.kbar.shape[1], cfg.block_size
     hs = hkv if cfg.selection == "group" else hq
     proj = projector or Projector.identity(hkv, d)
-    ksub = R._to_heads(proj.project_keys(pooled.ksub.double()), hq)
-    nsub = pooled.nsub.double() if pooled.nsub.shape[1] == 1 else R._to_heads(pooled.nsub.double(), hq)
+    ksub, nsub = proj.project_keys(pooled.ksub.double()), pooled.nsub.double()
     out = []
     for t0 in range(0, nq, bs):
         visible, _ = R.classify_blocks(vis.rows(t0, min(nq, t0 + bs), q.device), valid, bs)
-        visible = visible if visible.shape[1] == 1 else R._to_heads(visible, hq)
         out.append(R.fine_scores(q[:, :, t0:t0 + bs].double(), ksub, nsub, visible, cfg.fine_rows, hs, scale, proj))
     return torch.stack(out, dim=2)
 

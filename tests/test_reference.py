@@ -409,8 +409,7 @@ def test_fine_scores_at_full_resolution_are_the_true_block_mass(n, g, block, pad
     logits = scale * q @ R._to_heads(k, hkv * g).transpose(-1, -2)
     logits = logits.masked_fill(~R._to_heads(valid, hkv * g)[:, :, None, :].expand_as(logits), -math.inf)
     p = F.pad(torch.softmax(logits, -1), (0, nkb * block - n)).unflatten(-1, (nkb, block)).sum(-1)  # [1, Hq, N, NKB]
-    ksub = R._to_heads(pooled.ksub, hkv * g)
-    nsub = pooled.nsub if pooled.nsub.shape[1] == 1 else R._to_heads(pooled.nsub, hkv * g)
+    ksub, nsub = pooled.ksub, pooled.nsub  # kv heads: fine_scores broadcasts them
     ident = Projector.identity(hkv, d)
     for t0 in range(0, n, block):
         t1 = min(n, t0 + block)

@@ -56,11 +56,8 @@ def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, pro
     valid = R.valid_keys(vis, b, hkv, bs, q.device)
     pooled = R.pool_blocks(k.detach(), k.detach()[..., :1], valid, bs, sub_blocks=cfg.fine_keys)
     proj = projector or Projector.identity(hkv, d, device=q.device, dtype=dt)
-    ksub = proj.project_keys(pooled.ksub.to(dt))  # [B, Hkv, NKB * M, r]: the kernel reads kv heads
+    ksub = proj.project_keys(pooled.ksub.to(dt))  # [B, Hkv, NKB * M, r]: both scorers broadcast heads
     nsub = pooled.nsub.to(dt)
-    if not kernel:
-        ksub = R._to_heads(ksub, hq)
-        nsub = nsub if nsub.shape[1] == 1 else R._to_heads(nsub, hq)
     nkb, nqb = pooled.kbar.shape[2], num_blocks(nq, bs)
     kmax = int(max_selected(nq, vis.nk, vis, cfg))
     index = torch.full((b, hs, nqb, kmax), -1, dtype=torch.int32, device=q.device)
@@ -81,14 +78,12 @@ def fine_selection(q: Tensor, k: Tensor, vis: Visibility, scale: float, cfg, pro
         visible_h, full_h = R.classify_chunk(vis.rows(t0, t0 + nb * r, q.device), valid, nb, bs)  # [B, Hm, nb, NKB]
         visible = R._to_selection_heads(visible_h, hs)
         partial = R._to_selection_heads(visible_h & ~full_h, hs)
-        vis_q = visible_h if visible_h.shape[1] == 1 else R._to_heads(visible_h, hq)
         q_rows = q[:, :, t0:t0 + nb * r].to(dt).unflatten(2, (nb, r))  # [B, Hq, nb, r, D]
         if kernel:
             qm = proj.project_queries(R.row_means(q_rows, cfg.fine_rows))  # [B, Hq, nb, A, r]
-            score = fine_mass(qm, ksub, nsub, vis_q, scale)  # [B, Hq, nb, NKB]
-            score = score if hs == hq else score.unflatten(1, (hs, hq // hs)).mean(2)
+            score = R.selection_head_mean(fine_mass(qm, ksub, nsub, visible_h, scale), hs)  # [B, Hs, nb, NKB]
         else:
-            score = R.fine_scores(q_rows, ksub, nsub, vis_q, cfg.fine_rows, hs, scale, proj)  # [B, Hs, nb, NKB]
+            score = R.fine_scores(q_rows, ksub, nsub, visible_h, cfg.fine_rows, hs, scale, proj)  # [B, Hs, nb, NKB]
         blk = torch.arange(i0, i1, device=q.device)
         diag = torch.div(blk * bs + (r - 1 + vis.offset), bs, rounding_mode="floor").clamp(0, nkb - 1)
         forced = R.forced_blocks(visible, partial, diag, cfg)
