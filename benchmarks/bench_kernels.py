@@ -513,10 +513,12 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
     info = block_info(vis, 1, n, n, cfg.block_size, q.device)
     kmax = int(max_selected(n, n, vis, cfg))
 
-    def select_only(q_, k_, v_):
+    def select_only(q_, k_, v_, values=False):
         if cfg.block_score == "fine":  # its own pooling (sub-block means) inside, as in api.spa_forward
             return fine_selection(q_, k_, vis, scale, cfg, None)[0]
-        kb, _, _, _ = pool_kv(k_, v_, info)
+        # the key means alone: the value means (vbar) are the fill's landmarks, not the selection's
+        # (the op pools both in one kernel; spa_select_vpool_* keeps them in, for comparison)
+        kb, _, _, _ = pool_kv(k_, v_, info, values=values)
         return api.selection_stage(q_, kb, info, scale, cfg, None, kmax, k_)[0]
 
     select_only(qd, kd, vd)
@@ -525,6 +527,7 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
     # the host's launch time where the GPU waits for it (a few short kernels: host-bound)
     with torch.no_grad():
         pt["spa_select_fwd_graph"] = {"ms": graph_ms(lambda: select_only(qd, kd, vd))}
+        pt["spa_select_vpool_fwd_graph"] = {"ms": graph_ms(lambda: select_only(qd, kd, vd, True))}
         pt["spa_op_fwd_graph"] = {"ms": graph_ms(lambda: op(qd, kd, vd))}
     save()
 

@@ -12,7 +12,8 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
   a step (``radix_bits``), the whole ``api.selection_stage`` and the
   whole op forward with each selection path, and both with ``block_score="hybrid"``; with
   ``--fine``, ``block_score="fine"`` (head selection) scored in PyTorch and by the Triton kernel,
-  selection and op forward; with
+  selection and op forward; with ``--stream-variants`` the streaming kernel at the launch
+  shapes of ``STREAM_VARIANTS`` (checked against the default by rows differing); with
   ``--warps W ...`` each path again at W warps; ``--only REGEX`` keeps the matching stages;
 * the CUDA kernels of one op forward (``torch.profiler``): name, count and device time.
 
@@ -111,7 +112,25 @@ def fine_stages(q, k, v, vis, scale, cfg, g, checks) -> dict:
     }
 
 
-def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases=(), fine=False) -> dict:
+# --stream-variants: (name, selection.select's stream_config, score precision, warps); None keeps the launcher's
+STREAM_VARIANTS = [
+    ("base", None, None, None),
+    ("prefix_counts", {"HAS_KV": True}, None, None),  # visibility by the prefix-count gathers (before 2026-11-28)
+    ("w8", None, None, 8),
+    ("bj64", {"BJ": 64}, None, None),
+    ("bj64_w8", {"BJ": 64}, None, 8),
+    ("bj64_stages1", {"BJ": 64, "num_stages": 1}, None, None),
+    ("tf32x3_w8", None, "tf32x3", 8),
+    ("rc32_w8", {"RC": 32}, None, 8),
+    ("qb32_w16", {"QB": 32}, None, 16),
+    ("hoist_tf32x3_w8", {"HOIST": True}, "tf32x3", 8),
+    ("stages1", {"num_stages": 1}, None, None),
+]
+STREAM_STOPS = [("base_stop1", None, 1), ("base_stop2", None, 2), ("bj64_stop1", {"BJ": 64}, 1)]
+
+
+def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases=(), fine=False,
+              stream_variants=False) -> dict:
     hq, d, bs = 32, 128, cfg.block_size
     g = hq // hkv
     q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
@@ -180,6 +199,18 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
             for stop in phases if path == "dense" else [1] if phases else []:
                 stages[f"select_{path}_w{w}_stop{stop}"] = lambda path=path, w=w, stop=stop: select(
                     qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w, stop=stop)
+    if stream_variants and info.nkb > DENSE_MAX_NKB:  # the streaming kernel's launch shapes (as the op calls it)
+        for name, sc, prec, w in STREAM_VARIANTS:
+            def run(sc=sc, prec=prec, w=w):
+                return select(qbar, kbar, info, scale, cfg, kmax, group=g, path="stream", stream_config=sc,
+                              precision=prec, num_warps=w)
+            got = run()
+            checks[f"stream_{name}_rows_differing"] = (int((got[0] != ref[0]).any(-1).sum())
+                                                       + int((got[1] != ref[1]).sum()))
+            stages[f"select_stream_{name}"] = run
+        for name, sc, stop in STREAM_STOPS:  # where the walk's time goes (no valid lists)
+            stages[f"select_stream_{name}"] = lambda sc=sc, stop=stop: select(
+                qbar, kbar, info, scale, cfg, kmax, group=g, path="stream", stream_config=sc, stop=stop)
     if fine:  # block_score "fine" with head selection (its accuracy setting), PyTorch and Triton scores
         stages.update(fine_stages(q, k, v, vis, scale, cfg, g, checks))
     op_stage = f"op_fwd_{paths[-1]}"
@@ -206,6 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fine", action="store_true",
                     help="also block_score 'fine' (head selection): its selection in PyTorch and with the Triton "
                          "score, and the op forward with each")
+    ap.add_argument("--stream-variants", action="store_true",
+                    help="also the streaming kernel at other launch shapes (STREAM_VARIANTS), where NKB takes it")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     result = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
@@ -218,7 +251,8 @@ def main(argv=None) -> int:
                 cfg = SPAConfig(mode="spa", density=0.2) if mode == "density0.2" else SPAConfig(mode="spa", topk=32)
                 t0 = time.perf_counter()
                 try:
-                    pt = one_point(n, hkv, cfg, dev, args.warps, args.only, args.phases, args.fine)
+                    pt = one_point(n, hkv, cfg, dev, args.warps, args.only, args.phases, args.fine,
+                                   args.stream_variants)
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     pt = {"N": n, "Hkv": hkv, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 pt["mode"] = mode

@@ -105,6 +105,7 @@ def _bound_select_kernel(
     D: tl.constexpr, BD: tl.constexpr, GS: tl.constexpr, GT: tl.constexpr, BS: tl.constexpr,
     BJ: tl.constexpr, KP: tl.constexpr, KP1: tl.constexpr, KPO: tl.constexpr,
     HYBRID: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PREC: tl.constexpr,
+    HAS_KV: tl.constexpr = True,
 ):
     i = tl.program_id(0)
     bh = tl.program_id(1)
@@ -143,7 +144,7 @@ def _bound_select_kernel(
         jj = c + cols
         jm = jj < je
         visible, full, n = classify_blocks(jj, t0v, t1v, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS,
-                                           CAUSAL, WINDOW)
+                                           CAUSAL, WINDOW, HAS_KV)
         visible = visible & jm[None, :]
         nvis += tl.sum(visible.to(tl.int32), axis=1)
         jc = tl.minimum(jj, NKB - 1)
@@ -220,6 +221,6 @@ def bound_select(q: Tensor, kmx: Tensor, kmn: Tensor, info: BlockInfo, scale: fl
         D=d, BD=bd, GS=hq // hs, GT=gt, BS=info.block, BJ=bj, KP=kp,
         KP1=max(16, triton.next_power_of_2(kmax)), KPO=max(16, triton.next_power_of_2(kmax)),
         HYBRID=cfg.block_score == "hybrid", CAUSAL=info.causal, WINDOW=info.has_window, PREC=prec,
-        num_warps=warps,
+        HAS_KV=info.key_valid is not None, num_warps=warps,
     )
     return index, count

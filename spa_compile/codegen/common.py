@@ -9,12 +9,15 @@ import triton.language as tl
 @triton.jit
 def classify_blocks(
     jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN,
-    BS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    BS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr = True,
 ):
     """Visible and fully visible key blocks ``jj`` ([BJ]) for query blocks with rows
     ``t0 .. t1 - 1`` ([QB]). Returns (visible, full) bool ``[QB, BJ]`` and n ``[BJ]``.
 
-    NB_b, FIRST_b, LAST_b, CS_b point at the batch row of the block-info tensors.
+    NB_b, FIRST_b, LAST_b, CS_b point at the batch row of the block-info tensors. HAS_KV False
+    (no key padding): every key of ``[lo, hi)`` is valid (it lies inside the causal and window
+    bounds of some row), so a non-empty range is visible without the two prefix-count gathers
+    per ``[QB, BJ]`` element (the streaming selection's walk at 128K spent most of a chunk on them).
     """
     jm = (jj >= 0) & (jj < NKB)
     n = tl.load(NB_b + jj, mask=jm, other=0)
@@ -34,11 +37,14 @@ def classify_blocks(
             first = tl.load(FIRST_b + jj, mask=jm, other=2**30)
             full = full & (first[None, :] > (t1 - 1 + OFF - WIN)[:, None])
         ok = (hi > lo) & has
-        lo_c = tl.minimum(tl.maximum(lo, 0), Nk)
-        hi_c = tl.minimum(tl.maximum(hi, 0), Nk)
-        c_hi = tl.load(CS_b + hi_c, mask=ok, other=0)
-        c_lo = tl.load(CS_b + lo_c, mask=ok, other=0)
-        visible = ok & (c_hi > c_lo)
+        if HAS_KV:
+            lo_c = tl.minimum(tl.maximum(lo, 0), Nk)
+            hi_c = tl.minimum(tl.maximum(hi, 0), Nk)
+            c_hi = tl.load(CS_b + hi_c, mask=ok, other=0)
+            c_lo = tl.load(CS_b + lo_c, mask=ok, other=0)
+            visible = ok & (c_hi > c_lo)
+        else:
+            visible = ok
         full = full & visible
     else:
         visible = has

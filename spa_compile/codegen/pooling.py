@@ -40,8 +40,10 @@ def _pool_kv_kernel(
     H, Nk, NKB,
     D: tl.constexpr, DV: tl.constexpr,
     BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, LP: tl.constexpr, NBP: tl.constexpr = 1,
+    POOL_V: tl.constexpr = True,
 ):
-    """NBP consecutive key blocks a program, as [NBP, BS, BD] tiles when NBP > 1 (see _pool_q_kernel)."""
+    """NBP consecutive key blocks a program, as [NBP, BS, BD] tiles when NBP > 1 (see _pool_q_kernel).
+    POOL_V False: the key means alone (what the selection reads; vbar is the fill's)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -68,7 +70,8 @@ def _pool_kv_kernel(
     base = bh.to(tl.int64) * NKB + blk
     axis: tl.constexpr = 0 if NBP == 1 else 1
     _block_means(K_h, skn, rows, rmask, w, inv, d, D, KBAR, KLP, base * D, kkeep, LP, axis)
-    _block_means(V_h, svn, rows, rmask, w, inv, dv, DV, VBAR, VLP, base * DV, vkeep, LP, axis)
+    if POOL_V:
+        _block_means(V_h, svn, rows, rmask, w, inv, dv, DV, VBAR, VLP, base * DV, vkeep, LP, axis)
 
 
 @triton.jit
@@ -128,10 +131,12 @@ def pool_blocks_per_program(nbp: int | None = None) -> int:
     return v
 
 
-def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | None = None,
+def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | None = None, values: bool = True,
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """kbar ``[B, Hkv, NKB, D]``, vbar ``[B, Hkv, NKB, Dv]`` in float32, and copies of both in
-    k's dtype (the same tensors for float32): the attention kernels load those as MMA operands."""
+    k's dtype (the same tensors for float32): the attention kernels load those as MMA operands.
+    ``values=False`` pools the keys alone (vbar and its copy are then left unwritten): the part
+    of the pooling the selection needs, which bench_kernels.py times as the selection's share."""
     k = _check_inner(k, "k")
     v = _check_inner(v, "v")
     b, h, nk, d = k.shape
@@ -147,7 +152,7 @@ def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | Non
         k, v, info.valid, kbar, vbar, klp, vlp,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, nk, info.nkb,
-        D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp, NBP=nbp,
+        D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp, NBP=nbp, POOL_V=values,
         num_warps=4 if info.block * max(bd, bdv) <= 8192 else 8,
     )
     return kbar, vbar, klp, vlp

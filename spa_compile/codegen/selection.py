@@ -82,7 +82,7 @@ def _encode(s, jj):
 @triton.jit
 def _local_threshold(lthr0, lo, hi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, LOCAL,
                      QB: tl.constexpr, BJ: tl.constexpr, BS: tl.constexpr, CAUSAL: tl.constexpr,
-                     WINDOW: tl.constexpr):
+                     WINDOW: tl.constexpr, HAS_KV: tl.constexpr):
     """The LOCAL-th smallest ``|j - diag| * NKB + j`` over visible blocks j in [lo, hi)."""
     lthr = lthr0
     cols = tl.arange(0, BJ)
@@ -91,7 +91,7 @@ def _local_threshold(lthr0, lo, hi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, N
         for c in range(lo, hi, BJ):
             jj = c + cols
             visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS,
-                                               CAUSAL, WINDOW)
+                                               CAUSAL, WINDOW, HAS_KV)
             lkey = tl.abs(jj[None, :] - diag[:, None]) * NKB + jj[None, :]
             lkey = tl.where(visible & (lkey > lthr[:, None]) & (jj < hi)[None, :], lkey, LOCAL_BIG)
             cur = tl.minimum(cur, tl.min(lkey, axis=1))
@@ -208,7 +208,7 @@ def _select_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
     USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
-    PREC: tl.constexpr = "ieee",
+    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, HOIST: tl.constexpr = False,
 ):
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
@@ -225,15 +225,23 @@ def _select_kernel(
         for c in range(wlo, whi, BJ):
             jj = c + cols
             visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS,
-                                               CAUSAL, WINDOW)
+                                               CAUSAL, WINDOW, HAS_KV)
             close = visible & (tl.abs(jj[None, :] - diag[:, None]) <= NEAR) & (jj < whi)[None, :]
             near += tl.sum(close.to(tl.int32), axis=1)
         if tl.min(tl.where(row_ok, near, LOCAL), axis=0) >= LOCAL:
             lthr = _local_threshold(lthr, wlo, whi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN,
-                                    LOCAL, QB, BJ, BS, CAUSAL, WINDOW)
+                                    LOCAL, QB, BJ, BS, CAUSAL, WINDOW, HAS_KV)
         else:
             lthr = _local_threshold(lthr, js, je, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN,
-                                    LOCAL, QB, BJ, BS, CAUSAL, WINDOW)
+                                    LOCAL, QB, BJ, BS, CAUSAL, WINDOW, HAS_KV)
+
+    if HOIST:  # the program's (group-summed) query rows once, [QB, RC] with RC >= R: one dot a chunk
+        rr = tl.arange(0, RC)
+        qptr = QP_r + rows[:, None].to(tl.int64) * R + rr[None, :]
+        qm = row_ok[:, None] & (rr < R)[None, :]
+        qh = tl.load(qptr, mask=qm, other=0.0)
+        for g in range(1, GS):
+            qh += tl.load(qptr + g * NQB * R, mask=qm, other=0.0)
 
     # B. one walk: forced blocks (largest key) and the remaining visible blocks by score
     best = tl.full([QB, KPB], SENTINEL, dtype=tl.int64)
@@ -244,7 +252,7 @@ def _select_kernel(
         jj = c + cols
         jm = jj < je
         visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS, CAUSAL,
-                                           WINDOW)
+                                           WINDOW, HAS_KV)
         visible = visible & jm[None, :] & row_ok[:, None]
         vi = visible.to(tl.int32)
         sink = visible & ((seen[:, None] + tl.cumsum(vi, axis=1)) <= SINK)
@@ -257,7 +265,15 @@ def _select_kernel(
         low = (2147483647 - jj).to(tl.int64)[None, :]
         key = tl.where(forced, FORCED_HI + low, SENTINEL)
         if tl.max(tl.max(rem.to(tl.int32), axis=1), axis=0) > 0:
-            sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT, GS, NQB * R, PREC)
+            if HOIST:
+                kv = tl.load(KP_h + jj[:, None].to(tl.int64) * R + rr[None, :], mask=jm[:, None] & (rr < R)[None, :],
+                             other=0.0)
+                sc = tl.dot(qh, tl.trans(kv), input_precision=PREC) * scale
+                sc = tl.where(sc == 0.0, 0.0, sc)
+            elif STOP == 2:  # timing only (bench_selection.py --stream-variants): the walk without its scores
+                sc = (jj[None, :] % 61).to(tl.float32) + rows[:, None].to(tl.float32)
+            else:
+                sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT, GS, NQB * R, PREC)
             key = tl.where(rem, _encode(sc, jj), key)
         kth = tl.min(best, axis=1)
         if STOP == 1:  # timing only (bench_selection.py --phases): the walk without its merges
@@ -290,7 +306,7 @@ def _select_dense_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
     RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
-    PREC: tl.constexpr = "ieee",
+    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
@@ -302,7 +318,7 @@ def _select_dense_kernel(
     jj = tl.arange(0, NKBP)
     jm = (jj >= js) & (jj < je)
     visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS, CAUSAL,
-                                       WINDOW)
+                                       WINDOW, HAS_KV)
     visible = visible & jm[None, :] & row_ok[:, None]
     vi = visible.to(tl.int32)
     sink = visible & (tl.cumsum(vi, axis=1) <= SINK)
@@ -462,7 +478,8 @@ def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
 
 def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
            path: str | None = None, radix_bits: int | None = None, half: bool = False,
-           num_warps: int | None = None, stop: int = 0, precision: str | None = None) -> tuple[Tensor, Tensor]:
+           num_warps: int | None = None, stop: int = 0, precision: str | None = None,
+           stream_config: dict | None = None) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
@@ -471,9 +488,11 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     kp: projected key block means ``[B, Hkv, NKB, r]`` float32. ``path``: see ``select_path``;
     ``radix_bits``: see ``dense_radix_bits`` (the dense path only). ``half``: take ``ceil(k/2)``
     by score (the projector's share of block_score "hybrid", see bound_selection). ``num_warps``
-    overrides the launch's warps (benchmarks/bench_selection.py compares them); ``stop`` 1/2/3 cuts
-    the dense kernel after its classification / scores / threshold, and 1 drops the streaming
-    kernel's merges (timing only: no valid lists). ``precision``: see ``score_precision``.
+    overrides the launch's warps (benchmarks/bench_selection.py compares them); ``stream_config``
+    overrides the streaming kernel's QB, BJ, RC, HOIST (query rows loaded once, RC >= r) and
+    num_stages (the same comparisons); ``stop`` 1/2/3 cuts
+    the dense kernel after its classification / scores / threshold; 1 drops the streaming
+    kernel's merges, 2 its scores (timing only: no valid lists). ``precision``: see ``score_precision``.
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -492,6 +511,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
               -1 if cfg.min_blocks is None else cfg.min_blocks,
               -1 if cfg.max_blocks is None else cfg.max_blocks)
     chosen = select_path(info.nkb, path)
+    has_kv = info.key_valid is not None  # without padding, visibility is geometry alone (classify_blocks)
     prec = score_precision(precision, chosen)
     if chosen == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
@@ -499,13 +519,24 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
-            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", num_warps=num_warps or warps,
+            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, num_warps=num_warps or warps,
         )
     else:
         qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
+        sc = dict(stream_config or {})
+        qb, bj, rc = sc.pop("QB", qb), sc.pop("BJ", bj), sc.pop("RC", rc)
+        hoist = bool(sc.pop("HOIST", False))
+        has_kv = bool(sc.pop("HAS_KV", has_kv))
+        if hoist:
+            rc = max(rc, triton.next_power_of_2(r))
+        use_dot = qb >= 16
+        extra = {"num_stages": sc.pop("num_stages")} if "num_stages" in sc else {}
+        if sc:
+            raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, HOIST, HAS_KV, num_stages)")
         _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
-            BS=info.block, QB=qb, KPB=kpb, BJ=bj, RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
-            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", num_warps=num_warps or warps,
+            BS=info.block, QB=qb, KPB=kpb, BJ=max(bj, kpb), RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
+            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, HOIST=hoist and use_dot,
+            num_warps=num_warps or warps, **extra,
         )
     return index, count
