@@ -115,18 +115,13 @@ def fine_stages(q, k, v, vis, scale, cfg, g, checks) -> dict:
 # --stream-variants: (name, selection.select's stream_config, score precision, warps); None keeps the launcher's
 STREAM_VARIANTS = [
     ("base", None, None, None),
-    ("prefix_counts", {"HAS_KV": True}, None, None),  # visibility by the prefix-count gathers (before 2026-11-28)
+    ("no_interior", {"FAST": False}, None, None),  # every chunk classified
+    ("prefix_counts", {"FAST": False, "HAS_KV": True}, None, None),  # the kernel before 2026-11-28 (session 8)
     ("w8", None, None, 8),
     ("bj64", {"BJ": 64}, None, None),
-    ("bj64_w8", {"BJ": 64}, None, 8),
-    ("bj64_stages1", {"BJ": 64, "num_stages": 1}, None, None),
-    ("tf32x3_w8", None, "tf32x3", 8),
-    ("rc32_w8", {"RC": 32}, None, 8),
-    ("qb32_w16", {"QB": 32}, None, 16),
-    ("hoist_tf32x3_w8", {"HOIST": True}, "tf32x3", 8),
-    ("stages1", {"num_stages": 1}, None, None),
+    ("tf32x3", None, "tf32x3", None),
 ]
-STREAM_STOPS = [("base_stop1", None, 1), ("base_stop2", None, 2), ("bj64_stop1", {"BJ": 64}, 1)]
+STREAM_STOPS = [("base_stop1", None, 1), ("base_stop2", None, 2)]
 
 
 def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases=(), fine=False,
@@ -199,6 +194,15 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
             for stop in phases if path == "dense" else [1] if phases else []:
                 stages[f"select_{path}_w{w}_stop{stop}"] = lambda path=path, w=w, stop=stop: select(
                     qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w, stop=stop)
+    if stream_variants and "dense" in paths:  # the causal column tiers against one full-width launch
+        for t in (1, 2):
+            got = select(qbar, kbar, info, scale, cfg, kmax, group=g, path="dense", tiers=t)
+            ref_d = select(qbar, kbar, info, scale, cfg, kmax, group=g, path="dense")
+            checks[f"dense_tiers{t}_equal"] = bool(torch.equal(got[0], ref_d[0]) and torch.equal(got[1], ref_d[1]))
+            stages[f"select_dense_tiers{t}"] = lambda t=t: select(qbar, kbar, info, scale, cfg, kmax, group=g,
+                                                                  path="dense", tiers=t)
+        stages["select_dense_group_in_kernel_w16"] = lambda: select(qbar, kbar, info, scale, cfg, kmax, group=g,
+                                                                    path="dense", num_warps=16)
     if stream_variants and info.nkb > DENSE_MAX_NKB:  # the streaming kernel's launch shapes (as the op calls it)
         for name, sc, prec, w in STREAM_VARIANTS:
             def run(sc=sc, prec=prec, w=w):

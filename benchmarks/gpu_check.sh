@@ -28,8 +28,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if [ "${TEST_S:-300}" != "0" ]; then
   # SPA_AUTOTUNE=0: first candidates; test_gpu_kernel_writes_every_output launches every forward
   # candidate (their compiled kernels stay in TRITON_CACHE_DIR for the benchmark's tuning)
+  KARGS=(); if [ -n "$TEST_K" ]; then KARGS=(-k "$TEST_K"); fi  # one argument, spaces and all
   SPA_AUTOTUNE=0 timeout "${TEST_S:-300}" python3 -m pytest -m gpu tests/test_kernels.py tests/test_fine_selection.py -q -x -p no:cacheprovider \
-      --durations=5 ${TEST_K:+-k "$TEST_K"} 2>&1 | tee "$OUT/gpu_tests.log"
+      --durations=5 "${KARGS[@]}" 2>&1 | tee "$OUT/gpu_tests.log"
   echo "gpu tests exit $? after $(( $(date +%s) - T0 )) s"
 fi
 if [ "${SEL_S:-0}" != "0" ]; then

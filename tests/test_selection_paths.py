@@ -175,3 +175,51 @@ def test_dense_radix_bits_choice(monkeypatch):
     monkeypatch.setenv(selection.RADIX_ENV, "4")
     with pytest.raises(ValueError, match="SPA_SELECT_RADIX must be 1, 2 or 3"):
         selection.dense_radix_bits(128)
+
+
+@pytest.mark.parametrize("visk,cfgk", [
+    (dict(causal=True), dict(topk=5, sink_blocks=1, local_blocks=2)),
+    (dict(causal=True, offset=7), dict(density=0.3, sink_blocks=0, local_blocks=0)),
+    (dict(causal=False), dict(topk=4, sink_blocks=2, local_blocks=1)),
+])
+def test_stream_interior_chunks_and_geometry_visibility(visk, cfgk):
+    """The streaming kernel's interior-chunk path (no classification where every block is fully
+    visible, not sink, not local) and its geometry-only visibility (no key padding) give the lists
+    of the full per-chunk classification with prefix counts. Chunks of 16 blocks at 75 key
+    blocks: interior chunks (from block 16 on, or 0 without sinks) in the later programs, and
+    the diagonal's chunks through the full path."""
+    nq = nk = 1200 if "offset" not in visk else 1193
+    vis = Visibility(nq, nk, **visk)
+    info = block_info(vis, 1, nq, nk, 16, "cpu")
+    cfg = SPAConfig(block_size=16, **cfgk)
+    kmax = int(max_selected(nq, nk, vis, cfg))
+    gen = torch.Generator().manual_seed(len(str(visk)))
+    qp = torch.randn(1, 2, info.nqb, 16, generator=gen)
+    kp = torch.randn(1, 1, info.nkb, 16, generator=gen)
+    full = selection.select(qp, kp, info, 0.2, cfg, kmax, group=2, path="stream",
+                            stream_config={"BJ": 16, "FAST": False, "HAS_KV": True})
+    fast = selection.select(qp, kp, info, 0.2, cfg, kmax, group=2, path="stream", stream_config={"BJ": 16})
+    assert torch.equal(fast[1], full[1])
+    assert torch.equal(fast[0], full[0])
+    assert (full[1] > 0).all()
+
+
+@pytest.mark.parametrize("offset,kw", [(0, dict(topk=3)), (37, dict(density=0.3, sink_blocks=0))])
+def test_dense_causal_tiers(offset, kw):
+    """The dense path's causal launches in column tiers (selection.dense_tiers: the early programs
+    with a half and a quarter of the columns) give the single full-width launch's lists."""
+    nq, nk = 1000, 1000 + offset
+    vis = Visibility(nq, nk, causal=True, offset=offset)
+    info = block_info(vis, 1, nq, nk, 16, "cpu")
+    cfg = SPAConfig(block_size=16, **kw)
+    kmax = int(max_selected(nq, nk, vis, cfg))
+    tiers = selection.dense_tiers(info, 16, 64, kmax)
+    assert len(tiers) >= 2 and tiers[-1][2] == 64 and tiers[0][0] == 0
+    assert all(a[1] == b[0] for a, b in zip(tiers, tiers[1:]))
+    gen = torch.Generator().manual_seed(offset)
+    qp = torch.randn(1, 2, info.nqb, 16, generator=gen)
+    kp = torch.randn(1, 2, info.nkb, 16, generator=gen)
+    one = selection.select(qp, kp, info, 0.2, cfg, kmax, path="dense", tiers=1)
+    many = selection.select(qp, kp, info, 0.2, cfg, kmax, path="dense")
+    assert torch.equal(many[1], one[1])
+    assert torch.equal(many[0], one[0])

@@ -170,11 +170,11 @@ def _topk_count(nvis, nrem, TOPK, PPM, MINB, MAXB):
 
 @triton.jit
 def _program_rows(QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr):
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr, PID0=0):
     """What both selection kernels start from: the (batch, selection head)'s pointers, the
     program's QB query-block rows, their diagonals and the key-block range [js, je) any of
-    them may see."""
-    pid = tl.program_id(0)
+    them may see. PID0: the launch's first program (the dense path's causal tiers)."""
+    pid = tl.program_id(0) + PID0
     bh = tl.program_id(1)
     b = bh // Hs
     kh = (bh % Hs) * Hkv // Hs
@@ -208,7 +208,7 @@ def _select_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
     USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
-    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, HOIST: tl.constexpr = False,
+    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, FAST: tl.constexpr = True,
 ):
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
@@ -216,9 +216,10 @@ def _select_kernel(
 
     # A. local threshold: first in a window around the diagonals, then a full scan if needed
     lthr = tl.full([QB], -1, dtype=tl.int32)
+    dmin = tl.min(tl.where(row_ok, diag, NKB), axis=0)
+    dmax = tl.max(tl.where(row_ok, diag, 0), axis=0)
+    near_path = LOCAL <= 0  # the local blocks lie within NEAR of every row's diagonal
     if LOCAL > 0:
-        dmin = tl.min(tl.where(row_ok, diag, NKB), axis=0)
-        dmax = tl.max(tl.where(row_ok, diag, 0), axis=0)
         wlo = tl.maximum(js, dmin - NEAR)
         whi = tl.minimum(je, dmax + NEAR + 1)
         near = tl.zeros([QB], dtype=tl.int32)
@@ -229,19 +230,24 @@ def _select_kernel(
             close = visible & (tl.abs(jj[None, :] - diag[:, None]) <= NEAR) & (jj < whi)[None, :]
             near += tl.sum(close.to(tl.int32), axis=1)
         if tl.min(tl.where(row_ok, near, LOCAL), axis=0) >= LOCAL:
+            near_path = LOCAL > 0
             lthr = _local_threshold(lthr, wlo, whi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN,
                                     LOCAL, QB, BJ, BS, CAUSAL, WINDOW, HAS_KV)
         else:
             lthr = _local_threshold(lthr, js, je, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN,
                                     LOCAL, QB, BJ, BS, CAUSAL, WINDOW, HAS_KV)
 
-    if HOIST:  # the program's (group-summed) query rows once, [QB, RC] with RC >= R: one dot a chunk
-        rr = tl.arange(0, RC)
-        qptr = QP_r + rows[:, None].to(tl.int64) * R + rr[None, :]
-        qm = row_ok[:, None] & (rr < R)[None, :]
-        qh = tl.load(qptr, mask=qm, other=0.0)
-        for g in range(1, GS):
-            qh += tl.load(qptr + g * NQB * R, mask=qm, other=0.0)
+    # Interior chunks (FAST: no key padding, no window): every block of [c, c + BJ) is fully visible
+    # to every row (below fb, the first block the program's first row does not fully see) and is
+    # neither a sink (c >= SINK: the visible blocks start at 0) nor local (farther than NEAR from
+    # every diagonal, when the local blocks were found within NEAR): no classification, no forced
+    # block, every column scored. At 128K most of a program's chunks are interior, and the
+    # classification's elementwise work was most of the walk's time (bench_selection.py).
+    FAST_OK: tl.constexpr = FAST and not HAS_KV and not WINDOW
+    fb = NKB
+    if CAUSAL:
+        y = tl.min(t0, axis=0) + OFF + 1  # the program's first row
+        fb = tl.minimum(tl.where(y > 0, y // BS, 0), NKB)
 
     # B. one walk: forced blocks (largest key) and the remaining visible blocks by score
     best = tl.full([QB, KPB], SENTINEL, dtype=tl.int64)
@@ -251,26 +257,29 @@ def _select_kernel(
     for c in range(js, je, BJ):
         jj = c + cols
         jm = jj < je
-        visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS, CAUSAL,
-                                           WINDOW, HAS_KV)
-        visible = visible & jm[None, :] & row_ok[:, None]
-        vi = visible.to(tl.int32)
-        sink = visible & ((seen[:, None] + tl.cumsum(vi, axis=1)) <= SINK)
-        lkey = tl.abs(jj[None, :] - diag[:, None]) * NKB + jj[None, :]
-        forced = (visible & (full == 0)) | sink | (visible & (lkey <= lthr[:, None]))
-        rem = visible & (forced == 0)
-        seen += tl.sum(vi, axis=1)
-        nrem += tl.sum(rem.to(tl.int32), axis=1)
-        nforced += tl.sum(forced.to(tl.int32), axis=1)
-        low = (2147483647 - jj).to(tl.int64)[None, :]
-        key = tl.where(forced, FORCED_HI + low, SENTINEL)
+        far = (c + BJ + NEAR <= dmin) | (c > dmax + NEAR) | (LOCAL == 0)
+        interior = near_path & far & (c >= SINK) & (c + BJ <= fb) & (c + BJ <= je) & FAST_OK
+        if interior:
+            rem = jm[None, :] & row_ok[:, None]
+            seen += BJ
+            nrem += BJ
+            key = tl.full([QB, BJ], SENTINEL, dtype=tl.int64)
+        else:
+            visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS, CAUSAL,
+                                               WINDOW, HAS_KV)
+            visible = visible & jm[None, :] & row_ok[:, None]
+            vi = visible.to(tl.int32)
+            sink = visible & ((seen[:, None] + tl.cumsum(vi, axis=1)) <= SINK)
+            lkey = tl.abs(jj[None, :] - diag[:, None]) * NKB + jj[None, :]
+            forced = (visible & (full == 0)) | sink | (visible & (lkey <= lthr[:, None]))
+            rem = visible & (forced == 0)
+            seen += tl.sum(vi, axis=1)
+            nrem += tl.sum(rem.to(tl.int32), axis=1)
+            nforced += tl.sum(forced.to(tl.int32), axis=1)
+            low = (2147483647 - jj).to(tl.int64)[None, :]
+            key = tl.where(forced, FORCED_HI + low, SENTINEL)
         if tl.max(tl.max(rem.to(tl.int32), axis=1), axis=0) > 0:
-            if HOIST:
-                kv = tl.load(KP_h + jj[:, None].to(tl.int64) * R + rr[None, :], mask=jm[:, None] & (rr < R)[None, :],
-                             other=0.0)
-                sc = tl.dot(qh, tl.trans(kv), input_precision=PREC) * scale
-                sc = tl.where(sc == 0.0, 0.0, sc)
-            elif STOP == 2:  # timing only (bench_selection.py --stream-variants): the walk without its scores
+            if STOP == 2:  # timing only (bench_selection.py --stream-variants): the walk without its scores
                 sc = (jj[None, :] % 61).to(tl.float32) + rows[:, None].to(tl.float32)
             else:
                 sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT, GS, NQB * R, PREC)
@@ -306,14 +315,15 @@ def _select_dense_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
     RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
-    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True,
+    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, PID0=0,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
     (``_kth_threshold``), ties at the threshold to the lower j by a prefix count; S ascending by
-    a prefix count."""
+    a prefix count. Causal launches come in tiers (``dense_tiers``): the programs whose key range
+    ends within NKBP columns, from program PID0 on."""
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
-        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
+        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, PID0)
 
     jj = tl.arange(0, NKBP)
     jm = (jj >= js) & (jj < je)
@@ -471,15 +481,52 @@ def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
     else:
         rc, use_dot = min(src, max(1, 16384 // nkbp)), False  # a single row: cap the broadcast product
         qb = max(1, min(16384 // (nkbp * rc), 4096 // nkbp, triton.next_power_of_2(nqb)))
+    return qb, nkbp, rc, use_dot, _dense_warps(qb, nkbp)
+
+
+def _dense_warps(qb: int, nkbp: int) -> int:
     # 16 rows x 256 at 8 warps: 232 registers, no spill (tf32x3); 27 us against 31 at 4 and 32 at 16
-    warps = 4 if qb * nkbp < 1024 else (8 if qb * nkbp <= 4096 else 16)
-    return qb, nkbp, rc, use_dot, warps
+    return 4 if qb * nkbp < 1024 else (8 if qb * nkbp <= 4096 else 16)
+
+
+DENSE_TIERS = 3  # causal dense launches: column widths nkbp, nkbp/2, nkbp/4 (SPA_SELECT_TIERS overrides)
+TIERS_ENV = "SPA_SELECT_TIERS"
+
+
+def dense_tiers(info: BlockInfo, qb: int, nkbp: int, kmax: int, tiers: int | None = None) -> list[tuple[int, int, int]]:
+    """(first program, end program, columns) of the dense path's launches. Causal without a
+    window, program p sees key blocks below je(p) only (growing with p), so the early programs
+    run with narrower rows (nkbp/2, nkbp/4: half and a quarter of the score, search and write
+    work) while every row still gets its KMAX slots written (columns >= kmax). One launch
+    otherwise, or with ``tiers=1``. Same lists: each program's arithmetic is per element."""
+    nprog = triton.cdiv(info.nqb, qb)
+    n = tiers if tiers is not None else int(os.environ.get(TIERS_ENV, "") or DENSE_TIERS)
+    if n < 1:
+        raise ValueError(f"{TIERS_ENV}/tiers must be >= 1, not {n}")
+    if not info.causal or info.has_window or n == 1:
+        return [(0, nprog, nkbp)]
+
+    def je(p):  # _program_rows' je of program p
+        t1max = min((p + 1) * qb * info.block, info.nq)
+        return min(max((t1max - 1 + info.offset) // info.block + 1, 0), info.nkb)
+
+    out, p0 = [], 0
+    for w in sorted({nkbp >> i for i in range(n - 1, 0, -1)} | {nkbp}):
+        if w < max(16, kmax) and w != nkbp:
+            continue
+        p1 = nprog if w == nkbp else p0
+        while w != nkbp and p1 < nprog and je(p1) <= w:
+            p1 += 1
+        if p1 > p0:
+            out.append((p0, p1, w))
+            p0 = p1
+    return out
 
 
 def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
            path: str | None = None, radix_bits: int | None = None, half: bool = False,
            num_warps: int | None = None, stop: int = 0, precision: str | None = None,
-           stream_config: dict | None = None) -> tuple[Tensor, Tensor]:
+           stream_config: dict | None = None, tiers: int | None = None) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
@@ -489,8 +536,8 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     ``radix_bits``: see ``dense_radix_bits`` (the dense path only). ``half``: take ``ceil(k/2)``
     by score (the projector's share of block_score "hybrid", see bound_selection). ``num_warps``
     overrides the launch's warps (benchmarks/bench_selection.py compares them); ``stream_config``
-    overrides the streaming kernel's QB, BJ, RC, HOIST (query rows loaded once, RC >= r) and
-    num_stages (the same comparisons); ``stop`` 1/2/3 cuts
+    overrides the streaming kernel's QB, BJ, RC, FAST (the interior-chunk path), HAS_KV (the
+    prefix-count visibility) and num_stages (the same comparisons); ``tiers``: see ``dense_tiers``; ``stop`` 1/2/3 cuts
     the dense kernel after its classification / scores / threshold; 1 drops the streaming
     kernel's merges, 2 its scores (timing only: no valid lists). ``precision``: see ``score_precision``.
     """
@@ -516,27 +563,27 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     if chosen == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
         rb = dense_radix_bits(nkbp, radix_bits)
-        _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
-            *common, CAUSAL=info.causal, WINDOW=info.has_window,
-            BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
-            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, num_warps=num_warps or warps,
-        )
+        for p0, p1, cols in dense_tiers(info, qb, nkbp, kmax, tiers):
+            _select_dense_kernel[(p1 - p0, b * hs)](
+                *common, CAUSAL=info.causal, WINDOW=info.has_window,
+                BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
+                HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0,
+                num_warps=num_warps or _dense_warps(qb, cols),
+            )
     else:
         qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
         sc = dict(stream_config or {})
         qb, bj, rc = sc.pop("QB", qb), sc.pop("BJ", bj), sc.pop("RC", rc)
-        hoist = bool(sc.pop("HOIST", False))
+        fast = bool(sc.pop("FAST", True))
         has_kv = bool(sc.pop("HAS_KV", has_kv))
-        if hoist:
-            rc = max(rc, triton.next_power_of_2(r))
         use_dot = qb >= 16
         extra = {"num_stages": sc.pop("num_stages")} if "num_stages" in sc else {}
         if sc:
-            raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, HOIST, HAS_KV, num_stages)")
+            raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, num_stages)")
         _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=max(bj, kpb), RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
-            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, HOIST=hoist and use_dot,
+            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, FAST=fast,
             num_warps=num_warps or warps, **extra,
         )
     return index, count
