@@ -158,6 +158,9 @@ def main():
             w = 4 if qb * bj < 1024 else 8
             ok &= compile_one(selection._select_kernel, args, a.arch, w, 1,
                               f"select kpb{kpb} bj{bj} qb{qb} causal{int(causal)} win{int(window)}")
+            if causal:  # no key padding: geometry-only visibility and the interior-chunk path
+                ok &= compile_one(selection._select_kernel, dict(args, HAS_KV=False), a.arch, w, 1,
+                                  f"select kpb{kpb} bj{bj} qb{qb} causal1 win0 nopad")
             if kpb == 16 and causal:  # block_score "hybrid": the projector's half
                 ok &= compile_one(selection._select_kernel, dict(args, HALF=True), a.arch, w, 1,
                                   f"select kpb{kpb} bj{bj} qb{qb} causal1 win0 half")
@@ -168,7 +171,7 @@ def main():
             args = dict(QP=torch.float32, KP=torch.float32, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32,
                         CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
                         KMAX=I, GS=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
-                        CAUSAL=causal, WINDOW=window, BS=64, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=dot,
+                        T1=I, T2=I, CAUSAL=causal, WINDOW=window, BS=64, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=dot,
                         RB=rb, FW=9 if rb == 3 else 10, HALF=rb == 2)
             ok &= compile_one(selection._select_dense_kernel, args, a.arch, w, 1,
                               f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} rb{rb}")
