@@ -171,7 +171,7 @@ def main():
             args = dict(QP=torch.float32, KP=torch.float32, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32,
                         CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
                         KMAX=I, GS=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
-                        T1=I, T2=I, CAUSAL=causal, WINDOW=window, BS=64, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=dot,
+                        CAUSAL=causal, WINDOW=window, BS=64, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=dot,
                         RB=rb, FW=9 if rb == 3 else 10, HALF=rb == 2)
             ok &= compile_one(selection._select_dense_kernel, args, a.arch, w, 1,
                               f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} rb{rb}")

@@ -170,10 +170,11 @@ def _topk_count(nvis, nrem, TOPK, PPM, MINB, MAXB):
 
 @triton.jit
 def _program_rows(QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr, pid):
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr, PID0=0):
     """What both selection kernels start from: the (batch, selection head)'s pointers, the
-    program ``pid``'s QB query-block rows, their diagonals and the key-block range [js, je) any
-    of them may see."""
+    program's QB query-block rows, their diagonals and the key-block range [js, je) any of
+    them may see. PID0: the launch's first program (the dense path's causal tiers)."""
+    pid = tl.program_id(0) + PID0
     bh = tl.program_id(1)
     b = bh // Hs
     kh = (bh % Hs) * Hkv // Hs
@@ -210,8 +211,7 @@ def _select_kernel(
     PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, FAST: tl.constexpr = True,
 ):
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
-        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB,
-        tl.program_id(0))
+        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
     cols = tl.arange(0, BJ)
 
     # A. local threshold: first in a window around the diagonals, then a full scan if needed
@@ -311,48 +311,19 @@ def _select_dense_kernel(
     QP, KP, NB, FIRST, LAST, CS, IDX, CNT,
     Hs, Hkv, Nq, Nk, NQB, NKB, R, KMAX, GS,
     OFF, WIN, scale,
-    SINK, LOCAL, TOPK, PPM, MINB, MAXB, T1, T2,
+    SINK, LOCAL, TOPK, PPM, MINB, MAXB,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
     RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
-    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True,
+    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, PID0=0,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
     (``_kth_threshold``), ties at the threshold to the lower j by a prefix count; S ascending by
-    a prefix count. Causal column tiers (``dense_tiers``): programs below T1 hold NKBP/4 columns,
-    below T2 NKBP/2, the rest NKBP; the widest start first (program ids reversed)."""
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    if pid >= T2:
-        _dense_rows(QP, KP, NB, FIRST, LAST, CS, IDX, CNT, Hs, Hkv, Nq, Nk, NQB, NKB, R, KMAX, GS, OFF, WIN, scale,
-                    SINK, LOCAL, TOPK, PPM, MINB, MAXB, pid, CAUSAL, WINDOW, BS, QB, NKBP, RC, USE_DOT, RB, FW, HALF,
-                    STOP, PREC, HAS_KV)
-    elif pid >= T1:
-        if NKBP // 2 >= 16:
-            _dense_rows(QP, KP, NB, FIRST, LAST, CS, IDX, CNT, Hs, Hkv, Nq, Nk, NQB, NKB, R, KMAX, GS, OFF, WIN,
-                        scale, SINK, LOCAL, TOPK, PPM, MINB, MAXB, pid, CAUSAL, WINDOW, BS, QB, NKBP // 2, RC,
-                        USE_DOT, RB, FW, HALF, STOP, PREC, HAS_KV)
-    else:
-        if NKBP // 4 >= 16:
-            _dense_rows(QP, KP, NB, FIRST, LAST, CS, IDX, CNT, Hs, Hkv, Nq, Nk, NQB, NKB, R, KMAX, GS, OFF, WIN,
-                        scale, SINK, LOCAL, TOPK, PPM, MINB, MAXB, pid, CAUSAL, WINDOW, BS, QB, NKBP // 4, RC,
-                        USE_DOT, RB, FW, HALF, STOP, PREC, HAS_KV)
-
-
-@triton.jit
-def _dense_rows(
-    QP, KP, NB, FIRST, LAST, CS, IDX, CNT,
-    Hs, Hkv, Nq, Nk, NQB, NKB, R, KMAX, GS,
-    OFF, WIN, scale,
-    SINK, LOCAL, TOPK, PPM, MINB, MAXB, pid,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-    BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
-    RB: tl.constexpr, FW: tl.constexpr, HALF: tl.constexpr, STOP: tl.constexpr,
-    PREC: tl.constexpr, HAS_KV: tl.constexpr,
-):
-    """The dense kernel's work for program ``pid`` with NKBP columns."""
+    a prefix count. Causal launches come in tiers (``dense_tiers``): the programs whose key range
+    ends within NKBP columns, from program PID0 on."""
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
-        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, pid)
+        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, PID0)
 
     jj = tl.arange(0, NKBP)
     jm = (jj >= js) & (jj < je)
@@ -523,13 +494,15 @@ TIERS_ENV = "SPA_SELECT_TIERS"
 
 
 def dense_tiers(info: BlockInfo, qb: int, nkbp: int, kmax: int, tiers: int | None = None) -> list[tuple[int, int, int]]:
-    """(first program, end program, columns) of the dense kernel's column tiers (one launch; the
-    kernel branches on its program id). Causal without a window, program p sees key blocks below
-    je(p) only (growing with p), so the early programs run with narrower rows (nkbp/2, nkbp/4:
-    half and a quarter of the score, search and write work) while every row still gets its KMAX
-    slots written (columns >= kmax). One tier otherwise, or with ``tiers=1``. Same lists: each
-    program's arithmetic is per element. H200, 16K, Hkv=32, top-k 32 (CUDA graph, 2026-11-28):
-    92 us against 109 with one tier (as three launches; bench_selection.py --stream-variants)."""
+    """(first program, end program, columns) of the dense path's launches. Causal without a
+    window, program p sees key blocks below je(p) only (growing with p), so the early programs
+    run with narrower rows (nkbp/2, nkbp/4: half and a quarter of the score, search and write
+    work) while every row still gets its KMAX slots written (columns >= kmax). One launch
+    otherwise, or with ``tiers=1``. Same lists: each program's arithmetic is per element.
+    H200, 16K, Hkv=32, top-k 32 (CUDA graph, 2026-11-28, bench_selection.py --stream-variants):
+    92 us against 109 in one launch. One launch branching on the program id to the three widths
+    (tried the same day) runs every program at the widest one's registers and warps: the
+    selection share in bench_kernels.py did not improve (0.205 ms against 0.197 untiered)."""
     nprog = triton.cdiv(info.nqb, qb)
     n = tiers if tiers is not None else int(os.environ.get(TIERS_ENV, "") or DENSE_TIERS)
     if n < 1:
@@ -594,14 +567,13 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     if chosen == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
         rb = dense_radix_bits(nkbp, radix_bits)
-        bounds = {w: p1 for _p0, p1, w in dense_tiers(info, qb, nkbp, kmax, tiers)}
-        t1 = bounds.get(nkbp // 4, 0)
-        t2 = bounds.get(nkbp // 2, t1)
-        _select_dense_kernel[(triton.cdiv(nqb, qb), b * hs)](
-            *common, t1, t2, CAUSAL=info.causal, WINDOW=info.has_window,
-            BS=info.block, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
-            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, num_warps=num_warps or warps,
-        )
+        for p0, p1, cols in dense_tiers(info, qb, nkbp, kmax, tiers):
+            _select_dense_kernel[(p1 - p0, b * hs)](
+                *common, CAUSAL=info.causal, WINDOW=info.has_window,
+                BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
+                HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0,
+                num_warps=num_warps or _dense_warps(qb, cols),
+            )
     else:
         qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
         sc = dict(stream_config or {})
