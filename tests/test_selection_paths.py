@@ -205,16 +205,20 @@ def test_stream_interior_chunks_and_geometry_visibility(visk, cfgk):
 
 
 @pytest.mark.parametrize("offset,kw", [(0, dict(topk=3)), (37, dict(density=0.3, sink_blocks=0))])
-def test_dense_causal_tiers(offset, kw):
+def test_dense_causal_tiers(offset, kw, monkeypatch):
     """The dense path's causal launches in column tiers (selection.dense_tiers: the early programs
-    with a half and a quarter of the columns) give the single full-width launch's lists."""
+    with a half and a quarter of the columns) give the single full-width launch's lists; a narrow
+    tier with fewer than MIN_TIER_PROGRAMS programs (batch x heads counted) joins the wider one."""
     nq, nk = 1000, 1000 + offset
     vis = Visibility(nq, nk, causal=True, offset=offset)
     info = block_info(vis, 1, nq, nk, 16, "cpu")
     cfg = SPAConfig(block_size=16, **kw)
     kmax = int(max_selected(nq, nk, vis, cfg))
-    tiers = selection.dense_tiers(info, 16, 64, kmax)
-    assert len(tiers) >= 2 and tiers[-1][2] == 64 and tiers[0][0] == 0
+    nprog = -(-info.nqb // 16)
+    assert selection.dense_tiers(info, 16, 64, kmax, rows=2) == [(0, nprog, 64)]  # 4 programs x 2: too few
+    monkeypatch.setattr(selection, "MIN_TIER_PROGRAMS", 1)  # these small shapes: every tier launches
+    tiers = selection.dense_tiers(info, 16, 64, kmax, rows=2)
+    assert len(tiers) >= 2 and tiers[-1] == (tiers[-1][0], nprog, 64) and tiers[0][0] == 0
     assert all(a[1] == b[0] for a, b in zip(tiers, tiers[1:]))
     gen = torch.Generator().manual_seed(offset)
     qp = torch.randn(1, 2, info.nqb, 16, generator=gen)

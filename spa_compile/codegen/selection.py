@@ -493,7 +493,11 @@ DENSE_TIERS = 3  # causal dense launches: column widths nkbp, nkbp/2, nkbp/4 (SP
 TIERS_ENV = "SPA_SELECT_TIERS"
 
 
-def dense_tiers(info: BlockInfo, qb: int, nkbp: int, kmax: int, tiers: int | None = None) -> list[tuple[int, int, int]]:
+MIN_TIER_PROGRAMS = 128  # a narrower tier launches only with about a card of programs (H200: 132 SMs)
+
+
+def dense_tiers(info: BlockInfo, qb: int, nkbp: int, kmax: int, tiers: int | None = None,
+                rows: int = 1) -> list[tuple[int, int, int]]:
     """(first program, end program, columns) of the dense path's launches. Causal without a
     window, program p sees key blocks below je(p) only (growing with p), so the early programs
     run with narrower rows (nkbp/2, nkbp/4: half and a quarter of the score, search and write
@@ -502,7 +506,12 @@ def dense_tiers(info: BlockInfo, qb: int, nkbp: int, kmax: int, tiers: int | Non
     H200, 16K, Hkv=32, top-k 32 (CUDA graph, 2026-11-28, bench_selection.py --stream-variants):
     92 us against 109 in one launch. One launch branching on the program id to the three widths
     (tried the same day) runs every program at the widest one's registers and warps: the
-    selection share in bench_kernels.py did not improve (0.205 ms against 0.197 untiered)."""
+    selection share in bench_kernels.py did not improve (0.205 ms against 0.197 untiered).
+    ``rows`` (batch x selection heads) counts a launch's programs: a narrower tier needs
+    MIN_TIER_PROGRAMS of them, else its programs run in the next wider one. The launches run one
+    after the other, and small ones leave the card idle: at 16K, Hkv=8 (32 and 64 programs in the
+    narrow tiers) the selection took 0.152 ms tiered against 0.093-0.100 in one launch (same card,
+    same day); at Hkv=32 (128 and 128) 0.185 against 0.197."""
     nprog = triton.cdiv(info.nqb, qb)
     n = tiers if tiers is not None else int(os.environ.get(TIERS_ENV, "") or DENSE_TIERS)
     if n < 1:
@@ -521,6 +530,8 @@ def dense_tiers(info: BlockInfo, qb: int, nkbp: int, kmax: int, tiers: int | Non
         p1 = nprog if w == nkbp else p0
         while w != nkbp and p1 < nprog and je(p1) <= w:
             p1 += 1
+        if w != nkbp and (p1 - p0) * rows < MIN_TIER_PROGRAMS:
+            continue  # too few programs: they join the next wider tier
         if p1 > p0:
             out.append((p0, p1, w))
             p0 = p1
@@ -567,7 +578,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     if chosen == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
         rb = dense_radix_bits(nkbp, radix_bits)
-        for p0, p1, cols in dense_tiers(info, qb, nkbp, kmax, tiers):
+        for p0, p1, cols in dense_tiers(info, qb, nkbp, kmax, tiers, rows=b * hs):
             _select_dense_kernel[(p1 - p0, b * hs)](
                 *common, CAUSAL=info.causal, WINDOW=info.has_window,
                 BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
