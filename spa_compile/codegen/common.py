@@ -17,7 +17,7 @@ def classify_blocks(
     NB_b, FIRST_b, LAST_b, CS_b point at the batch row of the block-info tensors. HAS_KV False
     (no key padding): every key of ``[lo, hi)`` is valid (it lies inside the causal and window
     bounds of some row), so a non-empty range is visible without the two prefix-count gathers
-    per ``[QB, BJ]`` element (the streaming selection's walk at 128K spent most of a chunk on them).
+    per ``[QB, BJ]`` element (the streaming selection at 128K, H200: 1.404 ms against 1.423 with them).
     """
     jm = (jj >= 0) & (jj < NKB)
     n = tl.load(NB_b + jj, mask=jm, other=0)
