@@ -406,19 +406,20 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
 
 
 def assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta, base):
-    """The forward (with the fill) and dq under config ``base`` and ``base`` + HF, into
-    NaN-poisoned buffers: every element written, and bitwise the same."""
+    """The forward (with the fill) and dq under config ``base``, ``base`` + HF and ``base`` + GO
+    (group order), into NaN-poisoned buffers: every element written, and bitwise the same."""
     res = []
-    for c in (base, dict(base, HF=True)):
+    for c in (base, dict(base, HF=True), dict(base, GO=True)):
         o = torch.full((*q.shape[:3], v.shape[-1]), float("nan"), device=q.device, dtype=q.dtype)
         lo = torch.full(q.shape[:3], float("nan"), device=q.device)
         sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o, lo)
         dq = torch.full_like(q, float("nan"))
         sparse_backward.launch_dq(q, k, v, do, lse, delta, kb, vb, info, idx, cnt, scale, True, c, dq)
         res.append((o, lo, dq))
-    (o1, l1, dq1), (o2, l2, dq2) = res
+    (o1, l1, dq1) = res[0]
     assert not o1.isnan().any() and not l1.isnan().any() and not dq1.isnan().any(), base
-    assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(dq1, dq2), base
+    for order, (o2, l2, dq2) in zip(("HF", "GO"), res[1:]):
+        assert torch.equal(o1, o2) and torch.equal(l1, l2) and torch.equal(dq1, dq2), (base, order)
 
 
 @needs_cpu_kernels

@@ -90,7 +90,8 @@ def pair_mask(
 
 
 @triton.jit
-def qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS: tl.constexpr, GP: tl.constexpr, HF: tl.constexpr):
+def qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS: tl.constexpr, GP: tl.constexpr, HF: tl.constexpr,
+                    GO: tl.constexpr = False):
     """Shared start of the per-(query block, GP heads) kernels (forward, dq).
 
     Returns the query block ``i`` (the last block first: causal rows that see the most keys
@@ -103,16 +104,28 @@ def qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS: tl.constexpr, GP: tl.constexpr, HF
     fastest, so with HF the head packs of one query block run side by side: the Hq/Hkv/GP
     packs of one GQA group read the same K/V (and landmark) tiles at about the same time and
     can share them through L2, where query blocks first puts them NQB programs apart (at long
-    N the group's K/V is evicted from L2 in between). Only the order changes: the results
-    are bitwise the same. With GP = Hq/Hkv there is one pack per group and nothing to share.
+    N the group's K/V is evicted from L2 in between). HF also puts every kv head's packs side
+    by side, so the programs in flight read the K/V of all kv heads at once.
+    GO (group order): a 1-D grid ``(B * Hkv * NQB * P,)``, P = Hq / Hkv / GP packs a group,
+    the packs of one (kv head, query block) adjacent and the kv heads outermost: the packs
+    share the K/V tiles through L2 as with HF, and the programs in flight read one kv head's
+    K/V as with query blocks first. Only the order changes: the results are bitwise the same.
+    With GP = Hq/Hkv there is one pack per group and GO is query blocks first.
     """
-    if HF:
+    HP = Hq // GP
+    if GO:
+        P = HP // Hkv
+        pid = tl.program_id(0)
+        r = pid // P
+        i = NQB - 1 - r % NQB
+        bk = r // NQB
+        pid1 = (bk // Hkv) * HP + (bk % Hkv) * P + pid % P
+    elif HF:
         pid1 = tl.program_id(0)
         i = NQB - 1 - tl.program_id(1)
     else:
         i = NQB - 1 - tl.program_id(0)
         pid1 = tl.program_id(1)
-    HP = Hq // GP
     b = pid1 // HP
     h0 = (pid1 % HP) * GP
     kh = h0 // (Hq // Hkv)
@@ -123,6 +136,19 @@ def qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS: tl.constexpr, GP: tl.constexpr, HF
     t0 = i * BS
     t1 = tl.minimum(t0 + BS, Nq)
     return i, b.to(tl.int64), kh, hs, rh, t, t0, t1
+
+
+def program_grid(config: dict, b: int, hq: int, nqb: int):
+    """Grid and order flags (HF, GO) of the per-query-block kernels for ``config`` (see
+    ``qblock_prologue``). HF puts the query blocks on grid axis 1, which CUDA caps at 65535:
+    beyond that (over 1M tokens at block 16) query blocks first. GO is a 1-D grid (up to
+    2**31 - 1 programs)."""
+    gp = config["GP"]
+    go = bool(config.get("GO", False)) and b * (hq // gp) * nqb < 2**31
+    hf = not go and bool(config.get("HF", False)) and nqb <= 65535
+    if go:
+        return (b * (hq // gp) * nqb,), False, True
+    return ((b * (hq // gp), nqb) if hf else (nqb, b * (hq // gp))), hf, False
 
 
 @triton.jit

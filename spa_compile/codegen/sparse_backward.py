@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .blockinfo import BlockInfo
-from .common import block_is_clean, fill_bounds, load_rows, pair_mask, qblock_prologue
+from .common import block_is_clean, fill_bounds, load_rows, pair_mask, program_grid, qblock_prologue
 from .sparse_forward import LOG2E, dot_precision, fill_bias, selected_bitmap, uniform_counts
 
 
@@ -58,9 +58,9 @@ def _dq_kernel(
     D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
     BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
-    PREC: tl.constexpr, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False,
+    PREC: tl.constexpr, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
 ):
-    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF)
+    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
     row_ok = t < Nq
     d = tl.arange(0, BD)
@@ -336,10 +336,7 @@ def launch_dq(q, k, v, do, lse, delta, kbar, vbar, info: BlockInfo, index, count
     kv = info.key_valid if info.key_valid is not None else info.valid
     if sel is None:
         sel = selected_bitmap(index, info.nkb) if fill else count
-    # HF (heads first, common.qblock_prologue) puts the query blocks on grid axis 1, which CUDA
-    # caps at 65535: beyond that (over 1M tokens at block 16) query blocks first
-    hf = bool(config.get("HF", False)) and info.nqb <= 65535
-    grid = (b * (hq // gp), info.nqb) if hf else (info.nqb, b * (hq // gp))
+    grid, hf, go = program_grid(config, b, hq, info.nqb)
     _dq_kernel[grid](
         q, k, v, do, lse, delta, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -349,7 +346,7 @@ def launch_dq(q, k, v, do, lse, delta, kbar, vbar, info: BlockInfo, index, count
         float(scale) * LOG2E, float(scale),
         D=d, DV=dvd, BS=info.block, GP=gp, BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dvd),
         BJ=config.get("BJ", 64), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None,
-        FILL=fill, PREC=dot_precision(q.dtype), HF=hf, UNIFORM_N=uniform_counts(info),
+        FILL=fill, PREC=dot_precision(q.dtype), HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return dq

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .autotune import interpreting
 from .blockinfo import BlockInfo
-from .common import block_is_clean, fill_bounds, load_rows, pair_mask, qblock_prologue
+from .common import block_is_clean, fill_bounds, load_rows, pair_mask, program_grid, qblock_prologue
 
 LOG2E = 1.4426950408889634
 
@@ -79,10 +79,10 @@ def _fwd_kernel(
     BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
-    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False,
+    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
     BIAS_MODE: tl.constexpr = 0,
 ):
-    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF)
+    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
     row_ok = t < Nq
     d = tl.arange(0, BD)
@@ -276,10 +276,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
     bj = config.get("BJ", 64)
     tma_fill = fill and bool(config.get("TMA_FILL", False)) and tma_ok(kbar, vbar, bj)
     kbd, vbd = tma_descriptors(kbar, vbar, bj) if tma_fill else (None, None)
-    # HF (heads first, common.qblock_prologue) puts the query blocks on grid axis 1, which CUDA
-    # caps at 65535: beyond that (over 1M tokens at block 16) query blocks first
-    hf = bool(config.get("HF", False)) and info.nqb <= 65535
-    grid = (b * (hq // gp), info.nqb) if hf else (info.nqb, b * (hq // gp))
+    grid, hf, go = program_grid(config, b, hq, info.nqb)
     _fwd_kernel[grid](
         q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse, kd, vd, kbd, vbd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -289,7 +286,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         D=d, DV=dv, BS=info.block, GP=gp,
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
-        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, UNIFORM_N=uniform_counts(info),
+        PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
         BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
