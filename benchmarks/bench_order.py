@@ -45,10 +45,6 @@ BASES = [
     {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True},
     {"GP": 2, "num_warps": 8, "num_stages": 3, "BJ": 64, "TMA": True},
     {"GP": 4, "num_warps": 16, "num_stages": 2, "BJ": 64, "TMA": True},
-    # two index-list blocks a step (KP=2): 1 CTA an SM (147-213 KB of shared memory, sm_90)
-    {"GP": 1, "num_warps": 4, "num_stages": 2, "BJ": 64, "TMA": True, "KP": 2},
-    {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "KP": 2},
-    {"GP": 2, "num_warps": 8, "num_stages": 2, "BJ": 64, "TMA": True, "KP": 2},
 ]
 
 
@@ -58,15 +54,15 @@ def rel(a, b):
 
 def configs(g: int, fill: bool):
     """Each base config (with TMA_FILL when the fill runs), then its GO twin where the group has
-    more than one head pack (one-head and paired configs)."""
+    more than one head pack (one-head configs)."""
     out = []
     for c in BASES:
         if g % c["GP"]:
             continue
         c = dict(c, TMA_FILL=True) if fill else dict(c)
         out.append(c)
-        # GO twins of the one-head and the paired configs (the 2-head one lost with GO in run 20)
-        if g // c["GP"] > 1 and (c["GP"] == 1 or c.get("KP") == 2):
+        # GO twins of the one-head configs (the 2-head one lost with GO in run 20)
+        if g // c["GP"] > 1 and c["GP"] == 1:
             out.append(dict(c, GO=True))
     return out
 

@@ -285,37 +285,6 @@ def test_forward_tma_variant(hq, hkv, gp):
     assert torch.equal(fin, torch.isfinite(l2))
 
 
-@needs_cpu_kernels
-@pytest.mark.parametrize("hq,hkv,pad,tma", [(2, 1, True, False), (4, 2, False, True)], ids=["gqa-padding", "gqa-tma"])
-def test_forward_paired_blocks(hq, hkv, pad, tma):
-    """KP=2 (two index-list blocks a step of the exact loop, one rescale per pair) against the
-    reference, with and without the fill, GP 1 and 2: rows whose counts are odd (the last step's
-    second block repeats the first with every logit -inf) and even, masked diagonal and padded
-    blocks, rows that see nothing but their padding."""
-    b, n, d, bs = 1, 150, 16, 16
-    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.float16 if tma else torch.float32, seed=19)
-    vis = Visibility(n, n, causal=True, key_valid=padding(b, n, [n - 7]) if pad else None)
-    cfg = SPAConfig(block_size=bs, topk=2)
-    scale = d**-0.5
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
-    assert (cnt % 2 == 1).any() and (cnt % 2 == 0).any() and (cnt > 2).any()
-    info = block_info(vis, b, n, n, bs, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
-    for fill in (False, True):
-        ro, rl = R.sparse_attention(q.double(), k.double(), v.double(), R.Selection(idx, cnt), pooled, vis, valid,
-                                    scale, "landmark" if fill else "none", bs)
-        for gp in (1, 2):
-            c = {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64, "KP": 2, "TMA": tma, "TMA_FILL": tma}
-            out = torch.full((*q.shape[:3], v.shape[-1]), float("nan"), dtype=q.dtype)
-            lse = torch.full(q.shape[:3], float("nan"))
-            sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, c, out, lse)
-            assert rel(out, ro) < (2e-3 if tma else 2e-5), (fill, gp, rel(out, ro))
-            fin = torch.isfinite(rl)
-            assert torch.equal(fin, torch.isfinite(lse)), (fill, gp)
-            assert maxabs(lse[fin].double() - rl[fin]) < 5e-3, (fill, gp)
-
-
 def test_tma_eligibility_and_candidates():
     """TMA needs 16-bit dtypes, power-of-two head dims and 16-byte strides (else the launcher
     keeps the pointer loads); the candidate list offers it only on a compiled Hopper path,

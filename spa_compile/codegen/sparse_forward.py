@@ -71,34 +71,6 @@ def fill_bias_loads(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
 
 
 @triton.jit
-def block_logits(q, j, live, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, t, t0, t1, offs_n, d, dv, Nk, OFF, WIN, skn, svn,
-                 qk_scale, D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, PREC: tl.constexpr,
-                 TMA: tl.constexpr):
-    """Scaled log2-domain logits ``[BM, BS]`` of key block j (element-masked when the block is not
-    clean; every column -inf when ``live`` is false) and the block's values ``[BS, BDV]``."""
-    kpos = j * BS + offs_n
-    if TMA:
-        # Hopper bulk tensor copies through host-built descriptors of K, V as
-        # [B, Hkv, Nk, D] (tma_descriptors): rows past Nk come back as zeros (the
-        # descriptor's bounds), their logits are masked below like the clamped rows
-        k = KD.load([b32, kh, j * BS, 0]).reshape(BS, BD)
-        v = VD.load([b32, kh, j * BS, 0]).reshape(BS, BDV)
-    else:
-        # rows past Nk are clamped, not masked (unpredicated copies): their logits are masked
-        # below (a block reaching past Nk is never "clean")
-        kc = tl.minimum(kpos, Nk - 1)
-        k = load_rows(K_h, kc, skn, d, D, BD)
-        v = load_rows(V_h, kc, svn, dv, DV, BDV)
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    clean = block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV) & live
-    if clean == 0:
-        msk = pair_mask(t, kpos, Nk, KV_b, OFF, WIN, CAUSAL, WINDOW, HAS_KV) & live
-        qk = tl.where(msk, qk, float("-inf"))
-    return qk, v
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K, V, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, SEL, O, LSE, KD, VD, KBD, VBD,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -108,7 +80,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
     TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0, KP: tl.constexpr = 1,
+    BIAS_MODE: tl.constexpr = 0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
@@ -131,39 +103,33 @@ def _fwd_kernel(
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
 
-    if KP == 2:
-        # two index-list blocks a step: one online-softmax rescale of acc per 2 * BS keys (the
-        # [BM, BDV] rescale is about a third of the loop's elementwise work at BS = 64, D = 128);
-        # an odd count's last step repeats its block with every logit -inf
-        for s in range(0, cnt, 2):
-            j0 = tl.load(IDX_r + s)
-            j1 = tl.load(IDX_r + tl.minimum(s + 1, cnt - 1))
-            qk0, v0 = block_logits(q, j0, True, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, t, t0, t1, offs_n, d, dv, Nk,
-                                   OFF, WIN, skn, svn, qk_scale, D, DV, BS, BD, BDV, CAUSAL, WINDOW, HAS_KV, PREC, TMA)
-            qk1, v1 = block_logits(q, j1, s + 1 < cnt, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, t, t0, t1, offs_n, d,
-                                   dv, Nk, OFF, WIN, skn, svn, qk_scale, D, DV, BS, BD, BDV, CAUSAL, WINDOW, HAS_KV,
-                                   PREC, TMA)
-            m_new = tl.maximum(m_i, tl.maximum(tl.max(qk0, axis=1), tl.max(qk1, axis=1)))
-            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_s)
-            p0 = tl.math.exp2(qk0 - m_s[:, None])
-            p1 = tl.math.exp2(qk1 - m_s[:, None])
-            l_i = l_i * alpha + tl.sum(p0, axis=1) + tl.sum(p1, axis=1)
-            acc = tl.dot(p0.to(v0.dtype), v0, acc=acc * alpha[:, None], input_precision=PREC)
-            acc = tl.dot(p1.to(v1.dtype), v1, acc=acc, input_precision=PREC)
-            m_i = m_new
-    else:
-        for s in range(0, cnt):
-            j = tl.load(IDX_r + s)
-            qk, v = block_logits(q, j, True, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, t, t0, t1, offs_n, d, dv, Nk,
-                                 OFF, WIN, skn, svn, qk_scale, D, DV, BS, BD, BDV, CAUSAL, WINDOW, HAS_KV, PREC, TMA)
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_s)
-            p = tl.math.exp2(qk - m_s[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+    for s in range(0, cnt):
+        j = tl.load(IDX_r + s)
+        kpos = j * BS + offs_n
+        if TMA:
+            # Hopper bulk tensor copies through host-built descriptors of K, V as
+            # [B, Hkv, Nk, D] (tma_descriptors): rows past Nk come back as zeros (the
+            # descriptor's bounds), their logits are masked below like the clamped rows
+            k = KD.load([b32, kh, j * BS, 0]).reshape(BS, BD)
+            v = VD.load([b32, kh, j * BS, 0]).reshape(BS, BDV)
+        else:
+            # rows past Nk are clamped, not masked (unpredicated copies): their logits are masked
+            # below (a block reaching past Nk is never "clean")
+            kc = tl.minimum(kpos, Nk - 1)
+            k = load_rows(K_h, kc, skn, d, D, BD)
+            v = load_rows(V_h, kc, svn, dv, DV, BDV)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        clean = block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV)
+        if clean == 0:
+            msk = pair_mask(t, kpos, Nk, KV_b, OFF, WIN, CAUSAL, WINDOW, HAS_KV)
+            qk = tl.where(msk, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_s)
+        p = tl.math.exp2(qk - m_s[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
 
     if FILL:
         # landmarks [ls, he) are fully visible by geometry (one scalar test at each end), so
@@ -321,7 +287,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
-        BIAS_MODE=config.get("BIAS_MODE", 0), KP=config.get("KP", 1),
+        BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
