@@ -343,6 +343,8 @@ def test_heads_first_candidates():
             hf = [c for c in cands if c.get("HF")]
             rest = cands[:len(cands) - len(hf)]
             assert hf and cands[-len(hf):] == hf and not any(c.get("HF") for c in rest)
+            assert not any(c.get("GO") for c in hf)
+            rest = [c for c in rest if not c.get("GO")]
             tma_cands = [c for c in rest if c.get("TMA")]
             base = tma_cands or rest
             packs = list(dict.fromkeys(c["GP"] for c in base if c["GP"] < g))  # in list order
@@ -358,6 +360,33 @@ def test_heads_first_candidates():
                                                    tma=tma))
     for backward in (False, True):  # MHA: no group to share K/V
         assert not any(c.get("HF") for c in A(1, 64, 128, 128, torch.bfloat16, True, backward=backward, fill=True))
+
+
+def test_group_order_candidates():
+    """Group order (GO) twins are forward candidates for GQA group selection (g > 1): one per
+    one-head config (TMA ones when offered), after them and never first; none for dq, MHA or
+    head selection. The shipped H200 entries for 128K top-k 32 at Hkv=8 are GO configs, so they
+    must stay in the list (else tuning would run again on the card)."""
+    A = codegen.autotune.attention_candidates
+    for g, fill, tma in [(4, True, True), (4, False, True), (4, True, False), (8, False, None), (2, True, True)]:
+        cands = A(g, 64, 128, 128, torch.bfloat16, True, fill=fill, tma=tma)
+        go = [c for c in cands if c.get("GO")]
+        plain = [c for c in cands if not c.get("GO")]
+        base = [c for c in plain if c.get("TMA")] or plain
+        assert go == [dict(c, GO=True) for c in base if c["GP"] == 1], (g, fill, tma)
+        assert not cands[0].get("GO") and cands.index(go[0]) > cands.index(base[-1])
+    for backward in (False, True):
+        assert not any(c.get("GO") for c in A(1, 64, 128, 128, torch.bfloat16, True, backward=backward, fill=True))
+        assert not any(c.get("GO") for c in A(4, 64, 128, 128, torch.bfloat16, False, backward=backward, fill=True))
+    assert not any(c.get("GO") for c in A(4, 64, 128, 128, torch.bfloat16, True, backward=True, fill=True))
+    shipped = {k: v for k, v in codegen.autotune.tuned_entries().items() if k.startswith("fwd.") and v.get("GO")}
+    for key, cfg in shipped.items():
+        parts = key.split("|")
+        g, fill = int(parts[7]), parts[12] == "True"
+        if codegen.autotune.interpreting():  # no TMA candidates there: the same config without
+            cfg = {k: v for k, v in cfg.items() if k not in ("TMA", "TMA_FILL")}
+        assert cfg in A(g, int(parts[6]), int(parts[3]), int(parts[4]), torch.bfloat16, True, fill=fill, tma=True), key
+    assert shipped  # the 128K top-k entries (Hkv=8, with and without the fill)
 
 
 def test_tuning_key_classes():

@@ -200,6 +200,9 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
     forward and dq, 4K to 64K, density 0.2: e.g. 18.03 vs 17.54 ms forward with fill at 64K,
     Hkv=8; runs 13 and 14, offered above 32K: second or third at best, 128K top-k 32 included).
 
+    Forward, group with g > 1: the group-order twins (``"GO": True``) of the one-head configs
+    (TMA ones when offered), after those; the first config is never one.
+
     An L2 prefetch of the block 4 or 8 steps ahead (inline ``prefetch.global.L2``) was tried as a
     candidate above 32K tokens (run 15): 4-12% slower at every 64K/128K key, so it is gone.
     """
@@ -218,11 +221,20 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
         if first["num_stages"] == 3 and 2 * (first["GP"] * block * d + 4 * block * (d + dv)) <= SMEM_LIMIT:
             extra.append(dict(extra[0], num_stages=4))
         out = out + extra
+    if group and g > 1 and not backward:
+        # group order (GO, common.qblock_prologue) of the one-head configs (TMA ones when offered):
+        # the G head programs of a (kv head, query block) side by side. H200, 128K top-k 32, Hkv=8
+        # (bench_order.py, runs 20-21, 2026-11-29): 10.61-10.71 ms without the fill against
+        # 10.99-11.27 for every query-blocks-first config, 15.67-15.79 with it against 15.88-16.16;
+        # at 16K within noise (1.22 / 1.28 ms against 1.23 / 1.24). Not measured for dq: not offered there.
+        base = [c for c in out if c.get("TMA", False)] or out
+        out = out + [dict(c, GO=True) for c in base if c["GP"] == 1]
     if hf is None:
         hf = os.environ.get(HF_ENV, "0") == "1"
     if hf and group and g > 1:
         # the first config of each head pack smaller than the group (GP = g has nothing to share)
-        base = [c for c in out if c.get("TMA", False)] or out
+        plain = [c for c in out if not c.get("GO")]
+        base = [c for c in plain if c.get("TMA", False)] or plain
         firsts = {}
         for c in base:
             if c["GP"] < g:
