@@ -227,3 +227,32 @@ def test_dense_causal_tiers(offset, kw, monkeypatch):
     many = selection.select(qp, kp, info, 0.2, cfg, kmax, path="dense")
     assert torch.equal(many[1], one[1])
     assert torch.equal(many[0], one[0])
+
+
+@pytest.mark.parametrize("path", ["dense", "stream"])
+def test_longest_first_order(path, monkeypatch):
+    """Longest-first program order (``_program_rows``' LPT: grid (heads, programs), the last query
+    blocks first) gives the lists of the ascending order, on both paths, with the dense path's
+    causal tiers and key padding; every slot written (index and count poisoned first would be
+    garbage otherwise: torch.empty). $SPA_SELECT_LPT chooses the default."""
+    monkeypatch.setattr(selection, "MIN_TIER_PROGRAMS", 1)
+    b, nq, nk, bs = 2, 1000, 1000, 16
+    vis = Visibility(nq, nk, causal=True, key_valid=padding(b, nk, [nk - 40, nk - 300]))
+    info = block_info(vis, b, nq, nk, bs, "cpu")
+    cfg = SPAConfig(block_size=bs, topk=3)
+    kmax = int(max_selected(nq, nk, vis, cfg))
+    gen = torch.Generator().manual_seed(3)
+    qp = torch.randn(b, 4, info.nqb, 16, generator=gen)
+    kp = torch.randn(b, 2, info.nkb, 16, generator=gen)
+    kw = dict(path=path, group=2) if path == "dense" else dict(path=path, group=2, stream_config={"BJ": 16})
+    asc = selection.select(qp, kp, info, 0.2, cfg, kmax, longest_first=False, **kw)
+    lpt = selection.select(qp, kp, info, 0.2, cfg, kmax, longest_first=True, **kw)
+    assert torch.equal(lpt[1], asc[1]) and torch.equal(lpt[0], asc[0])
+    assert (asc[1] > 0).all()
+    monkeypatch.setenv(selection.ORDER_ENV, "0")
+    assert selection.program_order_lpt() is False and selection.program_order_lpt(True) is True
+    monkeypatch.setenv(selection.ORDER_ENV, "1")
+    assert selection.program_order_lpt() is True
+    monkeypatch.setenv(selection.ORDER_ENV, "yes")
+    with pytest.raises(ValueError, match="SPA_SELECT_LPT"):
+        selection.program_order_lpt()

@@ -170,12 +170,22 @@ def _topk_count(nvis, nrem, TOPK, PPM, MINB, MAXB):
 
 @triton.jit
 def _program_rows(QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr, PID0=0):
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BS: tl.constexpr, QB: tl.constexpr, PID0=0,
+                  LPT: tl.constexpr = False):
     """What both selection kernels start from: the (batch, selection head)'s pointers, the
     program's QB query-block rows, their diagonals and the key-block range [js, je) any of
-    them may see. PID0: the launch's first program (the dense path's causal tiers)."""
-    pid = tl.program_id(0) + PID0
-    bh = tl.program_id(1)
+    them may see. PID0: the launch's first program (the dense path's causal tiers).
+
+    LPT (longest first): the grid is ``(B * Hs, programs)`` and the programs run from the last
+    query blocks down, every head's at once: under a causal mask the last rows walk the most key
+    blocks, and launched last (grid ``(programs, B * Hs)``, query blocks ascending, one head
+    after the other) they ran alone at the end. The same lists: only the order changes."""
+    if LPT:
+        pid = PID0 + tl.num_programs(1) - 1 - tl.program_id(1)
+        bh = tl.program_id(0)
+    else:
+        pid = tl.program_id(0) + PID0
+        bh = tl.program_id(1)
     b = bh // Hs
     kh = (bh % Hs) * Hkv // Hs
     NB_b = NB + b * NKB
@@ -208,10 +218,10 @@ def _select_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
     USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
-    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, FAST: tl.constexpr = True,
+    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, FAST: tl.constexpr = True, LPT: tl.constexpr = False,
 ):
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
-        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB)
+        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, 0, LPT)
     cols = tl.arange(0, BJ)
 
     # A. local threshold: first in a window around the diagonals, then a full scan if needed
@@ -315,7 +325,7 @@ def _select_dense_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
     RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
-    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, PID0=0,
+    PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, PID0=0, LPT: tl.constexpr = False,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
@@ -323,7 +333,7 @@ def _select_dense_kernel(
     a prefix count. Causal launches come in tiers (``dense_tiers``): the programs whose key range
     ends within NKBP columns, from program PID0 on."""
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
-        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, PID0)
+        QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, PID0, LPT)
 
     jj = tl.arange(0, NKBP)
     jm = (jj >= js) & (jj < je)
@@ -536,10 +546,26 @@ def dense_tiers(info: BlockInfo, qb: int, nkbp: int, kmax: int, tiers: int | Non
     return out
 
 
+# Program order of both selection kernels (``_program_rows``' LPT): longest first, every head at once.
+LONGEST_FIRST = True
+ORDER_ENV = "SPA_SELECT_LPT"  # "0": query blocks ascending, one head after the other (the order until 2026-11-29)
+
+
+def program_order_lpt(longest_first: bool | None = None) -> bool:
+    """``longest_first``, else $SPA_SELECT_LPT ("0" / "1"), else LONGEST_FIRST."""
+    if longest_first is not None:
+        return bool(longest_first)
+    env = os.environ.get(ORDER_ENV, "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"{ORDER_ENV} must be 0 or 1, not {env!r}")
+    return LONGEST_FIRST if env == "" else env == "1"
+
+
 def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
            path: str | None = None, radix_bits: int | None = None, half: bool = False,
            num_warps: int | None = None, stop: int = 0, precision: str | None = None,
-           stream_config: dict | None = None, tiers: int | None = None) -> tuple[Tensor, Tensor]:
+           stream_config: dict | None = None, tiers: int | None = None,
+           longest_first: bool | None = None) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
@@ -553,6 +579,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     prefix-count visibility) and num_stages (the same comparisons); ``tiers``: see ``dense_tiers``; ``stop`` 1/2/3 cuts
     the dense kernel after its classification / scores / threshold; 1 drops the streaming
     kernel's merges, 2 its scores (timing only: no valid lists). ``precision``: see ``score_precision``.
+    ``longest_first``: see ``longest_first`` (program order; the same lists either way).
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -573,14 +600,21 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     chosen = select_path(info.nkb, path)
     has_kv = info.key_valid is not None  # without padding, visibility is geometry alone (classify_blocks)
     prec = score_precision(precision, chosen)
+    lpt = program_order_lpt(longest_first)
+
+    def grid(nprog):  # (grid, LPT): LPT puts the programs on axis 1, which CUDA caps at 65535
+        on = lpt and nprog <= 65535
+        return ((b * hs, nprog) if on else (nprog, b * hs)), on
+
     if chosen == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
         rb = dense_radix_bits(nkbp, radix_bits)
         for p0, p1, cols in dense_tiers(info, qb, nkbp, kmax, tiers, rows=b * hs):
-            _select_dense_kernel[(p1 - p0, b * hs)](
+            g, on = grid(p1 - p0)
+            _select_dense_kernel[g](
                 *common, CAUSAL=info.causal, WINDOW=info.has_window,
                 BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
-                HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0,
+                HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0, LPT=on,
                 num_warps=num_warps or _dense_warps(qb, cols),
             )
     else:
@@ -593,10 +627,11 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         extra = {"num_stages": sc.pop("num_stages")} if "num_stages" in sc else {}
         if sc:
             raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, num_stages)")
-        _select_kernel[(triton.cdiv(nqb, qb), b * hs)](
+        g, on = grid(triton.cdiv(nqb, qb))
+        _select_kernel[g](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=max(bj, kpb), RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
-            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, FAST=fast,
+            HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, FAST=fast, LPT=on,
             num_warps=num_warps or warps, **extra,
         )
     return index, count
