@@ -8,7 +8,8 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
   show their host time) and ``do_bench_cudagraph`` (the same calls replayed from a CUDA graph:
   GPU time alone) of: pool_q and pool_kv (also with 2 and 4 blocks a program), the group sum in torch (identity projector), the selection
   kernel on the summed queries for each path (stream, dense where NKB allows), the selection
-  kernel summing the group itself (``group=G``), the dense kernel's k-th search at 2 and 3 bits
+  kernel summing the group itself (``group=G``), the same and the op forward in the ascending
+  program order (``longest_first=False``, checked equal to the longest-first lists), the dense kernel's k-th search at 2 and 3 bits
   a step (``radix_bits``), the whole ``api.selection_stage`` and the
   whole op forward with each selection path, and both with ``block_score="hybrid"``; with
   ``--fine``, ``block_score="fine"`` (head selection) scored in PyTorch and by the Triton kernel,
@@ -42,7 +43,7 @@ from spa_compile.budget import max_selected  # noqa: E402
 from spa_compile.codegen import api  # noqa: E402
 from spa_compile.codegen.blockinfo import block_info  # noqa: E402
 from spa_compile.codegen.pooling import pool_kv, pool_q  # noqa: E402
-from spa_compile.codegen.selection import DENSE_MAX_NKB, PATH_ENV, select  # noqa: E402
+from spa_compile.codegen.selection import DENSE_MAX_NKB, ORDER_ENV, PATH_ENV, select  # noqa: E402
 from spa_compile.visibility import Visibility  # noqa: E402
 
 
@@ -176,6 +177,15 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
         if g > 1:
             stages[f"select_{path}_group_in_kernel"] = lambda path=path: select(qbar, kbar, info, scale, cfg, kmax,
                                                                                  group=g, path=path)
+    for path in paths:  # program order: query blocks ascending, one head after the other (before LPT)
+        got = select(qbar, kbar, info, scale, cfg, kmax, group=g, path=path, longest_first=False)
+        lpt = select(qbar, kbar, info, scale, cfg, kmax, group=g, path=path, longest_first=True)
+        checks[f"{path}_ascending_order_equal"] = bool(torch.equal(got[0], lpt[0]) and torch.equal(got[1], lpt[1]))
+        stages[f"select_{path}_group_in_kernel_ascending"] = lambda path=path: select(
+            qbar, kbar, info, scale, cfg, kmax, group=g, path=path, longest_first=False)
+        stages[f"op_fwd_{path}_ascending"] = lambda path=path: _with_env(
+            ORDER_ENV, "0", lambda: _with_env(
+                PATH_ENV, path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg)))
     for path in paths:  # the score dot on tensor cores (three tf32 products): same lists up to near-ties
         got = select(qsum, kbar, info, scale, cfg, kmax, path=path, precision="tf32x3")
         checks[f"{path}_tf32x3_rows_differing"] = int((got[0] != ref[0]).any(-1).sum()) + int((got[1] != ref[1]).sum())
