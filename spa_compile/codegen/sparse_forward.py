@@ -9,9 +9,10 @@ found once per program, ``common.fill_bounds``), in 32-aligned chunks of BJ, as
 pseudo-keys with logit ``s q . kbar + log n``; selected blocks are skipped through the
 query block's selection bitmap. TMA / TMA_FILL (autotune candidates on Hopper): the
 exact loop's K/V, and the fill's kbar/vbar, through host-built tensor descriptors
-(bulk tensor copies) instead of pointer loads; same arithmetic, same results. HF (autotune
-candidates for GQA): heads-first program order (``common.qblock_prologue``), so that the
-head packs of one group share K/V tiles through L2; same results.
+(bulk tensor copies) instead of pointer loads; same arithmetic, same results. GO (autotune
+candidates for GQA group selection) and HF (opt-in): group order and heads-first program order
+(``common.qblock_prologue``), so that the head packs of one group share K/V tiles through L2;
+same results.
 """
 
 from __future__ import annotations
