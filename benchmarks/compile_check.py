@@ -132,6 +132,9 @@ def main():
                     if hf:
                         ok &= compile_one(sparse_forward._fwd_kernel, dict(args, HF=True), a.arch, w, s,
                                           "fwd " + tag + " HF")
+                    if gp == 1 and s == 3 and tma and causal:  # group order (GO: the shipped 128K top-k config)
+                        ok &= compile_one(sparse_forward._fwd_kernel, dict(args, GO=True), a.arch, w, s,
+                                          "fwd " + tag + " GO")
                     if tma:
                         continue
                     if bj == 64:
@@ -154,7 +157,8 @@ def main():
                         CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
                         KMAX=I, GS=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
                         CAUSAL=causal, WINDOW=window, BS=64, QB=qb, KPB=kpb, BJ=bj,
-                        RC=16 if dot else max(1, min(128, 16384 // (qb * bj))), USE_DOT=dot, NEAR=6, HALF=False)
+                        RC=16 if dot else max(1, min(128, 16384 // (qb * bj))), USE_DOT=dot, NEAR=6, HALF=False,
+                        LPT=True)
             w = 4 if qb * bj < 1024 else 8
             ok &= compile_one(selection._select_kernel, args, a.arch, w, 1,
                               f"select kpb{kpb} bj{bj} qb{qb} causal{int(causal)} win{int(window)}")
@@ -172,7 +176,7 @@ def main():
                         CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
                         KMAX=I, GS=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
                         CAUSAL=causal, WINDOW=window, BS=64, QB=qb, NKBP=nkbp, RC=rc, USE_DOT=dot,
-                        RB=rb, FW=9 if rb == 3 else 10, HALF=rb == 2)
+                        RB=rb, FW=9 if rb == 3 else 10, HALF=rb == 2, LPT=True)
             ok &= compile_one(selection._select_dense_kernel, args, a.arch, w, 1,
                               f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} rb{rb}")
             if dot and rb == 1:  # the dense path's default score precision (selection.SCORE_PRECISION)
