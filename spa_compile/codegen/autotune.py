@@ -225,7 +225,7 @@ def attention_candidates(g: int, block: int, d: int, dv: int, dtype: torch.dtype
         # group order (GO, common.qblock_prologue) of the one-head configs (TMA ones when offered):
         # the G head programs of a (kv head, query block) side by side. H200, 128K top-k 32, Hkv=8
         # (bench_order.py, runs 20-21, 2026-11-29): 10.61-10.71 ms without the fill against
-        # 10.99-11.27 for every query-blocks-first config, 15.67-15.79 with it against 15.88-16.16;
+        # 10.99-11.28 for the query-blocks-first configs, 15.67-15.79 with it against 15.88-16.69;
         # at 16K within noise (1.22 / 1.28 ms against 1.23 / 1.24). Not measured for dq: not offered there.
         base = [c for c in out if c.get("TMA", False)] or out
         out = out + [dict(c, GO=True) for c in base if c["GP"] == 1]

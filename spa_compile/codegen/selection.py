@@ -579,7 +579,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     prefix-count visibility) and num_stages (the same comparisons); ``tiers``: see ``dense_tiers``; ``stop`` 1/2/3 cuts
     the dense kernel after its classification / scores / threshold; 1 drops the streaming
     kernel's merges, 2 its scores (timing only: no valid lists). ``precision``: see ``score_precision``.
-    ``longest_first``: see ``longest_first`` (program order; the same lists either way).
+    ``longest_first``: see ``program_order_lpt`` (program order; the same lists either way).
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -610,8 +610,8 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
         rb = dense_radix_bits(nkbp, radix_bits)
         for p0, p1, cols in dense_tiers(info, qb, nkbp, kmax, tiers, rows=b * hs):
-            g, on = grid(p1 - p0)
-            _select_dense_kernel[g](
+            launch, on = grid(p1 - p0)
+            _select_dense_kernel[launch](
                 *common, CAUSAL=info.causal, WINDOW=info.has_window,
                 BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
                 HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0, LPT=on,
@@ -627,8 +627,8 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         extra = {"num_stages": sc.pop("num_stages")} if "num_stages" in sc else {}
         if sc:
             raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, num_stages)")
-        g, on = grid(triton.cdiv(nqb, qb))
-        _select_kernel[g](
+        launch, on = grid(triton.cdiv(nqb, qb))
+        _select_kernel[launch](
             *common, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=max(bj, kpb), RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
             HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, FAST=fast, LPT=on,
