@@ -35,15 +35,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from spa_compile import SPAConfig  # noqa: E402
-from spa_compile.budget import max_selected  # noqa: E402
-from spa_compile.codegen import api  # noqa: E402
-from spa_compile.codegen.bitmap import build_bitmap  # noqa: E402
-from spa_compile.codegen.blockinfo import block_info  # noqa: E402
-from spa_compile.codegen.pooling import pool_kv  # noqa: E402
 from spa_compile.codegen.sparse_forward import launch_forward  # noqa: E402
-from spa_compile.visibility import Visibility  # noqa: E402
+from op_selection import op_selection  # noqa: E402
 
 CONFIGS = [
     {"GP": 2, "num_warps": 8, "num_stages": 4, "BJ": 64, "TMA": True, "TMA_FILL": True},
@@ -94,13 +90,8 @@ def main(argv=None) -> int:
         k = torch.randn(1, a.hkv, n, d, device=dev, dtype=torch.bfloat16, generator=gen)
         v = torch.randn(1, a.hkv, n, d, device=dev, dtype=torch.bfloat16, generator=gen)
         cfg = SPAConfig(mode="spa", topk=a.topk)
-        vis = Visibility(n, n, causal=True)
         scale = d**-0.5
-        info = block_info(vis, 1, n, n, bs, dev)
-        kmax = int(max_selected(n, n, vis, cfg))
-        kbar, _, kb, vb = pool_kv(k, v, info)
-        index, count = api.selection_stage(q, kbar, info, scale, cfg, None, kmax, k)
-        sel = build_bitmap(index, count, info.nkb)
+        info, kb, vb, index, count, sel = op_selection(q, k, v, cfg, bs)
         out = torch.empty(1, hq, n, d, device=dev, dtype=torch.bfloat16)
         lse = torch.empty(1, hq, n, device=dev, dtype=torch.float32)
         useful = useful_fill_flops(index, count, n, hq, d, bs)

@@ -33,13 +33,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from spa_compile import SPAConfig  # noqa: E402
-from spa_compile.budget import max_selected  # noqa: E402
 from spa_compile.codegen import api  # noqa: E402
-from spa_compile.codegen.bitmap import build_bitmap  # noqa: E402
-from spa_compile.codegen.blockinfo import block_info  # noqa: E402
-from spa_compile.codegen.pooling import pool_kv  # noqa: E402
 from spa_compile.codegen.sparse_forward import launch_forward  # noqa: E402
-from spa_compile.visibility import Visibility  # noqa: E402
+from op_selection import op_selection  # noqa: E402
 
 BASES = [
     {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True},
@@ -80,13 +76,8 @@ def measure_point(a, n, cfg, dev, bench, save):
     g = hq // a.hkv
     gen = torch.Generator(device=dev).manual_seed(n + 7)
     q, k, v = (torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16, generator=gen) for h in (hq, a.hkv, a.hkv))
-    vis = Visibility(n, n, causal=True)
     scale = d**-0.5
-    info = block_info(vis, 1, n, n, bs, dev)
-    kmax = int(max_selected(n, n, vis, cfg))
-    _, _, kb, vb = pool_kv(k, v, info)
-    index, count = api.selection_stage(q, kb, info, scale, cfg, None, kmax, k)
-    sel = build_bitmap(index, count, info.nkb)
+    info, kb, vb, index, count, sel = op_selection(q, k, v, cfg, bs)
     hs = index.shape[1]
     tiles = float(count.double().sum()) * (hq // hs)
     exact_tflop = tiles * bs * bs * 4 * d / 1e12  # the diagonal tiles counted whole
