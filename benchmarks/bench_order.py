@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from spa_compile import SPAConfig  # noqa: E402
 from spa_compile.codegen import api  # noqa: E402
 from spa_compile.codegen.sparse_forward import launch_forward  # noqa: E402
+from bench_kernels import flex_block_mask, flex_run, rel  # noqa: E402
 from op_selection import op_selection  # noqa: E402
 
 BASES = [
@@ -42,10 +43,6 @@ BASES = [
     {"GP": 2, "num_warps": 8, "num_stages": 3, "BJ": 64, "TMA": True},
     {"GP": 4, "num_warps": 16, "num_stages": 2, "BJ": 64, "TMA": True},
 ]
-
-
-def rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
 def configs(g: int, fill: bool):
@@ -109,8 +106,6 @@ def measure_point(a, n, cfg, dev, bench, save):
             print(f"N={n} fill={fill} {c}: {ms:.3f} ms", flush=True)
             save(pt)
     if not a.no_flex:
-        from bench_kernels import flex_block_mask, flex_run
-
         flex = flex_run(flex_block_mask(index, count, hq, n, bs))
         with torch.no_grad():
             o_flex = flex(q, k, v)
