@@ -7,7 +7,7 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
 * ``do_bench`` (CUDA events, L2 flushed: what ``bench_kernels.py`` reports; host-bound calls
   show their host time) and ``do_bench_cudagraph`` (the same calls replayed from a CUDA graph:
   GPU time alone) of: pool_q and pool_kv (also with 2 and 4 blocks a program), the group sum in torch (identity projector), the selection
-  kernel on the summed queries for each path (stream, dense where NKB allows), the selection
+  kernel on the summed queries for each path (stream, dense and wide where NKB allows; wide also with its search run all 32 steps), the selection
   kernel summing the group itself (``group=G``), the same and the op forward in the ascending
   program order (``longest_first=False``, checked equal to the longest-first lists), the dense kernel's k-th search at 2 and 3 bits
   a step (``radix_bits``), the whole ``api.selection_stage`` and the
@@ -43,7 +43,9 @@ from spa_compile.budget import max_selected  # noqa: E402
 from spa_compile.codegen import api  # noqa: E402
 from spa_compile.codegen.blockinfo import block_info  # noqa: E402
 from spa_compile.codegen.pooling import pool_kv, pool_q  # noqa: E402
+from spa_compile.codegen import wide_selection  # noqa: E402
 from spa_compile.codegen.selection import DENSE_MAX_NKB, ORDER_ENV, PATH_ENV, select  # noqa: E402
+from spa_compile.codegen.wide_selection import WIDE_MAX_NKB  # noqa: E402
 from spa_compile.visibility import Visibility  # noqa: E402
 
 
@@ -141,7 +143,7 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
     qsum = qbar.unflatten(1, (hkv, g)).sum(dim=2)
     pt: dict = {"N": n, "Hkv": hkv, "nkb": info.nkb, "kmax": kmax}
     ref = select(qsum, kbar, info, scale, cfg, kmax, path="stream", precision="ieee")
-    paths = ["stream"] + (["dense"] if info.nkb <= DENSE_MAX_NKB else [])
+    paths = ["stream"] + (["dense"] if info.nkb <= DENSE_MAX_NKB else []) + (["wide"] if info.nkb <= WIDE_MAX_NKB else [])
     checks = {}
     for path in paths:
         for grp in (1, g):
@@ -225,6 +227,17 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
         for name, sc, stop in STREAM_STOPS:  # where the walk's time goes (no valid lists)
             stages[f"select_stream_{name}"] = lambda sc=sc, stop=stop: select(
                 qbar, kbar, info, scale, cfg, kmax, group=g, path="stream", stream_config=sc, stop=stop)
+    if "wide" in paths:  # the wide kernel's search run all 32 steps (wide_selection.WIDE_EARLY False)
+        def full_search():
+            wide_selection.WIDE_EARLY = False
+            try:
+                return select(qbar, kbar, info, scale, cfg, kmax, group=g, path="wide")
+            finally:
+                wide_selection.WIDE_EARLY = True
+        got = full_search()
+        early = select(qbar, kbar, info, scale, cfg, kmax, group=g, path="wide")
+        checks["wide_full_search_equal"] = bool(torch.equal(got[0], early[0]) and torch.equal(got[1], early[1]))
+        stages["select_wide_group_in_kernel_full_search"] = full_search
     if fine:  # block_score "fine" with head selection (its accuracy setting), PyTorch and Triton scores
         stages.update(fine_stages(q, k, v, vis, scale, cfg, g, checks))
     op_stage = f"op_fwd_{paths[-1]}"

@@ -1,7 +1,9 @@
-"""The two selection kernels (spa_compile/codegen/selection.py) against reference.select_blocks.
+"""The selection kernels (spa_compile/codegen/selection.py, wide_selection.py) against
+reference.select_blocks.
 
 "dense" (all key blocks of a program in registers, k-th largest score by a binary search on
-its bits) and "stream" (chunks, running top-k buffer) must give the reference's index lists
+its bits), "wide" (the same for long rows: one int32 key tile in column chunks, an early-stopping
+search) and "stream" (chunks, running top-k buffer) must give the reference's index lists
 (exactly, up to blocks whose scores tie within rounding) and, on the same fp32 scores, the
 same lists as each other. Small shapes in Triton's interpreter on CPU; block 16 gives
 enough key blocks for several chunks, the 16-row dot path and the group-sum in the kernel.
@@ -29,6 +31,8 @@ codegen = pytest.importorskip("spa_compile.codegen")
 from spa_compile.codegen import selection  # noqa: E402
 from spa_compile.codegen.blockinfo import block_info  # noqa: E402
 from spa_compile.codegen.pooling import pool_kv, pool_q  # noqa: E402
+from spa_compile.codegen import wide_selection  # noqa: E402
+from spa_compile.codegen.wide_selection import WIDE_MAX_NKB  # noqa: E402
 from test_kernels import CPU_OK, assert_same_selection, block_scores, make_qkv, padding, reference_stages  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -67,7 +71,8 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
     if cfg.selection == "group":  # summed by torch here; "-gs" below sums in the kernel
         qp = qp.unflatten(1, (hkv, hq // hkv)).sum(dim=2)
     # fp32 scores on both paths (exactly comparable), then the dense path's tensor-core default
-    got = {p: selection.select(qp, kp, info, scale, cfg, kmax, path=p, precision="ieee") for p in ("dense", "stream")}
+    got = {p: selection.select(qp, kp, info, scale, cfg, kmax, path=p, precision="ieee")
+           for p in ("dense", "stream", "wide")}
     # tensor-core scores (three tf32 products; exact fp32 under the interpreter): the reference's
     # lists up to near-ties, checked below like every path
     got["dense-tf32x3"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", precision="tf32x3")
@@ -87,7 +92,7 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
         except AssertionError as e:
             raise AssertionError(f"path {name}: {e}") from e
     # the same fp32 scores in both kernels: the same lists (ties included)
-    for name in ("stream", "dense-rb2", "dense-rb3"):
+    for name in ("stream", "wide", "dense-rb2", "dense-rb3"):
         assert torch.equal(got["dense"][0], got[name][0]) and torch.equal(got["dense"][1], got[name][1]), name
     return got, ref
 
@@ -141,6 +146,20 @@ def test_path_choice(monkeypatch):
     assert selection.select_path(selection.DENSE_FORCE_MAX_NKB) == "dense"
     assert selection.select_path(10_000) == "stream"  # beyond the dense kernel's tiles
     assert selection.select_path(10_000, "stream") == "stream"  # the argument wins
+    monkeypatch.setenv(selection.PATH_ENV, "wide")
+    assert selection.select_path(selection.DENSE_MAX_NKB + 1) == "wide" and selection.select_path(16) == "wide"
+    assert selection.select_path(WIDE_MAX_NKB + 1) == "stream"  # beyond the wide tile
+    monkeypatch.delenv(selection.PATH_ENV)
+    monkeypatch.setattr(selection, "AUTO_WIDE", True)
+    assert selection.select_path(selection.DENSE_MAX_NKB) == "dense"
+    assert selection.select_path(selection.DENSE_MAX_NKB + 1) == "wide"
+    assert selection.select_path(WIDE_MAX_NKB) == "wide" and selection.select_path(WIDE_MAX_NKB + 1) == "stream"
+    monkeypatch.setenv(selection.WIDE_ENV, "0")
+    assert selection.select_path(selection.DENSE_MAX_NKB + 1) == "stream"
+    monkeypatch.setenv(selection.WIDE_ENV, "2")
+    with pytest.raises(ValueError, match="SPA_SELECT_WIDE"):
+        selection.select_path(selection.DENSE_MAX_NKB + 1)
+    monkeypatch.delenv(selection.WIDE_ENV)
     monkeypatch.setenv(selection.PATH_ENV, "bogus")
     with pytest.raises(ValueError):
         selection.select_path(8)
@@ -256,3 +275,34 @@ def test_longest_first_order(path, monkeypatch):
     monkeypatch.setenv(selection.ORDER_ENV, "yes")
     with pytest.raises(ValueError, match="SPA_SELECT_LPT"):
         selection.program_order_lpt()
+
+
+@pytest.mark.parametrize("visk,cfgk,early", [
+    (dict(causal=True, offset=37), dict(topk=3), True),
+    (dict(causal=True, key_valid="holes"), dict(density=0.3, sink_blocks=2, local_blocks=3), True),
+    (dict(window=300, offset=100), dict(topk=4, local_blocks=1), True),
+    (dict(causal=True), dict(topk=3, sink_blocks=0, local_blocks=0), False),
+])
+def test_wide_tiers_and_early_stop(visk, cfgk, early, monkeypatch):
+    """The wide kernel (two column halves, its causal tiers launching with MIN_TIER_PROGRAMS 1,
+    the search stopped early or run all 32 steps) gives the dense kernel's lists, exactly (fp32
+    scores both), with key padding, a window, sinks and locals; group sum in the kernel."""
+    monkeypatch.setattr(selection, "MIN_TIER_PROGRAMS", 1)
+    b, nq, nk, bs = 2, 1000, 1000 + visk.get("offset", 0), 16
+    kw = dict(visk)
+    if kw.get("key_valid") == "holes":
+        kw["key_valid"] = _holes(b, nk, 5)
+    vis = Visibility(nq, nk, **kw)
+    info = block_info(vis, b, nq, nk, bs, "cpu")
+    cfg = SPAConfig(block_size=bs, **cfgk)
+    kmax = int(max_selected(nq, nk, vis, cfg))
+    gen = torch.Generator().manual_seed(len(str(visk)))
+    qp = torch.randn(b, 4, info.nqb, 16, generator=gen)
+    kp = torch.randn(b, 2, info.nkb, 16, generator=gen)
+    if not early:
+        monkeypatch.setattr(wide_selection, "WIDE_EARLY", False)
+    want = selection.select(qp, kp, info, 0.2, cfg, kmax, group=2, path="dense", precision="ieee", tiers=1)
+    got = selection.select(qp, kp, info, 0.2, cfg, kmax, group=2, path="wide")
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
+    assert (got[1] > 0).all()

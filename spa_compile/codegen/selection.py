@@ -433,7 +433,7 @@ def dense_radix_bits(nkbp: int, bits: int | None = None) -> int:
 # the dense kernel at 16K, Hkv=8 took 27 us with tf32x3 at 8 warps against 42 us fp32 (the best
 # warps of each), the same lists; the streaming kernel at 128K was slower with it (2.07 against
 # 1.59 ms: its walk waits on loads, not on the FMAs), so it stays fp32.
-SCORE_PRECISION = {"dense": "tf32x3", "stream": "ieee"}
+SCORE_PRECISION = {"dense": "tf32x3", "stream": "ieee"}  # "wide" is always fp32 FMA
 PRECISION_ENV = "SPA_SELECT_PRECISION"
 
 
@@ -447,17 +447,31 @@ def score_precision(precision: str | None = None, path: str = "dense") -> str:
     return prec
 
 
+AUTO_WIDE = False  # "auto" takes the wide path for DENSE_MAX_NKB < NKB <= WIDE_MAX_NKB (see wide_selection.py)
+WIDE_ENV = "SPA_SELECT_WIDE"  # "1" / "0": overrides AUTO_WIDE
+
+
 def select_path(nkb: int, path: str | None = None) -> str:
-    """"dense" (all scores of a program at once, binary search for the k-th) or "stream" (chunks and
-    a running top-k buffer). ``path`` (else $SPA_SELECT_PATH, else DEFAULT_PATH) chooses; "auto"
-    takes dense up to DENSE_MAX_NKB key blocks; a forced "dense" beyond DENSE_FORCE_MAX_NKB still
-    streams."""
+    """"dense" (all scores of a program at once, binary search for the k-th), "wide" (the same
+    method for rows up to ``wide_selection.WIDE_MAX_NKB`` key blocks, one lean int32 key tile) or
+    "stream" (chunks and a running top-k buffer). ``path`` (else $SPA_SELECT_PATH, else
+    DEFAULT_PATH) chooses; "auto" takes dense up to DENSE_MAX_NKB key blocks, then wide (when
+    AUTO_WIDE or $SPA_SELECT_WIDE=1) up to WIDE_MAX_NKB, then stream; a forced "dense" beyond DENSE_FORCE_MAX_NKB and a
+    forced "wide" beyond WIDE_MAX_NKB still stream."""
+    from .wide_selection import WIDE_MAX_NKB
+
     path = path or os.environ.get(PATH_ENV, "") or DEFAULT_PATH
-    if path not in ("auto", "dense", "stream"):
-        raise ValueError(f"{PATH_ENV}/path must be auto, dense or stream, not {path!r}")
+    if path not in ("auto", "dense", "wide", "stream"):
+        raise ValueError(f"{PATH_ENV}/path must be auto, dense, wide or stream, not {path!r}")
     if path == "auto":
-        return "dense" if nkb <= DENSE_MAX_NKB else "stream"
-    if path == "dense" and nkb > DENSE_FORCE_MAX_NKB:
+        if nkb <= DENSE_MAX_NKB:
+            return "dense"
+        env = os.environ.get(WIDE_ENV, "")
+        if env not in ("", "0", "1"):
+            raise ValueError(f"{WIDE_ENV} must be 0 or 1, not {env!r}")
+        wide = AUTO_WIDE if env == "" else env == "1"
+        return "wide" if wide and nkb <= WIDE_MAX_NKB else "stream"
+    if (path == "dense" and nkb > DENSE_FORCE_MAX_NKB) or (path == "wide" and nkb > WIDE_MAX_NKB):
         return "stream"
     return path
 
@@ -599,7 +613,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
               -1 if cfg.max_blocks is None else cfg.max_blocks)
     chosen = select_path(info.nkb, path)
     has_kv = info.key_valid is not None  # without padding, visibility is geometry alone (classify_blocks)
-    prec = score_precision(precision, chosen)
+    prec = score_precision(precision, "stream" if chosen == "wide" else chosen)  # wide: fp32 FMA always
     lpt = program_order_lpt(longest_first)
 
     def grid(nprog):  # (grid, LPT): LPT puts the programs on axis 1, which CUDA caps at 65535
@@ -616,6 +630,21 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
                 BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
                 HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0, LPT=on,
                 num_warps=num_warps or _dense_warps(qb, cols),
+            )
+    elif chosen == "wide":
+        # wide_selection imports this module's jit helpers: imported here, not at the top
+        from .wide_selection import WIDE_EARLY, WIDE_ROWS, WIDE_TIERS, _select_wide_kernel, wide_warps
+
+        nkbp = max(32, triton.next_power_of_2(info.nkb))
+        wide = list(common)
+        wide[1] = kp.transpose(-1, -2).contiguous()  # [B, Hkv, r, NKB]: one coalesced row a projected dim
+        for p0, p1, cols in dense_tiers(info, WIDE_ROWS, nkbp, kmax, tiers if tiers is not None else WIDE_TIERS,
+                                        rows=b * hs):
+            launch, on = grid(p1 - p0)
+            _select_wide_kernel[launch](
+                *wide, CAUSAL=info.causal, WINDOW=info.has_window, BS=info.block, QB=WIDE_ROWS, NKBP=cols,
+                EARLY=WIDE_EARLY, HALF=half, HAS_KV=has_kv, PID0=p0, LPT=on,
+                num_warps=num_warps or wide_warps(WIDE_ROWS, cols),
             )
     else:
         qb, kpb, bj, rc, use_dot, warps = _stream_config(nqb, info.nkb, r, kmax)
