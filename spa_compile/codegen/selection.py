@@ -633,7 +633,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
             )
     elif chosen == "wide":
         # wide_selection imports this module's jit helpers: imported here, not at the top
-        from .wide_selection import WIDE_EARLY, WIDE_ROWS, WIDE_TIERS, _select_wide_kernel, wide_warps
+        from .wide_selection import WIDE_EARLY, WIDE_ROWS, WIDE_TIERS, WIDE_UNROLL, _select_wide_kernel, wide_warps
 
         nkbp = max(32, triton.next_power_of_2(info.nkb))
         wide = list(common)
@@ -643,7 +643,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
             launch, on = grid(p1 - p0)
             _select_wide_kernel[launch](
                 *wide, CAUSAL=info.causal, WINDOW=info.has_window, BS=info.block, QB=WIDE_ROWS, NKBP=cols,
-                EARLY=WIDE_EARLY, HALF=half, HAS_KV=has_kv, PID0=p0, LPT=on,
+                EARLY=WIDE_EARLY, RU=WIDE_UNROLL, HALF=half, HAS_KV=has_kv, PID0=p0, LPT=on,
                 num_warps=num_warps or wide_warps(WIDE_ROWS, cols),
             )
     else:

@@ -34,6 +34,7 @@ from .selection import LOCAL_BIG, _program_rows, _topk_count
 KEY_MAX = tl.constexpr(2147483647)  # forced blocks: above every score key
 KEY_MIN = tl.constexpr(-2147483648)  # invisible or padded columns: below every score key
 WIDE_MAX_NKB = 2048  # 128K tokens at block 64: [16, 2048] int32 = 64 registers a thread at 16 warps
+WIDE_UNROLL = 8  # projected dimensions a scoring step loads together (_score_rows' RU)
 WIDE_ROWS = 8  # query blocks a program: [8, 2048] int32 keys = 32 registers a thread at 16 warps
 WIDE_EARLY = True  # stop the cut's search once every row's count is exact (False: all 32 steps)
 WIDE_TIERS = 4  # causal column tiers (selection.dense_tiers): 2048, 1024, 512 and 256 columns at 128K
@@ -78,19 +79,24 @@ def _row_thresholds(t0, t1, diag, row_ok, js, je, NB_b, FIRST_b, LAST_b, CS_b, N
 
 
 @triton.jit
-def _score_rows(QP_r, KPT_h, rows, row_ok, jj, jm, R, NKB, scale, GS, sqg, QB: tl.constexpr, H: tl.constexpr):
+def _score_rows(QP_r, KPT_h, rows, row_ok, jj, jm, R, NKB, scale, GS, sqg, QB: tl.constexpr, H: tl.constexpr,
+                RU: tl.constexpr):
     """scale * qp[rows] . kp[jj] in float32 ``[QB, H]`` by FMA outer products, one projected
-    dimension a step: the query values (summed over GS heads ``sqg`` apart, as
+    dimension at a time: the query values (summed over GS heads ``sqg`` apart, as
     ``selection._score_keys``) times one row of the transposed key means ``KPT_h`` ``[R, NKB]``
-    (a coalesced load). The products accumulate in r order, as the fp32 ("ieee") dot does."""
+    (a coalesced load). The products accumulate in r order, as the fp32 ("ieee") dot does. RU
+    dimensions a step, their loads issued together (a step waits on L2 once, not RU times)."""
     acc = tl.zeros([QB, H], dtype=tl.float32)
     qptr = QP_r + rows.to(tl.int64) * R
-    for r in range(0, R):
-        qv = tl.load(qptr + r, mask=row_ok, other=0.0)
-        for g in range(1, GS):
-            qv += tl.load(qptr + r + g * sqg, mask=row_ok, other=0.0)
-        kv = tl.load(KPT_h + r * NKB + jj, mask=jm, other=0.0)
-        acc += qv[:, None] * kv[None, :]
+    for r0 in range(0, R, RU):
+        for u in tl.static_range(RU):
+            r = r0 + u
+            ok = r < R
+            qv = tl.load(qptr + r, mask=row_ok & ok, other=0.0)
+            for g in range(1, GS):
+                qv += tl.load(qptr + r + g * sqg, mask=row_ok & ok, other=0.0)
+            kv = tl.load(KPT_h + r * NKB + jj, mask=jm & ok, other=0.0)
+            acc += qv[:, None] * kv[None, :]
     s = acc * scale
     return tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: equal scores must tie
 
@@ -98,7 +104,7 @@ def _score_rows(QP_r, KPT_h, rows, row_ok, jj, jm, R, NKB, scale, GS, sqg, QB: t
 @triton.jit
 def _key_half(c0, QP_r, KP_h, rows, t0, t1, diag, row_ok, js, je, sthr, lthr, NB_b, FIRST_b, LAST_b, CS_b, Nk,
               NKB, NQB, OFF, WIN, R, scale, GS, QB: tl.constexpr, H: tl.constexpr, BS: tl.constexpr,
-              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr):
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, RU: tl.constexpr):
     """int32 keys of columns ``[c0, c0 + H)``: KEY_MAX forced, KEY_MIN not selectable, else the
     orderable score bits (signed order = float order, as ``selection._encode``) capped at
     KEY_MAX - 1 (a NaN stays below the forced); and the rows' visible and forced counts there."""
@@ -108,7 +114,7 @@ def _key_half(c0, QP_r, KP_h, rows, t0, t1, diag, row_ok, js, je, sthr, lthr, NB
     forced = visible & ((full == 0) | (jb <= sthr[:, None]) | (lkey <= lthr[:, None]))
     jj = c0 + tl.arange(0, H)
     if tl.max(tl.max((visible & (forced == 0)).to(tl.int32), axis=1), axis=0) > 0:
-        sc = _score_rows(QP_r, KP_h, rows, row_ok, jj, (jj >= js) & (jj < je), R, NKB, scale, GS, NQB * R, QB, H)
+        sc = _score_rows(QP_r, KP_h, rows, row_ok, jj, (jj >= js) & (jj < je), R, NKB, scale, GS, NQB * R, QB, H, RU)
         bits = sc.to(tl.int32, bitcast=True)
         ordered = tl.minimum(tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), KEY_MAX - 1)
     else:  # nothing to score (past every row's causal edge, or all forced)
@@ -178,7 +184,7 @@ def _select_wide_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr,
     HALF: tl.constexpr = False, HAS_KV: tl.constexpr = True, PID0=0,
-    LPT: tl.constexpr = False, EARLY: tl.constexpr = True,
+    LPT: tl.constexpr = False, EARLY: tl.constexpr = True, RU: tl.constexpr = 8,
 ):
     """The key tile in two halves of H = NKBP / 2 columns, built one after the other: every
     temporary (classification, the score dot's operands) is half the size."""
@@ -188,9 +194,9 @@ def _select_wide_kernel(
     sthr, lthr = _row_thresholds(t0, t1, diag, row_ok, js, je, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, SINK,
                                  LOCAL, QB, NKBP, H, BS, CAUSAL, WINDOW, HAS_KV)
     ka, nva, nfa = _key_half(0, QP_r, KP_h, rows, t0, t1, diag, row_ok, js, je, sthr, lthr, NB_b, FIRST_b, LAST_b,
-                             CS_b, Nk, NKB, NQB, OFF, WIN, R, scale, GS, QB, H, BS, CAUSAL, WINDOW, HAS_KV)
+                             CS_b, Nk, NKB, NQB, OFF, WIN, R, scale, GS, QB, H, BS, CAUSAL, WINDOW, HAS_KV, RU)
     kb, nvb, nfb = _key_half(H, QP_r, KP_h, rows, t0, t1, diag, row_ok, js, je, sthr, lthr, NB_b, FIRST_b, LAST_b,
-                             CS_b, Nk, NKB, NQB, OFF, WIN, R, scale, GS, QB, H, BS, CAUSAL, WINDOW, HAS_KV)
+                             CS_b, Nk, NKB, NQB, OFF, WIN, R, scale, GS, QB, H, BS, CAUSAL, WINDOW, HAS_KV, RU)
     nvis = nva + nvb
     nforced = nfa + nfb
     k = _topk_count(nvis, nvis - nforced, TOPK, PPM, MINB, MAXB)
