@@ -643,7 +643,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
             launch, on = grid(p1 - p0)
             _select_wide_kernel[launch](
                 *wide, CAUSAL=info.causal, WINDOW=info.has_window, BS=info.block, QB=WIDE_ROWS, NKBP=cols,
-                EARLY=WIDE_EARLY, RU=WIDE_UNROLL, HALF=half, HAS_KV=has_kv, PID0=p0, LPT=on,
+                EARLY=WIDE_EARLY, RU=WIDE_UNROLL if r % WIDE_UNROLL == 0 else 1, HALF=half, HAS_KV=has_kv, PID0=p0, LPT=on,
                 num_warps=num_warps or wide_warps(WIDE_ROWS, cols),
             )
     else:

@@ -89,13 +89,12 @@ def _score_rows(QP_r, KPT_h, rows, row_ok, jj, jm, R, NKB, scale, GS, sqg, QB: t
     acc = tl.zeros([QB, H], dtype=tl.float32)
     qptr = QP_r + rows.to(tl.int64) * R
     for r0 in range(0, R, RU):
-        for u in tl.static_range(RU):
+        for u in tl.static_range(RU):  # RU divides R (the launcher's choice): no mask on r
             r = r0 + u
-            ok = r < R
-            qv = tl.load(qptr + r, mask=row_ok & ok, other=0.0)
+            qv = tl.load(qptr + r, mask=row_ok, other=0.0)
             for g in range(1, GS):
-                qv += tl.load(qptr + r + g * sqg, mask=row_ok & ok, other=0.0)
-            kv = tl.load(KPT_h + r * NKB + jj, mask=jm & ok, other=0.0)
+                qv += tl.load(qptr + r + g * sqg, mask=row_ok, other=0.0)
+            kv = tl.load(KPT_h + r * NKB + jj, mask=jm, other=0.0)
             acc += qv[:, None] * kv[None, :]
     s = acc * scale
     return tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: equal scores must tie
