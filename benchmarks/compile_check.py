@@ -21,7 +21,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from spa_compile.codegen import bound_selection, fine_score, pooling, selection, sparse_backward, sparse_forward  # noqa: E402
+from spa_compile.codegen import (  # noqa: E402
+    bound_selection, fine_score, pooling, selection, sparse_backward, sparse_forward, wide_selection)
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
        torch.int8: "i8", torch.int64: "i64"}
@@ -183,6 +184,15 @@ def main():
                 prec = selection.score_precision(None, "dense")
                 ok &= compile_one(selection._select_dense_kernel, dict(args, PREC=prec), a.arch, w, 1,
                                   f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} {prec}")
+    # wide selection (path "wide", opt-in): the tiers' widths at 128K, block 64, the launcher's rows and warps
+    for nkbp in (2048, 1024, 512, 256):
+        args = dict(QP=torch.float32, KP=torch.float32, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32,
+                    CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,
+                    KMAX=I, GS=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
+                    CAUSAL=True, WINDOW=False, BS=64, QB=wide_selection.WIDE_ROWS, NKBP=nkbp, HAS_KV=False, PID0=I,
+                    LPT=True, RU=wide_selection.WIDE_UNROLL)
+        ok &= compile_one(wide_selection._select_wide_kernel, args, a.arch,
+                          wide_selection.wide_warps(wide_selection.WIDE_ROWS, nkbp), 1, f"select-wide nkbp{nkbp}")
     # block_score "fine" (fine_score.fine_mass): 16 row means, head dim 128, 16 and 2 sub-keys a block
     for m in (16, 2):
         args = dict(QM=torch.float32, KS=torch.float32, LN=torch.float32, VIS=torch.int8, OUT=torch.float32,
