@@ -637,7 +637,15 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
 
         nkbp = max(32, triton.next_power_of_2(info.nkb))
         wide = list(common)
-        wide[1] = kp.transpose(-1, -2).contiguous()  # [B, Hkv, r, NKB]: one coalesced row a projected dim
+        # the group summed here in the kernels' order (q0 + q1, then + q2, ...: the same fp32 sums),
+        # queries and keys transposed to [.., r, NQB] / [.., r, NKB]: a coalesced row a projected dim
+        qg = qp.view(b, hs, group, nqb, r)
+        qs = qg[:, :, 0].clone()
+        for g in range(1, group):
+            qs += qg[:, :, g]
+        wide[0] = qs.transpose(-1, -2).contiguous()
+        wide[1] = kp.transpose(-1, -2).contiguous()
+        wide[16] = 1  # GS: summed above
         for p0, p1, cols in dense_tiers(info, WIDE_ROWS, nkbp, kmax, tiers if tiers is not None else WIDE_TIERS,
                                         rows=b * hs):
             launch, on = grid(p1 - p0)

@@ -79,21 +79,20 @@ def _row_thresholds(t0, t1, diag, row_ok, js, je, NB_b, FIRST_b, LAST_b, CS_b, N
 
 
 @triton.jit
-def _score_rows(QP_r, KPT_h, rows, row_ok, jj, jm, R, NKB, scale, GS, sqg, QB: tl.constexpr, H: tl.constexpr,
+def _score_rows(QPT_r, KPT_h, rows, row_ok, jj, jm, R, NQB, NKB, scale, QB: tl.constexpr, H: tl.constexpr,
                 RU: tl.constexpr):
     """scale * qp[rows] . kp[jj] in float32 ``[QB, H]`` by FMA outer products, one projected
-    dimension at a time: the query values (summed over GS heads ``sqg`` apart, as
-    ``selection._score_keys``) times one row of the transposed key means ``KPT_h`` ``[R, NKB]``
-    (a coalesced load). The products accumulate in r order, as the fp32 ("ieee") dot does. RU
-    dimensions a step, their loads issued together (a step waits on L2 once, not RU times)."""
+    dimension at a time: a row of the transposed query means ``QPT_r`` ``[R, NQB]`` (the group
+    already summed, in the order of ``selection._score_keys``) times a row of the transposed key
+    means ``KPT_h`` ``[R, NKB]``, both coalesced loads. The products accumulate in r order, as the
+    fp32 ("ieee") dot does. RU dimensions a step, their loads issued together. (A per-dimension
+    loop over the group's query heads here made the 16K, Hkv=8 kernel slower than Hkv=32's with
+    four times the rows: each of its loads waited on the one before.)"""
     acc = tl.zeros([QB, H], dtype=tl.float32)
-    qptr = QP_r + rows.to(tl.int64) * R
     for r0 in range(0, R, RU):
         for u in tl.static_range(RU):  # RU divides R (the launcher's choice): no mask on r
             r = r0 + u
-            qv = tl.load(qptr + r, mask=row_ok, other=0.0)
-            for g in range(1, GS):
-                qv += tl.load(qptr + r + g * sqg, mask=row_ok, other=0.0)
+            qv = tl.load(QPT_r + r * NQB + rows, mask=row_ok, other=0.0)
             kv = tl.load(KPT_h + r * NKB + jj, mask=jm, other=0.0)
             acc += qv[:, None] * kv[None, :]
     s = acc * scale
@@ -102,7 +101,7 @@ def _score_rows(QP_r, KPT_h, rows, row_ok, jj, jm, R, NKB, scale, GS, sqg, QB: t
 
 @triton.jit
 def _key_half(c0, QP_r, KP_h, rows, t0, t1, diag, row_ok, js, je, sthr, lthr, NB_b, FIRST_b, LAST_b, CS_b, Nk,
-              NKB, NQB, OFF, WIN, R, scale, GS, QB: tl.constexpr, H: tl.constexpr, BS: tl.constexpr,
+              NKB, NQB, OFF, WIN, R, scale, QB: tl.constexpr, H: tl.constexpr, BS: tl.constexpr,
               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, RU: tl.constexpr):
     """int32 keys of columns ``[c0, c0 + H)``: KEY_MAX forced, KEY_MIN not selectable, else the
     orderable score bits (signed order = float order, as ``selection._encode``) capped at
@@ -113,7 +112,7 @@ def _key_half(c0, QP_r, KP_h, rows, t0, t1, diag, row_ok, js, je, sthr, lthr, NB
     forced = visible & ((full == 0) | (jb <= sthr[:, None]) | (lkey <= lthr[:, None]))
     jj = c0 + tl.arange(0, H)
     if tl.max(tl.max((visible & (forced == 0)).to(tl.int32), axis=1), axis=0) > 0:
-        sc = _score_rows(QP_r, KP_h, rows, row_ok, jj, (jj >= js) & (jj < je), R, NKB, scale, GS, NQB * R, QB, H, RU)
+        sc = _score_rows(QP_r, KP_h, rows, row_ok, jj, (jj >= js) & (jj < je), R, NQB, NKB, scale, QB, H, RU)
         bits = sc.to(tl.int32, bitcast=True)
         ordered = tl.minimum(tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits), KEY_MAX - 1)
     else:  # nothing to score (past every row's causal edge, or all forced)
@@ -147,8 +146,9 @@ def _cut(ka, kb, kk, QB: tl.constexpr, EARLY: tl.constexpr):
         step = step // 2
         it += 1
         busy = it < 32
-        if EARLY:
-            busy = busy & (tl.max((cnt != kk).to(tl.int32), axis=0) > 0)
+        if EARLY:  # tested every 4 steps: the test is a block-wide reduction of its own
+            if it % 4 == 0:
+                busy = busy & (tl.max((cnt != kk).to(tl.int32), axis=0) > 0)
     ts = (tu - 2147483648).to(tl.int32)
     return tl.minimum(tl.min(tl.where(ka >= ts[:, None], ka, KEY_MAX), axis=1),
                       tl.min(tl.where(kb >= ts[:, None], kb, KEY_MAX), axis=1))
@@ -193,9 +193,9 @@ def _select_wide_kernel(
     sthr, lthr = _row_thresholds(t0, t1, diag, row_ok, js, je, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, SINK,
                                  LOCAL, QB, NKBP, H, BS, CAUSAL, WINDOW, HAS_KV)
     ka, nva, nfa = _key_half(0, QP_r, KP_h, rows, t0, t1, diag, row_ok, js, je, sthr, lthr, NB_b, FIRST_b, LAST_b,
-                             CS_b, Nk, NKB, NQB, OFF, WIN, R, scale, GS, QB, H, BS, CAUSAL, WINDOW, HAS_KV, RU)
+                             CS_b, Nk, NKB, NQB, OFF, WIN, R, scale, QB, H, BS, CAUSAL, WINDOW, HAS_KV, RU)
     kb, nvb, nfb = _key_half(H, QP_r, KP_h, rows, t0, t1, diag, row_ok, js, je, sthr, lthr, NB_b, FIRST_b, LAST_b,
-                             CS_b, Nk, NKB, NQB, OFF, WIN, R, scale, GS, QB, H, BS, CAUSAL, WINDOW, HAS_KV, RU)
+                             CS_b, Nk, NKB, NQB, OFF, WIN, R, scale, QB, H, BS, CAUSAL, WINDOW, HAS_KV, RU)
     nvis = nva + nvb
     nforced = nfa + nfb
     k = _topk_count(nvis, nvis - nforced, TOPK, PPM, MINB, MAXB)
