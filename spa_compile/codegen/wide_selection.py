@@ -1,26 +1,30 @@
 """Wide selection: the dense kernel's one-tile method for rows of 257..WIDE_MAX_NKB key blocks.
 
-The streaming kernel (``selection._select_kernel``) walks long rows in chunks and merges each
-into a running top-k buffer of 64-bit keys: at 128K tokens, top-k 32 (H200) its walk, not its
-score arithmetic, is the cost (1.06 ms at Hkv=8, 4.16 ms at Hkv=32 in the op). Here a program
-holds all ``[QB, NKBP]`` scores of its 16 query blocks as one int32 tile (64 registers a thread
-at 16 warps for 2048 columns) and finds each row's cut once:
+Opt-in (``path="wide"``, ``SPA_SELECT_WIDE=1``): correct, but slower than the streaming and
+dense kernels on the H200 (docs/kernels.md, "Session 10"; 1.18-1.52 ms against the streaming
+kernel's 1.01-1.06 at 128K, top-k 32, Hkv=8).
 
-* per-row thresholds first, from reductions whose tiles die at once: the SINK-th visible block
-  (``sthr``), the LOCAL-th nearest to the diagonal (``lthr``), the counts; then the scores (one
-  tf32x3 tensor-core dot over r) and the key tile: forced blocks (partial | sink | local) get
-  the largest int32, unselectable ones the smallest, the rest their orderable score bits (capped
-  one below the forced key);
+The streaming kernel (``selection._select_kernel``) walks long rows in chunks and merges each
+into a running top-k buffer of 64-bit keys; at 128K tokens, top-k 32 its walk, not its score
+arithmetic, is the cost. Here a program holds the keys of its WIDE_ROWS query blocks over all
+NKBP columns as one int32 tile, in two column halves, and finds each row's cut once:
+
+* per-row thresholds first, from reductions over column chunks whose tiles die at once: the
+  SINK-th visible block (``sthr``), the LOCAL-th nearest to the diagonal (``lthr``); then, per
+  half, the scores (fp32 FMA outer products over the projected dimensions, from the transposed
+  query and key means, in the fp32 dot's order) and the keys: forced blocks (partial | sink |
+  local) get the largest int32, unselectable ones the smallest, the rest their orderable score
+  bits (capped one below the forced key), with the visible and forced counts;
 * the ``n_forced + k``-th largest key by a binary search on the bits, stopped once every row's
   count at the candidate is exactly ``n_forced + k`` (the cut is then the smallest key at or above
-  it: the same value the full 32 steps reach);
+  it: the value the full 32 steps reach);
 * ties at the cut to the lowest j (a prefix count, only when some row has a surplus tie), S
   ascending and the -1 padding by one prefix count, as the dense kernel.
 
-Same classification, same score arithmetic as the dense kernel at the same precision, hence the
-same lists (tests compare the three paths exactly). Causal launches come in column tiers as the
-dense path's (``selection.dense_tiers``), down to DENSE_MAX_NKB columns. The score tile lives in
-registers only: no ``(NQB x NKB)`` buffer in global memory.
+Same classification and the same fp32 scores as the streaming kernel and the dense kernel at
+"ieee" precision, hence the same lists (tests compare the paths exactly). Causal launches come in
+column tiers as the dense path's (``selection.dense_tiers``). The key tile lives in registers
+only: no ``(NQB x NKB)`` buffer in global memory.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .selection import LOCAL_BIG, _program_rows, _topk_count
 
 KEY_MAX = tl.constexpr(2147483647)  # forced blocks: above every score key
 KEY_MIN = tl.constexpr(-2147483648)  # invisible or padded columns: below every score key
-WIDE_MAX_NKB = 2048  # 128K tokens at block 64: [16, 2048] int32 = 64 registers a thread at 16 warps
+WIDE_MAX_NKB = 2048  # 128K tokens at block 64
 WIDE_UNROLL = 8  # projected dimensions a scoring step loads together (_score_rows' RU)
 WIDE_ROWS = 8  # query blocks a program: [8, 2048] int32 keys = 32 registers a thread at 16 warps
 WIDE_EARLY = True  # stop the cut's search once every row's count is exact (False: all 32 steps)
@@ -186,7 +190,8 @@ def _select_wide_kernel(
     LPT: tl.constexpr = False, EARLY: tl.constexpr = True, RU: tl.constexpr = 8,
 ):
     """The key tile in two halves of H = NKBP / 2 columns, built one after the other: every
-    temporary (classification, the score dot's operands) is half the size."""
+    temporary (classification, the scores) is half the size. QP and KP are the transposed
+    means ``[B, Hs, r, NQB]`` (group summed) and ``[B, Hkv, r, NKB]``; GS must be 1."""
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, PID0, LPT)
     H: tl.constexpr = NKBP // 2
