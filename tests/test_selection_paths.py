@@ -2,7 +2,7 @@
 reference.select_blocks.
 
 "dense" (all key blocks of a program in registers, k-th largest score by a binary search on
-its bits), "wide" (the same for long rows: one int32 key tile in column chunks, an early-stopping
+its bits), "wide" (the same for long rows: one int32 key tile in two column halves, an early-stopping
 search) and "stream" (chunks, running top-k buffer) must give the reference's index lists
 (exactly, up to blocks whose scores tie within rounding) and, on the same fp32 scores, the
 same lists as each other. Small shapes in Triton's interpreter on CPU; block 16 gives

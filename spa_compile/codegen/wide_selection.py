@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .common import classify_blocks
-from .selection import LOCAL_BIG, _program_rows, _topk_count
+from .selection import _local_threshold, _program_rows, _topk_count
 
 KEY_MAX = tl.constexpr(2147483647)  # forced blocks: above every score key
 KEY_MIN = tl.constexpr(-2147483648)  # invisible or padded columns: below every score key
@@ -70,15 +70,9 @@ def _row_thresholds(t0, t1, diag, row_ok, js, je, NB_b, FIRST_b, LAST_b, CS_b, N
                                           WIN, QB, CW, BS, CAUSAL, WINDOW, HAS_KV)
             cur = tl.minimum(cur, tl.min(tl.where(visible & (jb > sthr[:, None]), jb, NKBP), axis=1))
         sthr = cur
-    lthr = tl.full([QB], -1, dtype=tl.int32)
-    for _l in range(LOCAL):
-        cur = tl.full([QB], LOCAL_BIG, dtype=tl.int32)
-        for ci in tl.static_range(NKBP // CW):
-            jb, visible, full = _classify(ci * CW, t0, t1, row_ok, js, je, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF,
-                                          WIN, QB, CW, BS, CAUSAL, WINDOW, HAS_KV)
-            lkey = tl.abs(jb - diag[:, None]) * NKB + jb
-            cur = tl.minimum(cur, tl.min(tl.where(visible & (lkey > lthr[:, None]), lkey, LOCAL_BIG), axis=1))
-        lthr = cur
+    # the streaming kernel's full-range scan over [js, je) in chunks of CW
+    lthr = _local_threshold(tl.full([QB], -1, dtype=tl.int32), js, je, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, Nk,
+                            NKB, OFF, WIN, LOCAL, QB, CW, BS, CAUSAL, WINDOW, HAS_KV)
     return sthr, lthr
 
 
