@@ -8,7 +8,8 @@ For B=1, Hq=32, D=128, bf16, causal, block 64, density 0.2 and top-k 32, at each
   show their host time) and ``do_bench_cudagraph`` (the same calls replayed from a CUDA graph:
   GPU time alone) of: pool_q and pool_kv (also with 2 and 4 blocks a program), the group sum in torch (identity projector), the selection
   kernel on the summed queries for each path (stream, dense and wide where NKB allows; wide also with its search run all 32 steps), the selection
-  kernel summing the group itself (``group=G``), the same and the op forward in the ascending
+  kernel summing the group itself (``group=G``), with the score dot's key operand transposed or
+  not (``keys_t``) at each precision, the same and the op forward in the ascending
   program order (``longest_first=False``, checked equal to the longest-first lists), the dense kernel's k-th search at 2 and 3 bits
   a step (``radix_bits``), the whole ``api.selection_stage`` and the
   whole op forward with each selection path, and both with ``block_score="hybrid"``; with
@@ -196,6 +197,18 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
         for w in warps:
             stages[f"select_{path}_tf32x3_w{w}"] = lambda path=path, w=w: select(
                 qsum, kbar, info, scale, cfg, kmax, path=path, precision="tf32x3", num_warps=w)
+    for path in [p for p in paths if p != "wide"]:  # the score dot's key operand transposed (KT) or not, as the op calls
+        for kt in (False, True):
+            for prec in ("ieee", "tf32x3"):
+                got = select(qbar, kbar, info, scale, cfg, kmax, group=g, path=path, precision=prec, keys_t=kt)
+                if prec == "ieee":
+                    checks[f"{path}_kt{int(kt)}_equal"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
+                else:
+                    checks[f"{path}_kt{int(kt)}_tf32x3_rows_differing"] = (int((got[0] != ref[0]).any(-1).sum())
+                                                                          + int((got[1] != ref[1]).sum()))
+                stages[f"select_{path}_group_in_kernel_{prec}_kt{int(kt)}"] = (
+                    lambda path=path, kt=kt, prec=prec: select(qbar, kbar, info, scale, cfg, kmax, group=g, path=path,
+                                                               precision=prec, keys_t=kt))
     for w in warps:  # the same kernels at other warp counts (selection.select(num_warps=))
         for path in paths:
             got = select(qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w, precision="ieee")

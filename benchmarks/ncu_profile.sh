@@ -3,7 +3,8 @@
 #   POINTS="131072:32:topk32 16384:32:density0.2" PATHS="wide" bash benchmarks/ncu_profile.sh
 # Env: POINTS, PATHS (selection paths timed alone too), KERNELS (ncu -k regex, default every kernel),
 # SOURCE_K (regex of the kernels whose SASS-level stall samples are dumped). Writes under $OUT:
-# prof.ncu-rep, details.txt (every section of every kernel), source_*.csv, ncu.log.
+# prof.ncu-rep, details.txt (every section of every kernel), source.csv.gz (SASS lines with their
+# stall samples, SOURCE_K's kernels), summary.csv, ncu.log.
 set -o pipefail
 OUT=${OUT:-/tmp/spa_ncu}; mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/spa_cache/triton
@@ -21,7 +22,7 @@ echo "details: $(wc -l < "$OUT/details.txt") lines"
 if [ -n "$SOURCE_K" ]; then
   "$NCU" -i "$OUT/prof.ncu-rep" -k "regex:$SOURCE_K" --page source --print-source sass,cuda --csv \
       > "$OUT/source.csv" 2> "$OUT/source.err"
-  echo "source: $(wc -l < "$OUT/source.csv") lines"; head -3 "$OUT/source.err"
+  echo "source: $(wc -l < "$OUT/source.csv") lines"; head -3 "$OUT/source.err"; gzip -f "$OUT/source.csv"
 fi
 "$NCU" -i "$OUT/prof.ncu-rep" --page raw --csv --metrics gpu__time_duration.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size > "$OUT/summary.csv" 2>&1
 cat "$OUT/summary.csv" | cut -c1-400

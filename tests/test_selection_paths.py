@@ -76,6 +76,11 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
     # tensor-core scores (three tf32 products; exact fp32 under the interpreter): the reference's
     # lists up to near-ties, checked below like every path
     got["dense-tf32x3"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", precision="tf32x3")
+    # the score dot reading the transposed key means (KT): the same products, the same lists
+    got["dense-kt"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", precision="ieee", keys_t=True)
+    if "stream" in gs_paths:  # the streaming kernel is slow in the interpreter: the dot case only
+        got["stream-kt0"] = selection.select(qp, kp, info, scale, cfg, kmax, path="stream", precision="ieee",
+                                             keys_t=False)
     for rb in (2, 3):  # the dense kernel's k-th search, RB bits a step: the same threshold
         got[f"dense-rb{rb}"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", radix_bits=rb,
                                                 precision="ieee")
@@ -92,7 +97,7 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
         except AssertionError as e:
             raise AssertionError(f"path {name}: {e}") from e
     # the same fp32 scores in both kernels: the same lists (ties included)
-    for name in ("stream", "wide", "dense-rb2", "dense-rb3"):
+    for name in ("stream", "wide", "dense-rb2", "dense-rb3", "dense-kt") + (("stream-kt0",) if "stream-kt0" in got else ()):
         assert torch.equal(got["dense"][0], got[name][0]) and torch.equal(got["dense"][1], got[name][1]), name
     return got, ref
 
@@ -183,6 +188,19 @@ def test_score_precision_choice(monkeypatch):
     monkeypatch.setenv(selection.PRECISION_ENV, "tf32")  # plain tf32 would reorder near blocks
     with pytest.raises(ValueError, match="must be 'ieee' or 'tf32x3'"):
         selection.score_precision()
+
+
+def test_keys_transposed_choice(monkeypatch):
+    monkeypatch.delenv(selection.KT_ENV, raising=False)
+    assert selection.keys_transposed("stream") is selection.KEYS_TRANSPOSED["stream"]
+    assert selection.keys_transposed("dense", True) is True and selection.keys_transposed("stream", False) is False
+    monkeypatch.setenv(selection.KT_ENV, "0")
+    assert selection.keys_transposed("stream") is False
+    monkeypatch.setenv(selection.KT_ENV, "1")
+    assert selection.keys_transposed("dense") is True
+    monkeypatch.setenv(selection.KT_ENV, "yes")
+    with pytest.raises(ValueError, match="SPA_SELECT_KT"):
+        selection.keys_transposed("dense")
 
 
 def test_dense_radix_bits_choice(monkeypatch):

@@ -47,13 +47,18 @@ FORCED_HI = tl.constexpr(2147483647 * 4294967296)  # the score part of a forced 
 
 @triton.jit
 def _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
-                USE_DOT: tl.constexpr, GS, sqg, PREC: tl.constexpr = "ieee"):
+                USE_DOT: tl.constexpr, GS, sqg, PREC: tl.constexpr = "ieee", KT: tl.constexpr = False, NKB=0):
     """scale * qp[rows] . kp[jj] in float32 as ``[QB, BJ]``: fp32 FMA (PREC "ieee"), or with
     USE_DOT and PREC "tf32x3" three tf32 tensor-core products (near fp32: tf32 alone, 10 mantissa
     bits, would reorder blocks whose scores differ by 1e-3).
 
     With GS > 1 the query rows are the sum of GS heads ``sqg`` elements apart (the group sum of
-    "group" selection, done here instead of by a torch launch)."""
+    "group" selection, done here instead of by a torch launch). KT (with USE_DOT): KP_h is the
+    head's transposed key means ``[R, NKB]``, loaded as the dot's ``[RC, BJ]`` operand directly.
+    The same products in the same order; what changes is the operand's shared-memory layout:
+    from ``[BJ, RC]`` rows, the FMA dot's reads of one k across the lanes' columns hit two banks
+    (16-way conflicts: 77% of the streaming kernel's shared wavefronts at 128K, Nsight Compute,
+    H200, 2026-11-29)."""
     acc = tl.zeros([QB, BJ], dtype=tl.float32)
     for r0 in range(0, R, RC):
         rr = r0 + tl.arange(0, RC)
@@ -63,10 +68,14 @@ def _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB: tl.constexpr, BJ
         qv = tl.load(qptr, mask=qm, other=0.0)
         for g in range(1, GS):
             qv += tl.load(qptr + g * sqg, mask=qm, other=0.0)
-        kv = tl.load(KP_h + jj[:, None].to(tl.int64) * R + rr[None, :], mask=jm[:, None] & rm[None, :], other=0.0)
-        if USE_DOT:
+        if USE_DOT and KT:
+            kt = tl.load(KP_h + rr[:, None].to(tl.int64) * NKB + jj[None, :], mask=rm[:, None] & jm[None, :], other=0.0)
+            acc += tl.dot(qv, kt, input_precision=PREC)
+        elif USE_DOT:
+            kv = tl.load(KP_h + jj[:, None].to(tl.int64) * R + rr[None, :], mask=jm[:, None] & rm[None, :], other=0.0)
             acc += tl.dot(qv, tl.trans(kv), input_precision=PREC)
         else:
+            kv = tl.load(KP_h + jj[:, None].to(tl.int64) * R + rr[None, :], mask=jm[:, None] & rm[None, :], other=0.0)
             acc += tl.sum(qv[:, None, :] * kv[None, :, :], axis=2)
     s = acc * scale
     return tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: equal scores must tie
@@ -219,6 +228,7 @@ def _select_kernel(
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
     USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
     PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, FAST: tl.constexpr = True, LPT: tl.constexpr = False,
+    KT: tl.constexpr = False,
 ):
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, 0, LPT)
@@ -292,7 +302,8 @@ def _select_kernel(
             if STOP == 2:  # timing only (bench_selection.py --stream-variants): the walk without its scores
                 sc = (jj[None, :] % 61).to(tl.float32) + rows[:, None].to(tl.float32)
             else:
-                sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT, GS, NQB * R, PREC)
+                sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, BJ, RC, USE_DOT, GS, NQB * R, PREC,
+                                 KT, NKB)
             key = tl.where(rem, _encode(sc, jj), key)
         kth = tl.min(best, axis=1)
         if STOP == 1:  # timing only (bench_selection.py --phases): the walk without its merges
@@ -326,6 +337,7 @@ def _select_dense_kernel(
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
     RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
     PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, PID0=0, LPT: tl.constexpr = False,
+    KT: tl.constexpr = False,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
@@ -363,7 +375,7 @@ def _select_dense_kernel(
 
     sel = forced
     if tl.max(nrem, axis=0) > 0:
-        sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, NKBP, RC, USE_DOT, GS, NQB * R, PREC)
+        sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, NKBP, RC, USE_DOT, GS, NQB * R, PREC, KT, NKB)
         bits = sc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order = float order (as _encode)
         ordered = tl.where(rem, ordered, -2147483647 - 1)
@@ -445,6 +457,23 @@ def score_precision(precision: str | None = None, path: str = "dense") -> str:
     if prec not in ("ieee", "tf32x3"):
         raise ValueError(f"{PRECISION_ENV}/precision must be 'ieee' or 'tf32x3', not {prec!r}")
     return prec
+
+
+# Key means transposed (``[.., r, NKB]``) for the score dot (``_score_keys``' KT): per path, until
+# measured on the card; $SPA_SELECT_KT ("0" / "1") or ``select(..., keys_transposed=)`` overrides.
+KEYS_TRANSPOSED = {"dense": False, "stream": True}
+KT_ENV = "SPA_SELECT_KT"
+
+
+def keys_transposed(path: str, flag: bool | None = None) -> bool:
+    """Whether ``path``'s score dot reads the transposed key means: ``flag``, else $SPA_SELECT_KT,
+    else KEYS_TRANSPOSED[path]."""
+    if flag is not None:
+        return bool(flag)
+    env = os.environ.get(KT_ENV, "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"{KT_ENV} must be 0 or 1, not {env!r}")
+    return KEYS_TRANSPOSED[path] if env == "" else env == "1"
 
 
 AUTO_WIDE = False  # "auto" takes the wide path for DENSE_MAX_NKB < NKB <= WIDE_MAX_NKB (see wide_selection.py)
@@ -579,7 +608,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
            path: str | None = None, radix_bits: int | None = None, half: bool = False,
            num_warps: int | None = None, stop: int = 0, precision: str | None = None,
            stream_config: dict | None = None, tiers: int | None = None,
-           longest_first: bool | None = None) -> tuple[Tensor, Tensor]:
+           longest_first: bool | None = None, keys_t: bool | None = None) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
@@ -595,6 +624,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     kernel's merges, 2 its scores (timing only: no valid lists). ``precision``: see ``score_precision``
     (the wide path always scores in fp32 FMA).
     ``longest_first``: see ``program_order_lpt`` (program order; the same lists either way).
+    ``keys_t``: see ``keys_transposed`` (the score dot's key operand layout; the same lists).
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -621,13 +651,18 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         on = lpt and nprog <= 65535
         return ((b * hs, nprog) if on else (nprog, b * hs)), on
 
+    def with_keys_t(use_dot):  # the launch tuple with the transposed key means, where the dot takes them
+        kt = use_dot and keys_transposed(chosen, keys_t)
+        return (common[:1] + (kp.transpose(-1, -2).contiguous(),) + common[2:]) if kt else common, kt
+
     if chosen == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
         rb = dense_radix_bits(nkbp, radix_bits)
+        args, kt = with_keys_t(use_dot)
         for p0, p1, cols in dense_tiers(info, qb, nkbp, kmax, tiers, rows=b * hs):
             launch, on = grid(p1 - p0)
             _select_dense_kernel[launch](
-                *common, CAUSAL=info.causal, WINDOW=info.has_window,
+                *args, KT=kt, CAUSAL=info.causal, WINDOW=info.has_window,
                 BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
                 HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0, LPT=on,
                 num_warps=num_warps or _dense_warps(qb, cols),
@@ -666,8 +701,9 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         if sc:
             raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, num_stages)")
         launch, on = grid(triton.cdiv(nqb, qb))
+        args, kt = with_keys_t(use_dot)
         _select_kernel[launch](
-            *common, CAUSAL=info.causal, WINDOW=info.has_window,
+            *args, KT=kt, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=max(bj, kpb), RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
             HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, FAST=fast, LPT=on,
             num_warps=num_warps or warps, **extra,
