@@ -124,6 +124,16 @@ STREAM_VARIANTS = [
     ("w8", None, None, 8),
     ("bj64", {"BJ": 64}, None, None),
     ("tf32x3", None, "tf32x3", None),
+    # insertions instead of merges for chunks with few keys above the rows' minima (selection.STREAM_INSERT)
+    ("insert0", {"INSERT": 0}, None, None),
+    ("insert4", {"INSERT": 4}, None, None),
+    ("insert8", {"INSERT": 8}, None, None),
+    ("insert16", {"INSERT": 16}, None, None),
+    ("insert32", {"INSERT": 32}, None, None),
+    ("insert64", {"INSERT": 64}, None, None),
+    ("bj64_insert8", {"BJ": 64, "INSERT": 8}, None, None),
+    ("bj64_insert16", {"BJ": 64, "INSERT": 16}, None, None),
+    ("bj256_insert16", {"BJ": 256, "INSERT": 16}, None, None),
 ]
 STREAM_STOPS = [("base_stop1", None, 1), ("base_stop2", None, 2)]
 
@@ -228,7 +238,7 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
                                                                   path="dense", tiers=t)
         stages["select_dense_group_in_kernel_w16"] = lambda: select(qbar, kbar, info, scale, cfg, kmax, group=g,
                                                                     path="dense", num_warps=16)
-    if stream_variants and info.nkb > DENSE_MAX_NKB:  # the streaming kernel's launch shapes (as the op calls it)
+    if stream_variants:  # the streaming kernel's launch shapes (as the op calls it at 128K; at 16K against dense)
         for name, sc, prec, w in STREAM_VARIANTS:
             def run(sc=sc, prec=prec, w=w):
                 return select(qbar, kbar, info, scale, cfg, kmax, group=g, path="stream", stream_config=sc,
