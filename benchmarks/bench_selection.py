@@ -124,16 +124,10 @@ STREAM_VARIANTS = [
     ("w8", None, None, 8),
     ("bj64", {"BJ": 64}, None, None),
     ("tf32x3", None, "tf32x3", None),
-    # insertions instead of merges for chunks with few keys above the rows' minima (selection.STREAM_INSERT)
-    ("insert0", {"INSERT": 0}, None, None),
-    ("insert4", {"INSERT": 4}, None, None),
-    ("insert8", {"INSERT": 8}, None, None),
-    ("insert16", {"INSERT": 16}, None, None),
-    ("insert32", {"INSERT": 32}, None, None),
-    ("insert64", {"INSERT": 64}, None, None),
-    ("bj64_insert8", {"BJ": 64, "INSERT": 8}, None, None),
-    ("bj64_insert16", {"BJ": 64, "INSERT": 16}, None, None),
-    ("bj256_insert16", {"BJ": 256, "INSERT": 16}, None, None),
+    ("qb32_w8", {"QB": 32}, None, 8),  # 32 query blocks a program: each key chunk loaded for twice the rows
+    ("rc32", {"RC": 32}, None, None),
+    ("stages2", {"num_stages": 2}, None, None),
+    ("stages3", {"num_stages": 3}, None, None),
 ]
 STREAM_STOPS = [("base_stop1", None, 1), ("base_stop2", None, 2)]
 

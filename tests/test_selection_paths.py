@@ -190,16 +190,6 @@ def test_score_precision_choice(monkeypatch):
         selection.score_precision()
 
 
-def test_stream_insert_choice(monkeypatch):
-    monkeypatch.delenv(selection.INSERT_ENV, raising=False)
-    assert selection.stream_insert() == selection.STREAM_INSERT and selection.stream_insert(8) == 8
-    monkeypatch.setenv(selection.INSERT_ENV, "16")
-    assert selection.stream_insert() == 16 and selection.stream_insert(0) == 0
-    monkeypatch.setenv(selection.INSERT_ENV, "-1")
-    with pytest.raises(ValueError, match="SPA_SELECT_INSERT"):
-        selection.stream_insert()
-
-
 def test_keys_transposed_choice(monkeypatch):
     monkeypatch.delenv(selection.KT_ENV, raising=False)
     assert selection.keys_transposed("stream") is selection.KEYS_TRANSPOSED["stream"]
@@ -249,40 +239,6 @@ def test_stream_interior_chunks_and_geometry_visibility(visk, cfgk):
     assert torch.equal(fast[1], full[1])
     assert torch.equal(fast[0], full[0])
     assert (full[1] > 0).all()
-
-
-@pytest.mark.parametrize("insert", [2, 16])
-@pytest.mark.parametrize("visk,cfgk,ties", [
-    (dict(causal=True, key_valid="holes"), dict(topk=5, sink_blocks=1, local_blocks=2), False),
-    (dict(causal=True, offset=7), dict(density=0.3, sink_blocks=0, local_blocks=0), False),
-    (dict(causal=False), dict(topk=4, sink_blocks=2, local_blocks=1), True),
-])
-def test_stream_insertion(visk, cfgk, ties, insert):
-    """The streaming walk's insertions (INSERT: a chunk with few keys above the rows' minima puts
-    each row's largest in place of its minimum, one at a time; the buffer is sorted again before
-    the next bitonic merge and at the end) give the lists of the merges alone: the same KPB largest
-    keys. INSERT 2 mixes both kinds of chunk in one walk, 16 takes most chunks by insertion; ties
-    (a few distinct scores) and key padding included."""
-    b, nq, nk = 2, 1200, 1200
-    if "key_valid" in visk:
-        visk = dict(visk, key_valid=_holes(b, nk, 5))
-    vis = Visibility(nq, nk, **visk)
-    info = block_info(vis, b, nq, nk, 16, "cpu")
-    cfg = SPAConfig(block_size=16, **cfgk)
-    kmax = int(max_selected(nq, nk, vis, cfg))
-    gen = torch.Generator().manual_seed(insert + len(str(visk)))
-    qp = torch.randn(b, 2, info.nqb, 16, generator=gen)
-    kp = torch.randn(b, 1, info.nkb, 16, generator=gen)
-    if ties:
-        kp = kp.round()
-        qp = qp.round()
-    merged = selection.select(qp, kp, info, 0.2, cfg, kmax, group=2, path="stream", stream_config={"BJ": 16})
-    inserted = selection.select(qp, kp, info, 0.2, cfg, kmax, group=2, path="stream",
-                                stream_config={"BJ": 16, "INSERT": insert})
-    assert torch.equal(inserted[1], merged[1])
-    assert torch.equal(inserted[0], merged[0])
-    dense = selection.select(qp, kp, info, 0.2, cfg, kmax, group=2, path="dense", precision="ieee")
-    assert torch.equal(inserted[1], dense[1]) and torch.equal(inserted[0], dense[0])
 
 
 @pytest.mark.parametrize("offset,kw", [(0, dict(topk=3)), (37, dict(density=0.3, sink_blocks=0))])

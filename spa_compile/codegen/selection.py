@@ -228,7 +228,7 @@ def _select_kernel(
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
     USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
     PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, FAST: tl.constexpr = True, LPT: tl.constexpr = False,
-    KT: tl.constexpr = False, INSERT: tl.constexpr = 0,
+    KT: tl.constexpr = False,
 ):
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, 0, LPT)
@@ -270,9 +270,7 @@ def _select_kernel(
         fb = tl.minimum(tl.where(y > 0, y // BS, 0), NKB)
 
     # B. one walk: forced blocks (largest key) and the remaining visible blocks by score
-    # the empty slots hold distinct keys below every real one, so that a row's minimum is one slot (INSERT)
-    best = tl.full([QB, KPB], SENTINEL, dtype=tl.int64) + tl.arange(0, KPB).to(tl.int64)[None, :]
-    dirty = tl.program_id(0) * 0  # the buffer is out of order (insertions since the last merge)
+    best = tl.full([QB, KPB], SENTINEL, dtype=tl.int64)
     seen = tl.zeros([QB], dtype=tl.int32)
     nrem = tl.zeros([QB], dtype=tl.int32)
     nforced = tl.zeros([QB], dtype=tl.int32)
@@ -311,27 +309,7 @@ def _select_kernel(
         if STOP == 1:  # timing only (bench_selection.py --phases): the walk without its merges
             best = tl.maximum(best, tl.max(key, axis=1)[:, None])
         elif tl.max(tl.max((key > kth[:, None]).to(tl.int32), axis=1), axis=0) > 0:
-            if INSERT > 0:
-                # few keys above the rows' minima (past the first chunks): each row's largest replaces its
-                # minimum, one at a time, instead of a bitonic top-k of the chunk and a merge
-                cand = tl.where(key > kth[:, None], key, SENTINEL)
-                many = tl.max(tl.sum((cand != SENTINEL).to(tl.int32), axis=1), axis=0)
-                if many <= INSERT:
-                    for _i in range(many):
-                        x = tl.max(cand, axis=1)
-                        best = tl.where((best == kth[:, None]) & (x > kth)[:, None], x[:, None], best)
-                        cand = tl.where(cand == x[:, None], SENTINEL, cand)
-                        kth = tl.min(best, axis=1)
-                    dirty = dirty * 0 + 1
-                else:
-                    if dirty > 0:
-                        best = tl.sort(best, dim=1, descending=False)
-                    best = _merge_top(best, key, KPB)
-                    dirty = dirty * 0
-            else:
-                best = _merge_top(best, key, KPB)
-    if dirty > 0:
-        best = tl.sort(best, dim=1, descending=False)
+            best = _merge_top(best, key, KPB)
 
     # k per query block (budget.topk_count); S = the last n_forced + k entries of the (ascending) buffer
     k = _topk_count(seen, nrem, TOPK, PPM, MINB, MAXB)
@@ -481,8 +459,12 @@ def score_precision(precision: str | None = None, path: str = "dense") -> str:
     return prec
 
 
-# Key means transposed (``[.., r, NKB]``) for the score dot (``_score_keys``' KT): per path, until
-# measured on the card; $SPA_SELECT_KT ("0" / "1") or ``select(..., keys_transposed=)`` overrides.
+# Key means transposed (``[.., r, NKB]``) for the score dot (``_score_keys``' KT), per path. H200,
+# torch 2.11, triton 3.6, 2026-11-29 (bench_selection.py, CUDA graph, top-k 32, the op's group-summing
+# launch, the same lists): streaming (fp32 FMA dot) at 128K 2.47 ms against 3.99 (Hkv=32) and 0.76
+# against 1.06 (Hkv=8), at 16K, Hkv=32 0.093 against 0.121; the dense kernel's tf32x3 dot at 16K,
+# Hkv=32 0.108 against 0.094 (its fp32 FMA dot 0.101 against 0.132). $SPA_SELECT_KT ("0" / "1") or
+# ``select(..., keys_t=)`` overrides.
 KEYS_TRANSPOSED = {"dense": False, "stream": True}
 KT_ENV = "SPA_SELECT_KT"
 
@@ -525,20 +507,6 @@ def select_path(nkb: int, path: str | None = None) -> str:
     if (path == "dense" and nkb > DENSE_FORCE_MAX_NKB) or (path == "wide" and nkb > WIDE_MAX_NKB):
         return "stream"
     return path
-
-
-# The streaming walk's insertion bound (``_select_kernel``' INSERT): a chunk with at most this many
-# keys above some row's minimum inserts them one at a time; more (or 0 here) merge by bitonic top-k.
-STREAM_INSERT = 0
-INSERT_ENV = "SPA_SELECT_INSERT"  # overrides STREAM_INSERT
-
-
-def stream_insert(bound: int | None = None) -> int:
-    """The streaming walk's insertion bound: ``bound``, else $SPA_SELECT_INSERT, else STREAM_INSERT."""
-    val = bound if bound is not None else int(os.environ.get(INSERT_ENV, "") or STREAM_INSERT)
-    if val < 0:
-        raise ValueError(f"{INSERT_ENV}/INSERT must be >= 0, not {val}")
-    return val
 
 
 def _stream_config(nqb: int, nkb: int, r: int, kmax: int):
@@ -731,16 +699,15 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         sc = dict(stream_config or {})
         qb, bj, rc = sc.pop("QB", qb), sc.pop("BJ", bj), sc.pop("RC", rc)
         fast = bool(sc.pop("FAST", True))
-        insert = stream_insert(sc.pop("INSERT", None))
         has_kv = bool(sc.pop("HAS_KV", has_kv))
         use_dot = qb >= 16
         extra = {"num_stages": sc.pop("num_stages")} if "num_stages" in sc else {}
         if sc:
-            raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, INSERT, num_stages)")
+            raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, num_stages)")
         launch, on = grid(triton.cdiv(nqb, qb))
         args, kt = with_keys_t(use_dot)
         _select_kernel[launch](
-            *args, KT=kt, INSERT=insert, CAUSAL=info.causal, WINDOW=info.has_window,
+            *args, KT=kt, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=max(bj, kpb), RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
             HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, FAST=fast, LPT=on,
             num_warps=num_warps or warps, **extra,
