@@ -72,38 +72,19 @@ def fill_bias_loads(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, SEL, O, LSE, KD, VD, KBD, VBD,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, WIN, qk_scale,
-    D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
-    BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
-    PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
-    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0,
-):
-    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
-    BM: tl.constexpr = GP * BS
-    row_ok = t < Nq
+def exact_part(q, t, t0, t1, IDX_r, cnt, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, Nk, OFF, WIN, skn, svn, qk_scale,
+               BM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+               BDV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr,
+               PREC: tl.constexpr, TMA: tl.constexpr):
+    """The exact part of one tile of rows ``t`` (one query block, or GP head packs of it): an
+    online softmax (log2 domain) over the ``cnt`` blocks of the index row IDX_r. Returns
+    (m, l, acc) for the fill to continue."""
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
     offs_n = tl.arange(0, BS)
-
-    q = tl.load(Q + b64 * sqb + rh[:, None] * sqh + t[:, None].to(tl.int64) * sqn + d[None, :],
-                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-    K_h = K + b64 * skb + kh.to(tl.int64) * skh
-    b32 = b64.to(tl.int32)
-    V_h = V + b64 * svb + kh.to(tl.int64) * svh
-    NB_b = NB + b64 * NKB
-    KV_b = KVALID + b64 * Nk
-    IDX_r = IDX + ((b64 * Hs + hs) * NQB + i) * KMAX
-    cnt = tl.load(CNT + (b64 * Hs + hs) * NQB + i)
-
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
-
     for s in range(0, cnt):
         j = tl.load(IDX_r + s)
         kpos = j * BS + offs_n
@@ -131,6 +112,70 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def fill_step(q, kb, vb, bias, m_i, l_i, acc, qk_scale, inv_scale, BM: tl.constexpr, BJ: tl.constexpr,
+              PREC: tl.constexpr):
+    """One fill chunk: the BJ pseudo-keys ``kb`` (values ``vb``) with their log2 bias, folded into
+    the online softmax (m, l, acc)."""
+    # the bias enters as the score dot's initial accumulator (in units of the dot, hence
+    # the 1/qk_scale): fewer live registers than an add after the dot, and it keeps the
+    # small loads out of the pipeline's shared-memory stages (compile_check: 228 -> ~195
+    # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
+    qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
+                input_precision=PREC) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_s)
+    p = tl.math.exp2(qk - m_s[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), vb, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_rows(O, LSE, b64, rh, t, row_ok, m_i, l_i, acc, sob, soh, son, Hq, Nq, dv, DV: tl.constexpr):
+    """o = acc / l and lse (natural log) of the tile's rows; a row that saw nothing gets 0, -inf."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(O + b64 * sob + rh[:, None] * soh + t[:, None].to(tl.int64) * son + dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + (b64 * Hq + rh) * Nq + t, lse, mask=row_ok)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, KBAR, VBAR, NB, FIRST, LAST, KVALID, IDX, CNT, SEL, O, LSE, KD, VD, KBD, VBD,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, WIN, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, GP: tl.constexpr,
+    BD: tl.constexpr, BDV: tl.constexpr, BJ: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
+    PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
+    TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
+    BIAS_MODE: tl.constexpr = 0,
+):
+    i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
+    BM: tl.constexpr = GP * BS
+    row_ok = t < Nq
+    d = tl.arange(0, BD)
+    dv = tl.arange(0, BDV)
+
+    q = tl.load(Q + b64 * sqb + rh[:, None] * sqh + t[:, None].to(tl.int64) * sqn + d[None, :],
+                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    K_h = K + b64 * skb + kh.to(tl.int64) * skh
+    b32 = b64.to(tl.int32)
+    V_h = V + b64 * svb + kh.to(tl.int64) * svh
+    NB_b = NB + b64 * NKB
+    KV_b = KVALID + b64 * Nk
+    IDX_r = IDX + ((b64 * Hs + hs) * NQB + i) * KMAX
+    cnt = tl.load(CNT + (b64 * Hs + hs) * NQB + i)
+
+    m_i, l_i, acc = exact_part(q, t, t0, t1, IDX_r, cnt, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, Nk, OFF, WIN,
+                               skn, svn, qk_scale, BM, D, DV, BS, BD, BDV, CAUSAL, WINDOW, HAS_KV, PREC, TMA)
 
     if FILL:
         # landmarks [ls, he) are fully visible by geometry (one scalar test at each end), so
@@ -167,22 +212,9 @@ def _fwd_kernel(
             # the 1/qk_scale): fewer live registers than an add after the dot, and it keeps the
             # small loads out of the pipeline's shared-memory stages (compile_check: 228 -> ~195
             # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
-            qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
-                        input_precision=PREC) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_s)
-            p = tl.math.exp2(qk - m_s[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), vb, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = fill_step(q, kb, vb, bias, m_i, l_i, acc, qk_scale, inv_scale, BM, BJ, PREC)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(O + b64 * sob + rh[:, None] * soh + t[:, None].to(tl.int64) * son + dv[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + (b64 * Hq + rh) * Nq + t, lse, mask=row_ok)
+    store_rows(O, LSE, b64, rh, t, row_ok, m_i, l_i, acc, sob, soh, son, Hq, Nq, dv, DV)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -277,6 +309,23 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
     bj = config.get("BJ", 64)
     tma_fill = fill and bool(config.get("TMA_FILL", False)) and tma_ok(kbar, vbar, bj)
     kbd, vbd = tma_descriptors(kbar, vbar, bj) if tma_fill else (None, None)
+    if fill and config.get("PAIR", False):  # two query blocks a program (sparse_forward_pairs.py)
+        from .sparse_forward_pairs import _fwd_pair_kernel, pair_grid
+
+        if gp != 1:
+            raise ValueError(f"forward config {config}: PAIR takes one head a program (GP=1), not GP={gp}")
+        _fwd_pair_kernel[pair_grid(b, hq, info.nqb)](
+            q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse, kd, vd, kbd, vbd,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            hq, hkv, hs, nq, info.nk, info.nqb, info.nkb, index.shape[-1], info.offset, info.win,
+            float(scale) * LOG2E,
+            D=d, DV=dv, BS=info.block, BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
+            FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window,
+            HAS_KV=info.key_valid is not None, FILL=fill, PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill,
+            UNIFORM_N=uniform_counts(info), num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+        return out, lse
     grid, hf, go = program_grid(config, b, hq, info.nqb)
     _fwd_kernel[grid](
         q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse, kd, vd, kbd, vbd,
