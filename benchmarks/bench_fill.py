@@ -1,6 +1,7 @@
 """Why the landmark fill runs slower than the exact loop: the sparse forward with fill variants.
 
     PYTHONPATH=. python3 benchmarks/bench_fill.py --out $OUT/fill.json [--ns 131072] [--hkv 8]
+        [--configs I ...] [--modes 0 ...] [--no-nofill]
 
 B=1, Hq=32, D=128, bf16, causal, block 64, top-k 32 (the 128K target's setting). The selection
 is computed once (api.selection_stage); then, for the forward configs that tuning picks at long
@@ -18,6 +19,12 @@ Measured before (H200, 2026-11-28, 128K, Hkv=8, GP=2 8 warps 4 stages TMA): per-
 added after the dot 19.08; loaded one chunk ahead 18.80; no bias 15.77 (451 TFLOP/s); the count
 load alone 17.87: the per-column loads were the cost, not their latency.
 
+Two query blocks a program (the landmark tiles loaded once for both; commit 54504dd, removed
+after run 35, H200, 2026-11-29, 128K, Hkv=32, fill on): 26.0 ms at 4 warps, 35.3 / 41.7 ms at 8
+warps (3 / 2 stages) against 16.2 ms for the tuned one-block config (GP 1, 4 warps, 3 stages, TMA);
+the same outputs (bitwise at 4 warps).
+
+Every config's output (poisoned before each run) is compared with the first config's.
 The fill's throughput is its FLOPs (4 D per (row, computed landmark), the landmarks a program's
 chunks cover) over the time it adds to the no-fill run. Mode 1's output is checked against
 mode 0's (and mode 0 against the reference in the GPU tests).
@@ -45,10 +52,6 @@ CONFIGS = [
     {"GP": 2, "num_warps": 8, "num_stages": 4, "BJ": 64, "TMA": True, "TMA_FILL": True},
     {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": True},
     {"GP": 4, "num_warps": 16, "num_stages": 2, "BJ": 64, "TMA": True, "TMA_FILL": True},
-    # two query blocks a program, the landmark tiles loaded once for both (sparse_forward_pairs.py)
-    {"GP": 1, "num_warps": 8, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": True, "PAIR": True},
-    {"GP": 1, "num_warps": 8, "num_stages": 2, "BJ": 64, "TMA": True, "TMA_FILL": True, "PAIR": True},
-    {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": True, "PAIR": True},
 ]
 MODES = (0, 1, 2)
 

@@ -285,44 +285,6 @@ def test_forward_tma_variant(hq, hkv, gp):
     assert torch.equal(fin, torch.isfinite(l2))
 
 
-@needs_cpu_kernels
-@pytest.mark.parametrize("visk,n,tma", [
-    (dict(causal=True, key_valid="right"), 150, False),  # 10 query blocks: 5 pairs
-    (dict(causal=True, offset=100, window=250), 280, False),  # 18 blocks; the window: ranges from both ends
-    (dict(causal=False), 150, True),  # every landmark in both blocks' ranges; TMA loads
-    (dict(causal=True), 170, True),  # 11 blocks: the last program's earlier block is absent
-], ids=["causal-padding", "offset-window", "none-tma", "odd-tma"])
-def test_forward_pairs(visk, n, tma):
-    """Two query blocks a program (PAIR, sparse_forward_pairs.py: each block's exact part, the
-    landmark tiles loaded once for both, each block's own fill range and bias) bitwise against
-    the one-block kernel, outputs poisoned first; and against the reference."""
-    b, hq, hkv, d, bs = 1, 2, 1, 16, 16
-    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.float16, seed=17)
-    kw = dict(visk)
-    if kw.get("key_valid") == "right":
-        kw["key_valid"] = padding(b, n, [n - 23])
-    vis = Visibility(n, n, **kw)
-    cfg = SPAConfig(block_size=bs, topk=2)
-    scale = d**-0.5
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
-    info = block_info(vis, b, n, n, bs, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    base = {"GP": 1, "num_warps": 4, "num_stages": 2, "BJ": 32, "TMA": tma, "TMA_FILL": tma}
-    o1, l1 = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, base)
-    o2 = torch.full_like(o1, float("nan"))
-    l2 = torch.full_like(l1, float("nan"))
-    sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, dict(base, PAIR=True), o2, l2)
-    assert torch.equal(o1, o2) and torch.equal(l1, l2)
-    valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
-    ro, rl = R.sparse_attention(q.double(), k.double(), v.double(), R.Selection(idx, cnt), pooled, vis, valid, scale,
-                                cfg.fill, bs)
-    assert rel(o2, ro) < 2e-3
-    fin = torch.isfinite(rl)
-    assert torch.equal(fin, torch.isfinite(l2))
-    with pytest.raises(ValueError, match="PAIR takes one head"):
-        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, dict(base, PAIR=True, GP=2))
-
-
 def test_tma_eligibility_and_candidates():
     """TMA needs 16-bit dtypes, power-of-two head dims and 16-byte strides (else the launcher
     keeps the pointer loads); the candidate list offers it only on a compiled Hopper path,

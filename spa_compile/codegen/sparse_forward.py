@@ -309,23 +309,6 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
     bj = config.get("BJ", 64)
     tma_fill = fill and bool(config.get("TMA_FILL", False)) and tma_ok(kbar, vbar, bj)
     kbd, vbd = tma_descriptors(kbar, vbar, bj) if tma_fill else (None, None)
-    if fill and config.get("PAIR", False):  # two query blocks a program (sparse_forward_pairs.py)
-        from .sparse_forward_pairs import _fwd_pair_kernel, pair_grid
-
-        if gp != 1:
-            raise ValueError(f"forward config {config}: PAIR takes one head a program (GP=1), not GP={gp}")
-        _fwd_pair_kernel[pair_grid(b, hq, info.nqb)](
-            q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse, kd, vd, kbd, vbd,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            hq, hkv, hs, nq, info.nk, info.nqb, info.nkb, index.shape[-1], info.offset, info.win,
-            float(scale) * LOG2E,
-            D=d, DV=dv, BS=info.block, BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
-            FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window,
-            HAS_KV=info.key_valid is not None, FILL=fill, PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill,
-            UNIFORM_N=uniform_counts(info), num_warps=config["num_warps"], num_stages=config["num_stages"],
-        )
-        return out, lse
     grid, hf, go = program_grid(config, b, hq, info.nqb)
     _fwd_kernel[grid](
         q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse, kd, vd, kbd, vbd,
