@@ -124,6 +124,7 @@ STREAM_VARIANTS = [
     ("w8", None, None, 8),
     ("bj64", {"BJ": 64}, None, None),
     ("tf32x3", None, "tf32x3", None),
+    ("split", {"SPLIT": True}, None, None),  # the forced blocks in their own buffer, KPB from the top-k bound
     ("qb32_w8", {"QB": 32}, None, 8),  # 32 query blocks a program: each key chunk loaded for twice the rows
     ("rc32", {"RC": 32}, None, None),
     ("stages2", {"num_stages": 2}, None, None),

@@ -159,7 +159,7 @@ def main():
                         KMAX=I, GS=I, OFF=I, WIN=I, scale=0.1, SINK=I, LOCAL=I, TOPK=I, PPM=I, MINB=I, MAXB=I,
                         CAUSAL=causal, WINDOW=window, BS=64, QB=qb, KPB=kpb, BJ=bj,
                         RC=16 if dot else max(1, min(128, 16384 // (qb * bj))), USE_DOT=dot, NEAR=6, HALF=False,
-                        LPT=True)
+                        LPT=True, KT=dot and selection.KEYS_TRANSPOSED["stream"])  # the launcher's key operand
             w = 4 if qb * bj < 1024 else 8
             ok &= compile_one(selection._select_kernel, args, a.arch, w, 1,
                               f"select kpb{kpb} bj{bj} qb{qb} causal{int(causal)} win{int(window)}")

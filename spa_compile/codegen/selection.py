@@ -228,8 +228,12 @@ def _select_kernel(
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
     USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
     PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, FAST: tl.constexpr = True, LPT: tl.constexpr = False,
-    KT: tl.constexpr = False,
+    KT: tl.constexpr = False, FPB: tl.constexpr = 0, KMAXP: tl.constexpr = 16,
 ):
+    """FPB > 0 (forced apart): the forced blocks go to their own FPB-wide buffer, merged only in the
+    chunks that hold some, and the score buffer holds the remaining blocks alone (KPB from the
+    top-k bound instead of n_forced + k); the two lists are merged by rank at the end. KMAXP:
+    KMAX rounded up to a power of two (the -1 padding's store then)."""
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, 0, LPT)
     cols = tl.arange(0, BJ)
@@ -271,6 +275,7 @@ def _select_kernel(
 
     # B. one walk: forced blocks (largest key) and the remaining visible blocks by score
     best = tl.full([QB, KPB], SENTINEL, dtype=tl.int64)
+    fbest = tl.full([QB, FPB if FPB > 0 else 2], SENTINEL, dtype=tl.int64)
     seen = tl.zeros([QB], dtype=tl.int32)
     nrem = tl.zeros([QB], dtype=tl.int32)
     nforced = tl.zeros([QB], dtype=tl.int32)
@@ -298,6 +303,10 @@ def _select_kernel(
             nforced += tl.sum(forced.to(tl.int32), axis=1)
             low = (2147483647 - jj).to(tl.int64)[None, :]
             key = tl.where(forced, FORCED_HI + low, SENTINEL)
+            if FPB > 0:
+                if tl.max(tl.max(forced.to(tl.int32), axis=1), axis=0) > 0:
+                    fbest = _merge_top(fbest, key, FPB)
+                key = tl.full([QB, BJ], SENTINEL, dtype=tl.int64)
         if tl.max(tl.max(rem.to(tl.int32), axis=1), axis=0) > 0:
             if STOP == 2:  # timing only (bench_selection.py --stream-variants): the walk without its scores
                 sc = (jj[None, :] % 61).to(tl.float32) + rows[:, None].to(tl.float32)
@@ -317,13 +326,28 @@ def _select_kernel(
         k = (k + 1) // 2
     take = nforced + k
     kcols = tl.arange(0, KPB)
-    jsel = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
-    jsel = tl.where(kcols[None, :] >= KPB - take[:, None], jsel, 2**30)
-    jsel = tl.sort(jsel, dim=1, descending=False)
     IDX_r = IDX + (bh.to(tl.int64) * NQB + rows.to(tl.int64)) * KMAX
-    jsel = tl.where(kcols[None, :] < take[:, None], jsel, -1)  # KPB >= KMAX: the row's padding too
-    ok = row_ok[:, None] & (kcols[None, :] < KMAX)
-    tl.store(IDX_r[:, None] + kcols[None, :], jsel, mask=ok)
+    jsel = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
+    if FPB > 0:
+        # the k best remaining and the forced, each ascending; a block's slot is its rank in its
+        # own list plus the number of the other list's blocks below it (the two sets are disjoint)
+        jsel = tl.sort(tl.where(kcols[None, :] >= KPB - k[:, None], jsel, 2**30), dim=1, descending=False)
+        fcols = tl.arange(0, FPB)
+        jf = (2147483647 - (fbest & 0xFFFFFFFF)).to(tl.int32)
+        jf = tl.sort(tl.where(fcols[None, :] >= FPB - nforced[:, None], jf, 2**30), dim=1, descending=False)
+        sk = kcols[None, :] + tl.sum((jf[:, None, :] < jsel[:, :, None]).to(tl.int32), axis=2)
+        sf = fcols[None, :] + tl.sum((jsel[:, None, :] < jf[:, :, None]).to(tl.int32), axis=2)
+        tl.store(IDX_r[:, None] + sk, jsel, mask=row_ok[:, None] & (kcols[None, :] < k[:, None]))
+        tl.store(IDX_r[:, None] + sf, jf, mask=row_ok[:, None] & (fcols[None, :] < nforced[:, None]))
+        pcols = tl.arange(0, KMAXP)
+        pad = row_ok[:, None] & (pcols[None, :] >= take[:, None]) & (pcols[None, :] < KMAX)
+        tl.store(IDX_r[:, None] + pcols[None, :], tl.full([QB, KMAXP], -1, dtype=tl.int32), mask=pad)
+    else:
+        jsel = tl.where(kcols[None, :] >= KPB - take[:, None], jsel, 2**30)
+        jsel = tl.sort(jsel, dim=1, descending=False)
+        jsel = tl.where(kcols[None, :] < take[:, None], jsel, -1)  # KPB >= KMAX: the row's padding too
+        ok = row_ok[:, None] & (kcols[None, :] < KMAX)
+        tl.store(IDX_r[:, None] + kcols[None, :], jsel, mask=ok)
     tl.store(CNT + bh.to(tl.int64) * NQB + rows, take, mask=row_ok)
 
 
@@ -507,6 +531,36 @@ def select_path(nkb: int, path: str | None = None) -> str:
     if (path == "dense" and nkb > DENSE_FORCE_MAX_NKB) or (path == "wide" and nkb > WIDE_MAX_NKB):
         return "stream"
     return path
+
+
+# The streaming walk keeps the forced blocks apart (``_select_kernel``' FPB): opt-in until measured
+# on the card; stream_config={"SPLIT": ...} or $SPA_SELECT_SPLIT ("0" / "1") overrides.
+STREAM_SPLIT = False
+SPLIT_ENV = "SPA_SELECT_SPLIT"
+
+
+def stream_split() -> bool:
+    """$SPA_SELECT_SPLIT ("0" / "1"), else STREAM_SPLIT."""
+    env = os.environ.get(SPLIT_ENV, "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"{SPLIT_ENV} must be 0 or 1, not {env!r}")
+    return STREAM_SPLIT if env == "" else env == "1"
+
+
+def forced_apart(info: BlockInfo, cfg, kmax: int, kpb: int, bj: int, half: bool = False) -> tuple[int, int]:
+    """(KPB, FPB) of the streaming kernel with the forced blocks in their own buffer: KPB from the
+    top-k bound alone, FPB from the forced bound (sinks + local + the partial blocks of the causal
+    and window edges, two each at equal query and key blocks: visibility.max_partial_blocks).
+    (kpb, 0) where that gains nothing or the forced buffer would be wider than a chunk."""
+    kcap = topk_capacity(info.nkb, cfg)
+    kcap = (kcap + 1) // 2 if half else kcap
+    edges = int(info.causal) + int(info.has_window)
+    fbound = min(kmax, cfg.sink_blocks + cfg.local_blocks + 2 * edges)
+    kpb2 = max(16, triton.next_power_of_2(min(kcap, info.nkb)))
+    fpb = max(2, triton.next_power_of_2(max(fbound, 1)))
+    if kpb2 >= kpb or fpb > bj or kpb2 > bj:
+        return kpb, 0
+    return kpb2, fpb
 
 
 def _stream_config(nqb: int, nkb: int, r: int, kmax: int):
@@ -699,15 +753,17 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         sc = dict(stream_config or {})
         qb, bj, rc = sc.pop("QB", qb), sc.pop("BJ", bj), sc.pop("RC", rc)
         fast = bool(sc.pop("FAST", True))
+        split = bool(sc.pop("SPLIT", stream_split()))
         has_kv = bool(sc.pop("HAS_KV", has_kv))
         use_dot = qb >= 16
         extra = {"num_stages": sc.pop("num_stages")} if "num_stages" in sc else {}
         if sc:
-            raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, num_stages)")
+            raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, SPLIT, num_stages)")
         launch, on = grid(triton.cdiv(nqb, qb))
         args, kt = with_keys_t(use_dot)
+        kpb, fpb = forced_apart(info, cfg, kmax, kpb, max(bj, kpb), half) if split else (kpb, 0)
         _select_kernel[launch](
-            *args, KT=kt, CAUSAL=info.causal, WINDOW=info.has_window,
+            *args, KT=kt, FPB=fpb, KMAXP=triton.next_power_of_2(kmax), CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=max(bj, kpb), RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
             HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, FAST=fast, LPT=on,
             num_warps=num_warps or warps, **extra,
