@@ -105,14 +105,21 @@ def exact_part(q, t, t0, t1, IDX_r, cnt, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, 
         if clean == 0:
             msk = pair_mask(t, kpos, Nk, KV_b, OFF, WIN, CAUSAL, WINDOW, HAS_KV)
             qk = tl.where(msk, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_s)
-        p = tl.math.exp2(qk - m_s[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PREC)
     return m_i, l_i, acc
+
+
+@triton.jit
+def softmax_step(qk, v, m_i, l_i, acc, PREC: tl.constexpr):
+    """Fold log2-domain logits ``qk`` ``[BM, BN]`` and their values ``v`` ``[BN, DV]`` into the
+    online softmax (m, l, acc); a row with no finite logit yet keeps m = -inf, l = 0."""
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_s)
+    p = tl.math.exp2(qk - m_s[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -126,13 +133,7 @@ def fill_step(q, kb, vb, bias, m_i, l_i, acc, qk_scale, inv_scale, BM: tl.conste
     # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
     qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
                 input_precision=PREC) * qk_scale
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-    m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_s)
-    p = tl.math.exp2(qk - m_s[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), vb, input_precision=PREC)
-    return m_new, l_i, acc
+    return softmax_step(qk, vb, m_i, l_i, acc, PREC)  # vb: the landmark values in q's dtype
 
 
 @triton.jit
