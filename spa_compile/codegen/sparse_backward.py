@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .blockinfo import BlockInfo
-from .common import block_is_clean, fill_bounds, load_rows, pair_mask, program_grid, qblock_prologue
+from .common import block_is_clean, exact_logits, fill_bounds, load_rows, pair_mask, program_grid, qblock_prologue
 from .sparse_forward import LOG2E, dot_precision, fill_bias, selected_bitmap, uniform_counts
 
 
@@ -86,11 +86,8 @@ def _dq_kernel(
         kc = tl.minimum(kpos, Nk - 1)  # clamped rows: masked below (such a block is never clean)
         k = load_rows(K_h, kc, skn, d, D, BD)
         v = load_rows(V_h, kc, svn, dv, DV, BDV)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        clean = block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV)
-        if clean == 0:
-            msk = pair_mask(t, kpos, Nk, KV_b, OFF, WIN, CAUSAL, WINDOW, HAS_KV)
-            qk = tl.where(msk, qk, float("-inf"))
+        qk = exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL, WINDOW, HAS_KV,
+                          PREC)
         p = tl.math.exp2(qk - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])

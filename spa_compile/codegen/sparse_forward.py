@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .autotune import interpreting
 from .blockinfo import BlockInfo
-from .common import block_is_clean, fill_bounds, load_rows, pair_mask, program_grid, qblock_prologue
+from .common import exact_logits, fill_bounds, load_rows, program_grid, qblock_prologue
 
 LOG2E = 1.4426950408889634
 
@@ -100,11 +100,8 @@ def exact_part(q, t, t0, t1, IDX_r, cnt, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, 
             kc = tl.minimum(kpos, Nk - 1)
             k = load_rows(K_h, kc, skn, d, D, BD)
             v = load_rows(V_h, kc, svn, dv, DV, BDV)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        clean = block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV)
-        if clean == 0:
-            msk = pair_mask(t, kpos, Nk, KV_b, OFF, WIN, CAUSAL, WINDOW, HAS_KV)
-            qk = tl.where(msk, qk, float("-inf"))
+        qk = exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL, WINDOW, HAS_KV,
+                          PREC)
         m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PREC)
     return m_i, l_i, acc
 
