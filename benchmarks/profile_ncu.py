@@ -20,8 +20,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from spa_compile import SPAConfig, spa_attention  # noqa: E402
+from bench_kernels import mode_config  # noqa: E402
+from spa_compile import spa_attention  # noqa: E402
 from spa_compile.budget import max_selected  # noqa: E402
 from spa_compile.codegen.blockinfo import block_info  # noqa: E402
 from spa_compile.codegen.pooling import pool_kv, pool_q  # noqa: E402
@@ -29,18 +31,10 @@ from spa_compile.codegen.selection import select  # noqa: E402
 from spa_compile.visibility import Visibility  # noqa: E402
 
 
-def config_of(mode: str) -> SPAConfig:
-    if mode.startswith("density"):
-        return SPAConfig(mode="spa", density=float(mode[len("density"):]))
-    if mode.startswith("topk"):
-        return SPAConfig(mode="spa", topk=int(mode[len("topk"):]))
-    raise ValueError(f"mode {mode!r}: densityX or topkK")
-
-
 def one_point(spec: str, paths: list[str]) -> None:
     n_s, hkv_s, mode = spec.split(":")
     n, hkv, hq, d = int(n_s), int(hkv_s), 32, 128
-    cfg = config_of(mode)
+    cfg = mode_config(mode)
     dev = torch.device("cuda")
     q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)

@@ -677,7 +677,8 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     by score (the projector's share of block_score "hybrid", see bound_selection). ``num_warps``
     overrides the launch's warps (benchmarks/bench_selection.py compares them); ``stream_config``
     overrides the streaming kernel's QB, BJ, RC, FAST (the interior-chunk path), HAS_KV (the
-    prefix-count visibility) and num_stages (the same comparisons); ``tiers``: see ``dense_tiers``; ``stop`` 1/2/3 cuts
+    prefix-count visibility), SPLIT (``forced_apart``; else ``stream_split``) and num_stages (the same
+    comparisons); ``tiers``: see ``dense_tiers``; ``stop`` 1/2/3 cuts
     the dense kernel after its classification / scores / threshold; 1 drops the streaming
     kernel's merges, 2 its scores (timing only: no valid lists). ``precision``: see ``score_precision``
     (the wide path always scores in fp32 FMA).

@@ -72,41 +72,6 @@ def fill_bias_loads(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
 
 
 @triton.jit
-def exact_part(q, t, t0, t1, IDX_r, cnt, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, Nk, OFF, WIN, skn, svn, qk_scale,
-               BM: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-               BDV: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr,
-               PREC: tl.constexpr, TMA: tl.constexpr):
-    """The exact part of one tile of rows ``t`` (one query block, or GP head packs of it): an
-    online softmax (log2 domain) over the ``cnt`` blocks of the index row IDX_r. Returns
-    (m, l, acc) for the fill to continue."""
-    d = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    offs_n = tl.arange(0, BS)
-    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, BDV], dtype=tl.float32)
-    for s in range(0, cnt):
-        j = tl.load(IDX_r + s)
-        kpos = j * BS + offs_n
-        if TMA:
-            # Hopper bulk tensor copies through host-built descriptors of K, V as
-            # [B, Hkv, Nk, D] (tma_descriptors): rows past Nk come back as zeros (the
-            # descriptor's bounds), their logits are masked below like the clamped rows
-            k = KD.load([b32, kh, j * BS, 0]).reshape(BS, BD)
-            v = VD.load([b32, kh, j * BS, 0]).reshape(BS, BDV)
-        else:
-            # rows past Nk are clamped, not masked (unpredicated copies): their logits are masked
-            # below (a block reaching past Nk is never "clean")
-            kc = tl.minimum(kpos, Nk - 1)
-            k = load_rows(K_h, kc, skn, d, D, BD)
-            v = load_rows(V_h, kc, svn, dv, DV, BDV)
-        qk = exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL, WINDOW, HAS_KV,
-                          PREC)
-        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PREC)
-    return m_i, l_i, acc
-
-
-@triton.jit
 def softmax_step(qk, v, m_i, l_i, acc, PREC: tl.constexpr):
     """Fold log2-domain logits ``qk`` ``[BM, BN]`` and their values ``v`` ``[BN, DV]`` into the
     online softmax (m, l, acc); a row with no finite logit yet keeps m = -inf, l = 0."""
@@ -117,31 +82,6 @@ def softmax_step(qk, v, m_i, l_i, acc, PREC: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
-
-
-@triton.jit
-def fill_step(q, kb, vb, bias, m_i, l_i, acc, qk_scale, inv_scale, BM: tl.constexpr, BJ: tl.constexpr,
-              PREC: tl.constexpr):
-    """One fill chunk: the BJ pseudo-keys ``kb`` (values ``vb``) with their log2 bias, folded into
-    the online softmax (m, l, acc)."""
-    # the bias enters as the score dot's initial accumulator (in units of the dot, hence
-    # the 1/qk_scale): fewer live registers than an add after the dot, and it keeps the
-    # small loads out of the pipeline's shared-memory stages (compile_check: 228 -> ~195
-    # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
-    qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
-                input_precision=PREC) * qk_scale
-    return softmax_step(qk, vb, m_i, l_i, acc, PREC)  # vb: the landmark values in q's dtype
-
-
-@triton.jit
-def store_rows(O, LSE, b64, rh, t, row_ok, m_i, l_i, acc, sob, soh, son, Hq, Nq, dv, DV: tl.constexpr):
-    """o = acc / l and lse (natural log) of the tile's rows; a row that saw nothing gets 0, -inf."""
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(O + b64 * sob + rh[:, None] * soh + t[:, None].to(tl.int64) * son + dv[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
-    tl.store(LSE + (b64 * Hq + rh) * Nq + t, lse, mask=row_ok)
 
 
 @triton.jit
@@ -161,6 +101,7 @@ def _fwd_kernel(
     row_ok = t < Nq
     d = tl.arange(0, BD)
     dv = tl.arange(0, BDV)
+    offs_n = tl.arange(0, BS)
 
     q = tl.load(Q + b64 * sqb + rh[:, None] * sqh + t[:, None].to(tl.int64) * sqn + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
@@ -172,8 +113,28 @@ def _fwd_kernel(
     IDX_r = IDX + ((b64 * Hs + hs) * NQB + i) * KMAX
     cnt = tl.load(CNT + (b64 * Hs + hs) * NQB + i)
 
-    m_i, l_i, acc = exact_part(q, t, t0, t1, IDX_r, cnt, K_h, V_h, KD, VD, b32, kh, NB_b, KV_b, Nk, OFF, WIN,
-                               skn, svn, qk_scale, BM, D, DV, BS, BD, BDV, CAUSAL, WINDOW, HAS_KV, PREC, TMA)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BDV], dtype=tl.float32)
+
+    for s in range(0, cnt):
+        j = tl.load(IDX_r + s)
+        kpos = j * BS + offs_n
+        if TMA:
+            # Hopper bulk tensor copies through host-built descriptors of K, V as
+            # [B, Hkv, Nk, D] (tma_descriptors): rows past Nk come back as zeros (the
+            # descriptor's bounds), their logits are masked below like the clamped rows
+            k = KD.load([b32, kh, j * BS, 0]).reshape(BS, BD)
+            v = VD.load([b32, kh, j * BS, 0]).reshape(BS, BDV)
+        else:
+            # rows past Nk are clamped, not masked (unpredicated copies): their logits are masked
+            # below (a block reaching past Nk is never "clean")
+            kc = tl.minimum(kpos, Nk - 1)
+            k = load_rows(K_h, kc, skn, d, D, BD)
+            v = load_rows(V_h, kc, svn, dv, DV, BDV)
+        qk = exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL, WINDOW, HAS_KV,
+                          PREC)
+        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PREC)
 
     if FILL:
         # landmarks [ls, he) are fully visible by geometry (one scalar test at each end), so
@@ -210,9 +171,16 @@ def _fwd_kernel(
             # the 1/qk_scale): fewer live registers than an add after the dot, and it keeps the
             # small loads out of the pipeline's shared-memory stages (compile_check: 228 -> ~195
             # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
-            m_i, l_i, acc = fill_step(q, kb, vb, bias, m_i, l_i, acc, qk_scale, inv_scale, BM, BJ, PREC)
+            qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
+                        input_precision=PREC) * qk_scale
+            m_i, l_i, acc = softmax_step(qk, vb, m_i, l_i, acc, PREC)  # vb: the landmark values in q's dtype
 
-    store_rows(O, LSE, b64, rh, t, row_ok, m_i, l_i, acc, sob, soh, son, Hq, Nq, dv, DV)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(O + b64 * sob + rh[:, None] * soh + t[:, None].to(tl.int64) * son + dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + (b64 * Hq + rh) * Nq + t, lse, mask=row_ok)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
