@@ -44,7 +44,7 @@ from spa_compile.budget import max_selected  # noqa: E402
 from spa_compile.codegen import api  # noqa: E402
 from spa_compile.codegen.blockinfo import block_info  # noqa: E402
 from spa_compile.codegen.pooling import pool_kv, pool_q  # noqa: E402
-from spa_compile.codegen import wide_selection  # noqa: E402
+from spa_compile.codegen import selection, wide_selection  # noqa: E402
 from spa_compile.codegen.selection import DENSE_MAX_NKB, ORDER_ENV, PATH_ENV, select  # noqa: E402
 from spa_compile.codegen.wide_selection import WIDE_MAX_NKB  # noqa: E402
 from spa_compile.visibility import Visibility  # noqa: E402
@@ -78,6 +78,16 @@ def kernel_table(fn) -> list[dict]:
         if e.device_type == torch.autograd.DeviceType.CUDA:
             rows.append({"name": e.key[:80], "count": e.count, "device_us": e.device_time_total})
     return sorted(rows, key=lambda r: -r["device_us"])
+
+
+def _with_attr(obj, name: str, value, fn):
+    """fn() with obj.name set to value (module flags such as selection.DENSE_EARLY, read per launch)."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        return fn()
+    finally:
+        setattr(obj, name, old)
 
 
 def _with_env(var: str, value: str, fn):
@@ -124,7 +134,6 @@ STREAM_VARIANTS = [
     ("w8", None, None, 8),
     ("bj64", {"BJ": 64}, None, None),
     ("tf32x3", None, "tf32x3", None),
-    ("split", {"SPLIT": True}, None, None),  # the forced blocks in their own buffer, KPB from the top-k bound
     ("qb32_w8", {"QB": 32}, None, 8),  # 32 query blocks a program: each key chunk loaded for twice the rows
     ("rc32", {"RC": 32}, None, None),
     ("stages2", {"num_stages": 2}, None, None),
@@ -168,9 +177,17 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
         "selection_stage_hybrid": lambda: api.selection_stage(q, kbar, info, scale, hcfg, None, kmax, k),
         "op_fwd_hybrid": lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=hcfg),
     }
-    for nbp in (1, 2):  # pooling programs of NBP blocks (pooling.POOL_BLOCKS_PER_PROGRAM, 4, is pool_q/pool_kv)
+    for nbp in (1, 2, 8):  # pooling programs of NBP blocks (pooling.POOL_BLOCKS_PER_PROGRAM, 4, is pool_q/pool_kv)
         stages[f"pool_q_nbp{nbp}"] = lambda nbp=nbp: pool_q(q, bs, blocks_per_program=nbp)
         stages[f"pool_kv_nbp{nbp}"] = lambda nbp=nbp: pool_kv(k, v, info, blocks_per_program=nbp)
+    for nbp, w in ((4, 8), (8, 8), (2, 8)):  # the same at other warp counts
+        stages[f"pool_q_nbp{nbp}_w{w}"] = lambda nbp=nbp, w=w: pool_q(q, bs, blocks_per_program=nbp, num_warps=w)
+        stages[f"pool_k_nbp{nbp}_w{w}"] = lambda nbp=nbp, w=w: pool_kv(k, v, info, blocks_per_program=nbp,
+                                                                      values=False, num_warps=w)
+    stages["pool_k"] = lambda: pool_kv(k, v, info, values=False)  # the key means alone: the selection's part
+    # what bench_kernels.py times as the selection's share: the key means, then pool q, project, select
+    stages["selection_share_stage"] = lambda: api.selection_stage(
+        q, pool_kv(k, v, info, values=False)[0], info, scale, cfg, None, kmax)
     for path in paths:
         stages[f"op_fwd_{path}"] = lambda path=path: _with_env(
             PATH_ENV, path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
@@ -224,6 +241,17 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
             for stop in phases if path == "dense" else [1] if phases else []:
                 stages[f"select_{path}_w{w}_stop{stop}"] = lambda path=path, w=w, stop=stop: select(
                     qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w, stop=stop)
+    if "dense" in paths:  # the k-th search run all 32 steps, ties always by prefix count (DENSE_EARLY False)
+        def dense_full(prec=None):
+            return _with_attr(selection, "DENSE_EARLY", False, lambda: select(
+                qbar, kbar, info, scale, cfg, kmax, group=g, path="dense", precision=prec))
+        for prec in ("ieee", None):
+            got, early = dense_full(prec), select(qbar, kbar, info, scale, cfg, kmax, group=g, path="dense", precision=prec)
+            checks[f"dense_full_search_equal_{prec or 'default'}"] = bool(torch.equal(got[0], early[0])
+                                                                          and torch.equal(got[1], early[1]))
+        stages["select_dense_group_in_kernel_full_search"] = dense_full
+        stages["selection_share_stage_full_search"] = lambda: _with_attr(
+            selection, "DENSE_EARLY", False, stages["selection_share_stage"])
     if stream_variants and "dense" in paths:  # the causal column tiers against one full-width launch
         for t in (1, 2):
             got = select(qbar, kbar, info, scale, cfg, kmax, group=g, path="dense", tiers=t)
@@ -235,6 +263,8 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
                                                                     path="dense", num_warps=16)
     if stream_variants:  # the streaming kernel's launch shapes (as the op calls it at 128K; at 16K against dense)
         for name, sc, prec, w in STREAM_VARIANTS:
+            if only is not None and not re.search(only, f"select_stream_{name}"):
+                continue  # each variant compiles for ~30 s: build only those --only keeps
             def run(sc=sc, prec=prec, w=w):
                 return select(qbar, kbar, info, scale, cfg, kmax, group=g, path="stream", stream_config=sc,
                               precision=prec, num_warps=w)

@@ -731,12 +731,10 @@ def test_gpu_streaming_selection_equals_dense(cfgk):
     assert selection.select_path(info.nkb, "auto") in ("stream", "wide")
     got = {p: selection.select(qbar, kbar, info, d**-0.5, cfg, kmax, group=hq // hkv, path=p, precision="ieee")
            for p in ("stream", "dense", "wide")}
-    # the streaming walk with the forced blocks apart (SPLIT) and with the key operand untransposed
-    got["stream-split"] = selection.select(qbar, kbar, info, d**-0.5, cfg, kmax, group=hq // hkv, path="stream",
-                                           precision="ieee", stream_config={"SPLIT": True})
+    # the streaming walk with the key operand untransposed
     got["stream-kt0"] = selection.select(qbar, kbar, info, d**-0.5, cfg, kmax, group=hq // hkv, path="stream",
                                          precision="ieee", keys_t=False)
-    for p in ("dense", "wide", "stream-split", "stream-kt0"):  # wide: fp32 FMA outer products, the fp32 dot's order
+    for p in ("dense", "wide", "stream-kt0"):  # wide: fp32 FMA outer products, the fp32 dot's order
         assert torch.equal(got["stream"][1], got[p][1]), p
         assert torch.equal(got["stream"][0], got[p][0]), p
     tc = selection.select(qbar, kbar, info, d**-0.5, cfg, kmax, group=hq // hkv, path="dense", precision="tf32x3")

@@ -190,16 +190,6 @@ def test_score_precision_choice(monkeypatch):
         selection.score_precision()
 
 
-def test_stream_split_choice(monkeypatch):
-    monkeypatch.delenv(selection.SPLIT_ENV, raising=False)
-    assert selection.stream_split() is selection.STREAM_SPLIT
-    monkeypatch.setenv(selection.SPLIT_ENV, "1")
-    assert selection.stream_split() is True
-    monkeypatch.setenv(selection.SPLIT_ENV, "2")
-    with pytest.raises(ValueError, match="SPA_SELECT_SPLIT"):
-        selection.stream_split()
-
-
 def test_keys_transposed_choice(monkeypatch):
     monkeypatch.delenv(selection.KT_ENV, raising=False)
     assert selection.keys_transposed("stream") is selection.KEYS_TRANSPOSED["stream"]
@@ -249,40 +239,6 @@ def test_stream_interior_chunks_and_geometry_visibility(visk, cfgk):
     assert torch.equal(fast[1], full[1])
     assert torch.equal(fast[0], full[0])
     assert (full[1] > 0).all()
-
-
-@pytest.mark.parametrize("visk,cfgk,half", [
-    (dict(causal=True, key_valid="holes"), dict(topk=13, sink_blocks=1, local_blocks=2), False),
-    (dict(causal=True, offset=7, window=500), dict(topk=12, sink_blocks=2, local_blocks=1), False),
-    (dict(causal=False), dict(topk=24, sink_blocks=2, local_blocks=1), True),
-])
-def test_stream_forced_apart(visk, cfgk, half):
-    """The streaming walk with the forced blocks in their own buffer (SPLIT: FPB wide, merged in
-    the chunks that hold some; the score buffer KPB from the top-k bound alone) gives the lists
-    of the shared buffer: every forced block, the same k best, ascending, -1 padded (index
-    poisoned first: torch.empty). Causal with padding holes, a window with an offset (two edges of
-    partial blocks), no mask with ties and the hybrid half."""
-    b, nq, nk = 2, 1200, 1200
-    if "key_valid" in visk:
-        visk = dict(visk, key_valid=_holes(b, nk, 7))
-    vis = Visibility(nq, nk, **visk)
-    info = block_info(vis, b, nq, nk, 16, "cpu")
-    cfg = SPAConfig(block_size=16, **cfgk)
-    kmax = int(max_selected(nq, nk, vis, cfg))
-    kpb = selection._stream_config(info.nqb, info.nkb, 16, kmax)[1]
-    assert kpb == 32 and selection.forced_apart(info, cfg, kmax, kpb, 64, half) in ((16, 8), (16, 4))  # it applies
-    gen = torch.Generator().manual_seed(len(str(visk)))
-    qp = torch.randn(b, 2, info.nqb, 16, generator=gen)
-    kp = torch.randn(b, 1, info.nkb, 16, generator=gen)
-    if half:
-        qp, kp = qp.round(), kp.round()
-    shared = selection.select(qp, kp, info, 0.2, cfg, kmax, group=2, path="stream", half=half,
-                              stream_config={"BJ": 64})
-    apart = selection.select(qp, kp, info, 0.2, cfg, kmax, group=2, path="stream", half=half,
-                             stream_config={"BJ": 64, "SPLIT": True})
-    assert torch.equal(apart[1], shared[1])
-    assert torch.equal(apart[0], shared[0])
-    assert (apart[1] > 0).all()
 
 
 @pytest.mark.parametrize("offset,kw", [(0, dict(topk=3)), (37, dict(density=0.3, sink_blocks=0))])

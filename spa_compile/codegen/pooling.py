@@ -132,11 +132,12 @@ def pool_blocks_per_program(nbp: int | None = None) -> int:
 
 
 def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | None = None, values: bool = True,
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """kbar ``[B, Hkv, NKB, D]``, vbar ``[B, Hkv, NKB, Dv]`` in float32, and copies of both in
     k's dtype (the same tensors for float32): the attention kernels load those as MMA operands.
     ``values=False`` pools the keys alone (vbar and its copy are then left unwritten): the part
-    of the pooling the selection needs, which bench_kernels.py times as the selection's share."""
+    of the pooling the selection needs, which bench_kernels.py times as the selection's share.
+    ``num_warps`` overrides the launch's (benchmarks/bench_selection.py compares them)."""
     k = _check_inner(k, "k")
     v = _check_inner(v, "v")
     b, h, nk, d = k.shape
@@ -153,13 +154,13 @@ def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | Non
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, nk, info.nkb,
         D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp, NBP=nbp, POOL_V=values,
-        num_warps=4 if info.block * max(bd, bdv) <= 8192 else 8,
+        num_warps=num_warps or (4 if info.block * max(bd, bdv) <= 8192 else 8),
     )
     return kbar, vbar, klp, vlp
 
 
-def pool_q(q: Tensor, block: int, blocks_per_program: int | None = None) -> Tensor:
-    """qbar ``[B, Hq, NQB, D]`` in float32: the mean of each block's rows."""
+def pool_q(q: Tensor, block: int, blocks_per_program: int | None = None, num_warps: int | None = None) -> Tensor:
+    """qbar ``[B, Hq, NQB, D]`` in float32: the mean of each block's rows (``num_warps``: as pool_kv)."""
     q = _check_inner(q, "q")
     b, h, nq, d = q.shape
     nqb = triton.cdiv(nq, block)
@@ -168,6 +169,6 @@ def pool_q(q: Tensor, block: int, blocks_per_program: int | None = None) -> Tens
     nbp = pool_blocks_per_program(blocks_per_program)
     _pool_q_kernel[(triton.cdiv(nqb, nbp), b * h)](
         q, qbar, q.stride(0), q.stride(1), q.stride(2), h, nq, nqb,
-        D=d, BS=block, BD=bd, NBP=nbp, num_warps=4 if block * bd <= 8192 else 8,
+        D=d, BS=block, BD=bd, NBP=nbp, num_warps=num_warps or (4 if block * bd <= 8192 else 8),
     )
     return qbar

@@ -149,6 +149,32 @@ def _kth_threshold(ordered, rem, k, QB: tl.constexpr, RB: tl.constexpr, FW: tl.c
 
 
 @triton.jit
+def _kth_early(ordered, k, QB: tl.constexpr):
+    """(T, exact): ``_kth_threshold``'s T at RB = 1 (the entries that are not candidates hold
+    INT_MIN, which no tested t reaches), the search in int32 and stopped once every row counts
+    exactly k at its candidate t (tested each step: a max over the row vector, which every
+    thread holds). T is then the smallest entry >= t, the k-th largest, which the remaining
+    steps would have reached; ``exact`` (a scalar) says every row stopped so, i.e. exactly k
+    entries are >= T: no surplus ties. Otherwise all 32 steps run, as the plain search."""
+    c = tl.sum((ordered >= 0).to(tl.int32), axis=1)  # the top bit: candidate 0 in signed order
+    ok = c >= k
+    ts = tl.where(ok, 0, -2147483647 - 1)
+    cnt = tl.where(ok, c, -1)
+    b = tl.full([], 30, dtype=tl.int32)
+    busy = tl.max((cnt != k).to(tl.int32), axis=0) > 0
+    while busy:
+        cand = ts + (tl.full([], 1, dtype=tl.int32) << b)  # no overflow: ts holds the bits above b only
+        c = tl.sum((ordered >= cand[:, None]).to(tl.int32), axis=1)
+        ok = c >= k
+        ts = tl.where(ok, cand, ts)
+        cnt = tl.where(ok, c, cnt)
+        b -= 1
+        busy = (b >= 0) & (tl.max((cnt != k).to(tl.int32), axis=0) > 0)
+    exact = tl.max((cnt != k).to(tl.int32), axis=0) == 0
+    return tl.min(tl.where(ordered >= ts[:, None], ordered, 2147483647), axis=1), exact
+
+
+@triton.jit
 def _merge_top(best, key, KPB: tl.constexpr):
     """The KPB largest of ``best`` (``[QB, KPB]``, ascending) and ``key`` (``[QB, BJ]``), ascending.
 
@@ -228,12 +254,8 @@ def _select_kernel(
     BS: tl.constexpr, QB: tl.constexpr, KPB: tl.constexpr, BJ: tl.constexpr, RC: tl.constexpr,
     USE_DOT: tl.constexpr, NEAR: tl.constexpr, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
     PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, FAST: tl.constexpr = True, LPT: tl.constexpr = False,
-    KT: tl.constexpr = False, FPB: tl.constexpr = 0, KMAXP: tl.constexpr = 16,
+    KT: tl.constexpr = False,
 ):
-    """FPB > 0 (forced apart): the forced blocks go to their own FPB-wide buffer, merged only in the
-    chunks that hold some, and the score buffer holds the remaining blocks alone (KPB from the
-    top-k bound instead of n_forced + k); the two lists are merged by rank at the end. KMAXP:
-    KMAX rounded up to a power of two (the -1 padding's store then)."""
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, 0, LPT)
     cols = tl.arange(0, BJ)
@@ -275,7 +297,6 @@ def _select_kernel(
 
     # B. one walk: forced blocks (largest key) and the remaining visible blocks by score
     best = tl.full([QB, KPB], SENTINEL, dtype=tl.int64)
-    fbest = tl.full([QB, FPB if FPB > 0 else 2], SENTINEL, dtype=tl.int64)
     seen = tl.zeros([QB], dtype=tl.int32)
     nrem = tl.zeros([QB], dtype=tl.int32)
     nforced = tl.zeros([QB], dtype=tl.int32)
@@ -303,10 +324,6 @@ def _select_kernel(
             nforced += tl.sum(forced.to(tl.int32), axis=1)
             low = (2147483647 - jj).to(tl.int64)[None, :]
             key = tl.where(forced, FORCED_HI + low, SENTINEL)
-            if FPB > 0:
-                if tl.max(tl.max(forced.to(tl.int32), axis=1), axis=0) > 0:
-                    fbest = _merge_top(fbest, key, FPB)
-                key = tl.full([QB, BJ], SENTINEL, dtype=tl.int64)
         if tl.max(tl.max(rem.to(tl.int32), axis=1), axis=0) > 0:
             if STOP == 2:  # timing only (bench_selection.py --stream-variants): the walk without its scores
                 sc = (jj[None, :] % 61).to(tl.float32) + rows[:, None].to(tl.float32)
@@ -326,28 +343,13 @@ def _select_kernel(
         k = (k + 1) // 2
     take = nforced + k
     kcols = tl.arange(0, KPB)
-    IDX_r = IDX + (bh.to(tl.int64) * NQB + rows.to(tl.int64)) * KMAX
     jsel = (2147483647 - (best & 0xFFFFFFFF)).to(tl.int32)
-    if FPB > 0:
-        # the k best remaining and the forced, each ascending; a block's slot is its rank in its
-        # own list plus the number of the other list's blocks below it (the two sets are disjoint)
-        jsel = tl.sort(tl.where(kcols[None, :] >= KPB - k[:, None], jsel, 2**30), dim=1, descending=False)
-        fcols = tl.arange(0, FPB)
-        jf = (2147483647 - (fbest & 0xFFFFFFFF)).to(tl.int32)
-        jf = tl.sort(tl.where(fcols[None, :] >= FPB - nforced[:, None], jf, 2**30), dim=1, descending=False)
-        sk = kcols[None, :] + tl.sum((jf[:, None, :] < jsel[:, :, None]).to(tl.int32), axis=2)
-        sf = fcols[None, :] + tl.sum((jsel[:, None, :] < jf[:, :, None]).to(tl.int32), axis=2)
-        tl.store(IDX_r[:, None] + sk, jsel, mask=row_ok[:, None] & (kcols[None, :] < k[:, None]))
-        tl.store(IDX_r[:, None] + sf, jf, mask=row_ok[:, None] & (fcols[None, :] < nforced[:, None]))
-        pcols = tl.arange(0, KMAXP)
-        pad = row_ok[:, None] & (pcols[None, :] >= take[:, None]) & (pcols[None, :] < KMAX)
-        tl.store(IDX_r[:, None] + pcols[None, :], tl.full([QB, KMAXP], -1, dtype=tl.int32), mask=pad)
-    else:
-        jsel = tl.where(kcols[None, :] >= KPB - take[:, None], jsel, 2**30)
-        jsel = tl.sort(jsel, dim=1, descending=False)
-        jsel = tl.where(kcols[None, :] < take[:, None], jsel, -1)  # KPB >= KMAX: the row's padding too
-        ok = row_ok[:, None] & (kcols[None, :] < KMAX)
-        tl.store(IDX_r[:, None] + kcols[None, :], jsel, mask=ok)
+    jsel = tl.where(kcols[None, :] >= KPB - take[:, None], jsel, 2**30)
+    jsel = tl.sort(jsel, dim=1, descending=False)
+    IDX_r = IDX + (bh.to(tl.int64) * NQB + rows.to(tl.int64)) * KMAX
+    jsel = tl.where(kcols[None, :] < take[:, None], jsel, -1)  # KPB >= KMAX: the row's padding too
+    ok = row_ok[:, None] & (kcols[None, :] < KMAX)
+    tl.store(IDX_r[:, None] + kcols[None, :], jsel, mask=ok)
     tl.store(CNT + bh.to(tl.int64) * NQB + rows, take, mask=row_ok)
 
 
@@ -361,7 +363,7 @@ def _select_dense_kernel(
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
     RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
     PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, PID0=0, LPT: tl.constexpr = False,
-    KT: tl.constexpr = False,
+    KT: tl.constexpr = False, EARLY: tl.constexpr = True,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
@@ -377,7 +379,10 @@ def _select_dense_kernel(
                                        WINDOW, HAS_KV)
     visible = visible & jm[None, :] & row_ok[:, None]
     vi = visible.to(tl.int32)
-    sink = visible & (tl.cumsum(vi, axis=1) <= SINK)
+    if HAS_KV:
+        sink = visible & (tl.cumsum(vi, axis=1) <= SINK)
+    else:  # geometry alone: each row's visible blocks are one interval, the sinks its first SINK
+        sink = visible & (jj[None, :] < tl.min(tl.where(visible, jj[None, :], NKBP), axis=1)[:, None] + SINK)
     # local: the LOCAL smallest |j - diag| * NKB + j over visible j (all of them when fewer)
     lkey = tl.where(visible, tl.abs(jj[None, :] - diag[:, None]) * NKB + jj[None, :], LOCAL_BIG)
     lthr = tl.full([QB], -1, dtype=tl.int32)
@@ -406,14 +411,21 @@ def _select_dense_kernel(
         if STOP == 2:
             tl.store(CNT + bh.to(tl.int64) * NQB + rows, tl.max(ordered, axis=1), mask=row_ok)
             return
-        thr = _kth_threshold(ordered, rem, k, QB, RB, FW)
+        if RB == 1 and EARLY:
+            thr, exact = _kth_early(ordered, k, QB)
+        else:
+            thr = _kth_threshold(ordered, rem, k, QB, RB, FW)
+            exact = tl.max(k, axis=0) < 0  # False (a scalar tensor, as the early search's flag)
         if STOP == 3:
             tl.store(CNT + bh.to(tl.int64) * NQB + rows, thr, mask=row_ok)
             return
-        gt = rem & (ordered > thr[:, None])
-        eq = rem & (ordered == thr[:, None])
-        need = k - tl.sum(gt.to(tl.int32), axis=1)  # ties at T: the lowest j first (the key's low half)
-        sel = sel | gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=1) <= need[:, None]))
+        if exact:  # exactly k remaining blocks >= T in every row
+            sel = sel | (rem & (ordered >= thr[:, None]))
+        else:
+            gt = rem & (ordered > thr[:, None])
+            eq = rem & (ordered == thr[:, None])
+            need = k - tl.sum(gt.to(tl.int32), axis=1)  # ties at T: the lowest j first (the key's low half)
+            sel = sel | gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=1) <= need[:, None]))
     take = nforced + k
 
     # S ascending at slots [0, take), then -1 up to KMAX: selected j to slot (its prefix count - 1),
@@ -533,36 +545,6 @@ def select_path(nkb: int, path: str | None = None) -> str:
     return path
 
 
-# The streaming walk keeps the forced blocks apart (``_select_kernel``' FPB): opt-in until measured
-# on the card; stream_config={"SPLIT": ...} or $SPA_SELECT_SPLIT ("0" / "1") overrides.
-STREAM_SPLIT = False
-SPLIT_ENV = "SPA_SELECT_SPLIT"
-
-
-def stream_split() -> bool:
-    """$SPA_SELECT_SPLIT ("0" / "1"), else STREAM_SPLIT."""
-    env = os.environ.get(SPLIT_ENV, "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"{SPLIT_ENV} must be 0 or 1, not {env!r}")
-    return STREAM_SPLIT if env == "" else env == "1"
-
-
-def forced_apart(info: BlockInfo, cfg, kmax: int, kpb: int, bj: int, half: bool = False) -> tuple[int, int]:
-    """(KPB, FPB) of the streaming kernel with the forced blocks in their own buffer: KPB from the
-    top-k bound alone, FPB from the forced bound (sinks + local + the partial blocks of the causal
-    and window edges, two each at equal query and key blocks: visibility.max_partial_blocks).
-    (kpb, 0) where that gains nothing or the forced buffer would be wider than a chunk."""
-    kcap = topk_capacity(info.nkb, cfg)
-    kcap = (kcap + 1) // 2 if half else kcap
-    edges = int(info.causal) + int(info.has_window)
-    fbound = min(kmax, cfg.sink_blocks + cfg.local_blocks + 2 * edges)
-    kpb2 = max(16, triton.next_power_of_2(min(kcap, info.nkb)))
-    fpb = max(2, triton.next_power_of_2(max(fbound, 1)))
-    if kpb2 >= kpb or fpb > bj or kpb2 > bj:
-        return kpb, 0
-    return kpb2, fpb
-
-
 def _stream_config(nqb: int, nkb: int, r: int, kmax: int):
     """(QB, KPB, BJ, RC, USE_DOT, warps) of the streaming kernel."""
     kpb = max(16, triton.next_power_of_2(min(kmax, nkb)))
@@ -600,6 +582,9 @@ def _dense_warps(qb: int, nkbp: int) -> int:
     return 4 if qb * nkbp < 1024 else (8 if qb * nkbp <= 4096 else 16)
 
 
+# The dense kernel's k-th search stops once every row counts exactly k (``_kth_early``); False:
+# all 32 steps and the tie prefix count always (benchmarks/bench_selection.py times both)
+DENSE_EARLY = True
 DENSE_TIERS = 3  # causal dense launches: column widths nkbp, nkbp/2, nkbp/4 (SPA_SELECT_TIERS overrides)
 TIERS_ENV = "SPA_SELECT_TIERS"
 MIN_TIER_PROGRAMS = 128  # a narrower tier launches only with about a card of programs (H200: 132 SMs)
@@ -677,8 +662,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     by score (the projector's share of block_score "hybrid", see bound_selection). ``num_warps``
     overrides the launch's warps (benchmarks/bench_selection.py compares them); ``stream_config``
     overrides the streaming kernel's QB, BJ, RC, FAST (the interior-chunk path), HAS_KV (the
-    prefix-count visibility), SPLIT (``forced_apart``; else ``stream_split``) and num_stages (the same
-    comparisons); ``tiers``: see ``dense_tiers``; ``stop`` 1/2/3 cuts
+    prefix-count visibility) and num_stages (the same comparisons); ``tiers``: see ``dense_tiers``; ``stop`` 1/2/3 cuts
     the dense kernel after its classification / scores / threshold; 1 drops the streaming
     kernel's merges, 2 its scores (timing only: no valid lists). ``precision``: see ``score_precision``
     (the wide path always scores in fp32 FMA).
@@ -724,7 +708,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
                 *args, KT=kt, CAUSAL=info.causal, WINDOW=info.has_window,
                 BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
                 HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0, LPT=on,
-                num_warps=num_warps or _dense_warps(qb, cols),
+                EARLY=DENSE_EARLY, num_warps=num_warps or _dense_warps(qb, cols),
             )
     elif chosen == "wide":
         # wide_selection imports this module's jit helpers: imported here, not at the top
@@ -754,17 +738,15 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         sc = dict(stream_config or {})
         qb, bj, rc = sc.pop("QB", qb), sc.pop("BJ", bj), sc.pop("RC", rc)
         fast = bool(sc.pop("FAST", True))
-        split = bool(sc.pop("SPLIT", stream_split()))
         has_kv = bool(sc.pop("HAS_KV", has_kv))
         use_dot = qb >= 16
         extra = {"num_stages": sc.pop("num_stages")} if "num_stages" in sc else {}
         if sc:
-            raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, SPLIT, num_stages)")
+            raise ValueError(f"stream_config: unknown keys {sorted(sc)} (QB, BJ, RC, FAST, HAS_KV, num_stages)")
         launch, on = grid(triton.cdiv(nqb, qb))
         args, kt = with_keys_t(use_dot)
-        kpb, fpb = forced_apart(info, cfg, kmax, kpb, max(bj, kpb), half) if split else (kpb, 0)
         _select_kernel[launch](
-            *args, KT=kt, FPB=fpb, KMAXP=triton.next_power_of_2(kmax), CAUSAL=info.causal, WINDOW=info.has_window,
+            *args, KT=kt, CAUSAL=info.causal, WINDOW=info.has_window,
             BS=info.block, QB=qb, KPB=kpb, BJ=max(bj, kpb), RC=rc, USE_DOT=use_dot, NEAR=cfg.local_blocks + 4,
             HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, FAST=fast, LPT=on,
             num_warps=num_warps or warps, **extra,
