@@ -61,6 +61,14 @@ class BlockInfo:
         return 0 if self.window is None else int(self.window)
 
 
+def all_keys_valid(info: BlockInfo) -> bool:
+    """Whether every key below Nk is valid, from the geometry alone (no device read): no key
+    padding, no window, and (causal) every key visible to the last query row."""
+    if info.key_valid is not None or info.has_window:
+        return False
+    return not info.causal or info.nq - 1 + info.offset >= info.nk - 1
+
+
 # Without key padding the summary depends on the shapes and flags alone: it is kept per key
 # (about ten small launches saved per op call; the kernels only read these tensors).
 _CACHE: OrderedDict = OrderedDict()

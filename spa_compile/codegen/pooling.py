@@ -10,23 +10,28 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .blockinfo import BlockInfo
+from .blockinfo import BlockInfo, all_keys_valid
 
 
 @triton.jit
 def _block_means(X_h, sxn, rows, rmask, w, inv, cols, NCOL: tl.constexpr, OUT, OUT_LP, out, keep, LP: tl.constexpr,
-                 AXIS: tl.constexpr):
+                 AXIS: tl.constexpr, WEIGHTED: tl.constexpr = True):
     """Weighted means of X's rows (``rows`` [BS] with AXIS 0, or [NBP, BS] with AXIS 1), stored
-    at ``out`` (+ cols) in float32 and, with LP, in OUT_LP's dtype; ``keep`` masks the stores."""
+    at ``out`` (+ cols) in float32 and, with LP, in OUT_LP's dtype; ``keep`` masks the stores.
+    WEIGHTED False: every row in range is valid (w is 1 there), the masked load's zeros do the rest."""
     if AXIS == 0:
         x = tl.load(X_h + rows[:, None].to(tl.int64) * sxn + cols[None, :],
                     mask=rmask[:, None] & (cols[None, :] < NCOL), other=0.0).to(tl.float32)
-        mean = tl.sum(x * w[:, None], axis=0) * inv
+        if WEIGHTED:
+            x = x * w[:, None]
+        mean = tl.sum(x, axis=0) * inv
         ptr = out + cols
     else:
         x = tl.load(X_h + rows[:, :, None].to(tl.int64) * sxn + cols[None, None, :],
-                    mask=rmask[:, :, None] & (cols < NCOL)[None, None, :], other=0.0)
-        mean = tl.sum(x.to(tl.float32) * w[:, :, None], axis=1) * inv[:, None]
+                    mask=rmask[:, :, None] & (cols < NCOL)[None, None, :], other=0.0).to(tl.float32)
+        if WEIGHTED:
+            x = x * w[:, :, None]
+        mean = tl.sum(x, axis=1) * inv[:, None]
         ptr = out[:, None] + cols[None, :]
     tl.store(OUT + ptr, mean, mask=keep)
     if LP:
@@ -40,10 +45,11 @@ def _pool_kv_kernel(
     H, Nk, NKB,
     D: tl.constexpr, DV: tl.constexpr,
     BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, LP: tl.constexpr, NBP: tl.constexpr = 1,
-    POOL_V: tl.constexpr = True,
+    POOL_V: tl.constexpr = True, WEIGHTED: tl.constexpr = True,
 ):
     """NBP consecutive key blocks a program, as [NBP, BS, BD] tiles when NBP > 1 (see _pool_q_kernel).
-    POOL_V False: the key means alone (what the selection reads; vbar is the fill's)."""
+    POOL_V False: the key means alone (what the selection reads; vbar is the fill's). WEIGHTED
+    False: every key below Nk is valid (``blockinfo.all_keys_valid``): VALID is not read."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -55,7 +61,10 @@ def _pool_kv_kernel(
         blk = tl.program_id(0)
         rows = blk * BS + tl.arange(0, BS)
         rmask = rows < Nk
-        w = tl.load(VALID + b.to(tl.int64) * Nk + rows, mask=rmask, other=0).to(tl.float32)
+        if WEIGHTED:
+            w = tl.load(VALID + b.to(tl.int64) * Nk + rows, mask=rmask, other=0).to(tl.float32)
+        else:
+            w = rmask.to(tl.float32)
         inv = 1.0 / tl.maximum(tl.sum(w, axis=0), 1.0)
         kkeep = d < D
         vkeep = dv < DV
@@ -63,15 +72,18 @@ def _pool_kv_kernel(
         blk = tl.program_id(0) * NBP + tl.arange(0, NBP)  # [NBP]
         rows = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [NBP, BS]
         rmask = rows < Nk
-        w = tl.load(VALID + b.to(tl.int64) * Nk + rows, mask=rmask, other=0).to(tl.float32)
+        if WEIGHTED:
+            w = tl.load(VALID + b.to(tl.int64) * Nk + rows, mask=rmask, other=0).to(tl.float32)
+        else:
+            w = rmask.to(tl.float32)
         inv = 1.0 / tl.maximum(tl.sum(w, axis=1), 1.0)  # [NBP]
         kkeep = (blk < NKB)[:, None] & (d < D)[None, :]
         vkeep = (blk < NKB)[:, None] & (dv < DV)[None, :]
     base = bh.to(tl.int64) * NKB + blk
     axis: tl.constexpr = 0 if NBP == 1 else 1
-    _block_means(K_h, skn, rows, rmask, w, inv, d, D, KBAR, KLP, base * D, kkeep, LP, axis)
+    _block_means(K_h, skn, rows, rmask, w, inv, d, D, KBAR, KLP, base * D, kkeep, LP, axis, WEIGHTED)
     if POOL_V:
-        _block_means(V_h, svn, rows, rmask, w, inv, dv, DV, VBAR, VLP, base * DV, vkeep, LP, axis)
+        _block_means(V_h, svn, rows, rmask, w, inv, dv, DV, VBAR, VLP, base * DV, vkeep, LP, axis, WEIGHTED)
 
 
 @triton.jit
@@ -153,7 +165,7 @@ def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | Non
         k, v, info.valid, kbar, vbar, klp, vlp,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, nk, info.nkb,
-        D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp, NBP=nbp, POOL_V=values,
+        D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp, NBP=nbp, POOL_V=values, WEIGHTED=not all_keys_valid(info),
         num_warps=num_warps or (4 if info.block * max(bd, bdv) <= 8192 else 8),
     )
     return kbar, vbar, klp, vlp

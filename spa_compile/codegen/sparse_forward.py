@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .autotune import interpreting
-from .blockinfo import BlockInfo
+from .blockinfo import BlockInfo, all_keys_valid
 from .common import exact_logits, fill_bounds, load_rows, program_grid, qblock_prologue
 
 LOG2E = 1.4426950408889634
@@ -250,9 +250,7 @@ def uniform_counts(info: BlockInfo) -> bool:
     """Whether every key block holds ``block`` valid keys, from the geometry alone (no device
     read): no key padding, no window, Nk a multiple of the block, and (causal) every key visible
     to the last row. Then the fill's landmark count is a constant (``fill_bias``'s UNIFORM_N)."""
-    if info.key_valid is not None or info.has_window or info.nk % info.block:
-        return False
-    return not info.causal or info.nq - 1 + info.offset >= info.nk - 1
+    return info.nk % info.block == 0 and all_keys_valid(info)
 
 
 def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool, config, out=None, lse=None,
