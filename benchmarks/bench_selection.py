@@ -139,11 +139,19 @@ STREAM_VARIANTS = [
     ("stages2", {"num_stages": 2}, None, None),
     ("stages3", {"num_stages": 3}, None, None),
 ]
+# (name, dense_config, warps) of select(path="dense"): the tile orientation, rows a program, warps
+DENSE_VARIANTS = [
+    ("rowmajor", {"KM": False}, None),
+    ("rowmajor_full_search", {"KM": False, "EARLY": False}, None),
+    ("km_w16", {"KM": True}, 16),
+    ("km_qb32_w16", {"KM": True, "QB": 32}, 16),
+    ("km_w4", {"KM": True}, 4),
+]
 STREAM_STOPS = [("base_stop1", None, 1), ("base_stop2", None, 2)]
 
 
 def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases=(), fine=False,
-              stream_variants=False) -> dict:
+              stream_variants=False, keep_paths=None) -> dict:
     hq, d, bs = 32, 128, cfg.block_size
     g = hq // hkv
     q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
@@ -159,6 +167,8 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
     pt: dict = {"N": n, "Hkv": hkv, "nkb": info.nkb, "kmax": kmax}
     ref = select(qsum, kbar, info, scale, cfg, kmax, path="stream", precision="ieee")
     paths = ["stream"] + (["dense"] if info.nkb <= DENSE_MAX_NKB else []) + (["wide"] if info.nkb <= WIDE_MAX_NKB else [])
+    if keep_paths:  # --paths: compare and time only these (each compiles its variants before timing)
+        paths = [p for p in paths if p in keep_paths]
     checks = {}
     for path in paths:
         for grp in (1, g):
@@ -177,9 +187,11 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
         "selection_stage_hybrid": lambda: api.selection_stage(q, kbar, info, scale, hcfg, None, kmax, k),
         "op_fwd_hybrid": lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=hcfg),
     }
-    for nbp in (1, 2, 8):  # pooling programs of NBP blocks (pooling.POOL_BLOCKS_PER_PROGRAM, 4, is pool_q/pool_kv)
+    for nbp in (1, 2, 4, 8):  # pooling programs of NBP blocks (pool_q/pool_kv: 8 without invalid keys)
         stages[f"pool_q_nbp{nbp}"] = lambda nbp=nbp: pool_q(q, bs, blocks_per_program=nbp)
         stages[f"pool_kv_nbp{nbp}"] = lambda nbp=nbp: pool_kv(k, v, info, blocks_per_program=nbp)
+    for nbp in (4, 8):
+        stages[f"pool_k_nbp{nbp}"] = lambda nbp=nbp: pool_kv(k, v, info, blocks_per_program=nbp, values=False)
     for nbp, w in ((4, 8), (8, 8), (2, 8)):  # the same at other warp counts
         stages[f"pool_q_nbp{nbp}_w{w}"] = lambda nbp=nbp, w=w: pool_q(q, bs, blocks_per_program=nbp, num_warps=w)
         stages[f"pool_k_nbp{nbp}_w{w}"] = lambda nbp=nbp, w=w: pool_kv(k, v, info, blocks_per_program=nbp,
@@ -250,6 +262,12 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
             checks[f"dense_full_search_equal_{prec or 'default'}"] = bool(torch.equal(got[0], early[0])
                                                                           and torch.equal(got[1], early[1]))
         stages["select_dense_group_in_kernel_full_search"] = dense_full
+        for name, dc, w in DENSE_VARIANTS:  # launch shapes of the dense kernel, checked against the default
+            def run_dense(dc=dc, w=w):
+                return select(qbar, kbar, info, scale, cfg, kmax, group=g, path="dense", dense_config=dc, num_warps=w)
+            got, want = run_dense(), select(qbar, kbar, info, scale, cfg, kmax, group=g, path="dense")
+            checks[f"dense_{name}_equal"] = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+            stages[f"select_dense_{name}"] = run_dense
         stages["selection_share_stage_full_search"] = lambda: _with_attr(
             selection, "DENSE_EARLY", False, stages["selection_share_stage"])
     if stream_variants and "dense" in paths:  # the causal column tiers against one full-width launch
@@ -312,6 +330,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fine", action="store_true",
                     help="also block_score 'fine' (head selection): its selection in PyTorch and with the Triton "
                          "score, and the op forward with each")
+    ap.add_argument("--paths", nargs="*", default=None, help="only these selection paths (stream, dense, wide); "
+                    "the streaming kernel's lists stay the reference")
     ap.add_argument("--stream-variants", action="store_true",
                     help="also the streaming kernel at other launch shapes (STREAM_VARIANTS), where NKB takes it")
     args = ap.parse_args(argv)
@@ -327,7 +347,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 try:
                     pt = one_point(n, hkv, cfg, dev, args.warps, args.only, args.phases, args.fine,
-                                   args.stream_variants)
+                                   args.stream_variants, args.paths)
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     pt = {"N": n, "Hkv": hkv, "error": f"{type(exc).__name__}: {exc}"[:500]}
                 pt["mode"] = mode

@@ -81,6 +81,12 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
     if "stream" in gs_paths:  # the streaming kernel is slow in the interpreter: the dot case only
         got["stream-kt0"] = selection.select(qp, kp, info, scale, cfg, kmax, path="stream", precision="ieee",
                                              keys_t=False)
+    # the dense kernel's row-major tiles, and 32 query blocks a program with the search run all 32
+    # steps (ties always by prefix count): the same lists
+    got["dense-rowmajor"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", precision="ieee",
+                                             dense_config={"KM": False})
+    got["dense-full-search"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", precision="ieee",
+                                                dense_config={"EARLY": False, "QB": 32})
     for rb in (2, 3):  # the dense kernel's k-th search, RB bits a step: the same threshold
         got[f"dense-rb{rb}"] = selection.select(qp, kp, info, scale, cfg, kmax, path="dense", radix_bits=rb,
                                                 precision="ieee")
@@ -97,7 +103,8 @@ def _run_paths(b, hq, hkv, nq, nk, d, bs, visk, cfgk, projector=None, seed=0, ti
         except AssertionError as e:
             raise AssertionError(f"path {name}: {e}") from e
     # the same fp32 scores in both kernels: the same lists (ties included)
-    for name in ("stream", "wide", "dense-rb2", "dense-rb3", "dense-kt") + (("stream-kt0",) if "stream-kt0" in got else ()):
+    for name in ("stream", "wide", "dense-rb2", "dense-rb3", "dense-kt", "dense-rowmajor", "dense-full-search") + (
+            ("stream-kt0",) if "stream-kt0" in got else ()):
         assert torch.equal(got["dense"][0], got[name][0]) and torch.equal(got["dense"][1], got[name][1]), name
     return got, ref
 

@@ -7,12 +7,33 @@ import triton.language as tl
 
 
 @triton.jit
+def per_row(x, KM: tl.constexpr):
+    """A per-query-row vector ``[QB]`` broadcast against a ``[QB, BJ]`` tile, or a key-major
+    ``[BJ, QB]`` one (KM)."""
+    if KM:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def per_key(x, KM: tl.constexpr):
+    """A per-key-block vector ``[BJ]`` broadcast against the same tiles (see per_row)."""
+    if KM:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
 def classify_blocks(
     jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN,
     BS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr = True,
+    KM: tl.constexpr = False,
 ):
     """Visible and fully visible key blocks ``jj`` ([BJ]) for query blocks with rows
-    ``t0 .. t1 - 1`` ([QB]). Returns (visible, full) bool ``[QB, BJ]`` and n ``[BJ]``.
+    ``t0 .. t1 - 1`` ([QB]). Returns (visible, full) bool ``[QB, BJ]`` (``[BJ, QB]`` with KM,
+    key-major) and n ``[BJ]``.
 
     NB_b, FIRST_b, LAST_b, CS_b point at the batch row of the block-info tensors. HAS_KV False
     (no key padding): every key of ``[lo, hi)`` is valid (it lies inside the causal and window
@@ -21,21 +42,21 @@ def classify_blocks(
     """
     jm = (jj >= 0) & (jj < NKB)
     n = tl.load(NB_b + jj, mask=jm, other=0)
-    has = (n > 0)[None, :] & (t1 > t0)[:, None]
+    has = per_key(n > 0, KM) & per_row(t1 > t0, KM)
     if CAUSAL or WINDOW:
         u0 = jj * BS
         u1 = tl.minimum(u0 + BS, Nk)
-        lo = tl.zeros_like(t0)[:, None] + u0[None, :]
-        hi = tl.zeros_like(t0)[:, None] + u1[None, :]
+        lo = per_row(tl.zeros_like(t0), KM) + per_key(u0, KM)
+        hi = per_row(tl.zeros_like(t0), KM) + per_key(u1, KM)
         full = has
         if CAUSAL:
-            hi = tl.minimum(hi, (t1 + OFF)[:, None])
+            hi = tl.minimum(hi, per_row(t1 + OFF, KM))
             last = tl.load(LAST_b + jj, mask=jm, other=-(2**30))
-            full = full & (last[None, :] <= (t0 + OFF)[:, None])
+            full = full & (per_key(last, KM) <= per_row(t0 + OFF, KM))
         if WINDOW:
-            lo = tl.maximum(lo, (t0 + OFF - WIN + 1)[:, None])
+            lo = tl.maximum(lo, per_row(t0 + OFF - WIN + 1, KM))
             first = tl.load(FIRST_b + jj, mask=jm, other=2**30)
-            full = full & (first[None, :] > (t1 - 1 + OFF - WIN)[:, None])
+            full = full & (per_key(first, KM) > per_row(t1 - 1 + OFF - WIN, KM))
         ok = (hi > lo) & has
         if HAS_KV:
             lo_c = tl.minimum(tl.maximum(lo, 0), Nk)

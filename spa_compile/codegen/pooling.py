@@ -128,16 +128,21 @@ def _check_inner(x: Tensor, name: str) -> Tensor:
 # Blocks a pooling program handles (one [NBP, BS, D] tile). 4 since the H200 run of 2026-11-28
 # (benchmarks/bench_selection.py, CUDA graph, 16K, Hq=32/Hkv=8, D=128): pool_q 41 us and pool_kv
 # 23 us against 55 and 32 with one block a program (16 KB a program, 2.1-2.4 TB/s); 2 blocks
-# gained nothing (64 / 33 us).
+# gained nothing (64 / 33 us). 8 where no key is invalid (run 37, 2026-11-29, 16K, Hkv=32): pool_q
+# 36.2 us against 41.2, pool_kv 67.1 against 79.1 (128 KB a program, 3.7-4.0 TB/s); the weighted
+# key means (padding) stay at 4: at 8 blocks and 4 warps they spill (sm_90: 255 registers + 104 B).
 POOL_BLOCKS_PER_PROGRAM = 4
+POOL_BLOCKS_UNWEIGHTED = 8
 POOL_ENV = "SPA_POOL_BLOCKS"
 
 
-def pool_blocks_per_program(nbp: int | None = None) -> int:
-    """``nbp``, else $SPA_POOL_BLOCKS, else POOL_BLOCKS_PER_PROGRAM; 1, 2, 4 or 8."""
+def pool_blocks_per_program(nbp: int | None = None, weighted: bool = True) -> int:
+    """``nbp``, else $SPA_POOL_BLOCKS, else POOL_BLOCKS_PER_PROGRAM (weighted means: key padding)
+    or POOL_BLOCKS_UNWEIGHTED; 1, 2, 4 or 8."""
     import os
 
-    v = nbp if nbp is not None else int(os.environ.get(POOL_ENV, "") or POOL_BLOCKS_PER_PROGRAM)
+    default = POOL_BLOCKS_PER_PROGRAM if weighted else POOL_BLOCKS_UNWEIGHTED
+    v = nbp if nbp is not None else int(os.environ.get(POOL_ENV, "") or default)
     if v not in (1, 2, 4, 8):
         raise ValueError(f"{POOL_ENV} must be 1, 2, 4 or 8 (blocks a pooling program), not {v}")
     return v
@@ -160,12 +165,13 @@ def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | Non
     klp = torch.empty(kbar.shape, device=k.device, dtype=k.dtype) if lp else kbar
     vlp = torch.empty(vbar.shape, device=k.device, dtype=k.dtype) if lp else vbar
     bd, bdv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
-    nbp = pool_blocks_per_program(blocks_per_program)
+    weighted = not all_keys_valid(info)
+    nbp = pool_blocks_per_program(blocks_per_program, weighted)
     _pool_kv_kernel[(triton.cdiv(info.nkb, nbp), b * h)](
         k, v, info.valid, kbar, vbar, klp, vlp,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h, nk, info.nkb,
-        D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp, NBP=nbp, POOL_V=values, WEIGHTED=not all_keys_valid(info),
+        D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp, NBP=nbp, POOL_V=values, WEIGHTED=weighted,
         num_warps=num_warps or (4 if info.block * max(bd, bdv) <= 8192 else 8),
     )
     return kbar, vbar, klp, vlp
@@ -178,7 +184,7 @@ def pool_q(q: Tensor, block: int, blocks_per_program: int | None = None, num_war
     nqb = triton.cdiv(nq, block)
     qbar = torch.empty(b, h, nqb, d, device=q.device, dtype=torch.float32)
     bd = triton.next_power_of_2(d)
-    nbp = pool_blocks_per_program(blocks_per_program)
+    nbp = pool_blocks_per_program(blocks_per_program, weighted=False)
     _pool_q_kernel[(triton.cdiv(nqb, nbp), b * h)](
         q, qbar, q.stride(0), q.stride(1), q.stride(2), h, nq, nqb,
         D=d, BS=block, BD=bd, NBP=nbp, num_warps=num_warps or (4 if block * bd <= 8192 else 8),

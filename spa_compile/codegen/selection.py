@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .blockinfo import BlockInfo
-from .common import classify_blocks
+from .common import classify_blocks, per_key, per_row
 
 SENTINEL = tl.constexpr(-(2**63))
 MAXKEY = tl.constexpr(2**63 - 1)
@@ -109,7 +109,7 @@ def _local_threshold(lthr0, lo, hi, t0, t1, diag, NB_b, FIRST_b, LAST_b, CS_b, N
 
 
 @triton.jit
-def _kth_threshold(ordered, rem, k, QB: tl.constexpr, RB: tl.constexpr, FW: tl.constexpr):
+def _kth_threshold(ordered, rem, k, QB: tl.constexpr, RB: tl.constexpr, FW: tl.constexpr, KM: tl.constexpr = False):
     """T per row: the largest t with #{rem: ordered >= t} >= k (k <= #rem), from the top bit down.
 
     RB = 1: a binary search, 32 steps of one row sum each. RB > 1: RB bits a step (2**RB - 1
@@ -118,14 +118,15 @@ def _kth_threshold(ordered, rem, k, QB: tl.constexpr, RB: tl.constexpr, FW: tl.c
     the sum counts the elements >= candidate m. FW bits must hold any count <= NKBP, and
     (2**RB - 1) * FW <= 63: RB = 3 with 9-bit fields (NKBP <= 256), RB = 2 with 10-bit fields.
     The row sums are what a step costs on the GPU (a cross-warp reduction each): 32 -> 11 (RB 3).
-    Same T, bit for bit, whatever RB."""
+    Same T, bit for bit, whatever RB. KM: key-major tiles ``[NKBP, QB]`` (rows along axis 1)."""
+    AX: tl.constexpr = 0 if KM else 1
     if RB == 1:
         tu = tl.zeros([QB], dtype=tl.int64)
         step = tl.full([QB], 2147483648, dtype=tl.int64)
         for _b in range(32):
             cand = tu + step
             ct = (cand - 2147483648).to(tl.int32)
-            c = tl.sum((rem & (ordered >= ct[:, None])).to(tl.int32), axis=1)
+            c = tl.sum((rem & (ordered >= per_row(ct, KM))).to(tl.int32), axis=AX)
             tu = tl.where(c >= k, cand, tu)
             step = step // 2
     else:
@@ -133,12 +134,12 @@ def _kth_threshold(ordered, rem, k, QB: tl.constexpr, RB: tl.constexpr, FW: tl.c
         tu = tl.zeros([QB], dtype=tl.int64)
         for st in tl.static_range((32 + RB - 1) // RB):
             sh = RB * ((32 + RB - 1) // RB - 1 - st)
-            d = ou - tu[:, None]
+            d = ou - per_row(tu, KM)
             p = tl.where(rem & (d >= 0), d >> sh, 0)  # candidates reached (capped below)
             ones = tl.zeros(p.shape, dtype=tl.int64)
             for m in tl.static_range(1, 1 << RB):
                 ones += tl.where(p >= m, 1 << (FW * (m - 1)), 0).to(tl.int64)
-            tot = tl.sum(ones, axis=1)
+            tot = tl.sum(ones, axis=AX)
             mm = tl.zeros([QB], dtype=tl.int64)
             for m in tl.static_range(1, 1 << RB):
                 cm = (tot >> (FW * (m - 1))) & ((1 << FW) - 1)
@@ -149,14 +150,16 @@ def _kth_threshold(ordered, rem, k, QB: tl.constexpr, RB: tl.constexpr, FW: tl.c
 
 
 @triton.jit
-def _kth_early(ordered, k, QB: tl.constexpr):
+def _kth_early(ordered, k, QB: tl.constexpr, KM: tl.constexpr = False):
     """(T, exact): ``_kth_threshold``'s T at RB = 1 (the entries that are not candidates hold
     INT_MIN, which no tested t reaches), the search in int32 and stopped once every row counts
     exactly k at its candidate t (tested each step: a max over the row vector, which every
     thread holds). T is then the smallest entry >= t, the k-th largest, which the remaining
     steps would have reached; ``exact`` (a scalar) says every row stopped so, i.e. exactly k
-    entries are >= T: no surplus ties. Otherwise all 32 steps run, as the plain search."""
-    c = tl.sum((ordered >= 0).to(tl.int32), axis=1)  # the top bit: candidate 0 in signed order
+    entries are >= T: no surplus ties. Otherwise all 32 steps run, as the plain search. KM: as
+    ``_kth_threshold``."""
+    AX: tl.constexpr = 0 if KM else 1
+    c = tl.sum((ordered >= 0).to(tl.int32), axis=AX)  # the top bit: candidate 0 in signed order
     ok = c >= k
     ts = tl.where(ok, 0, -2147483647 - 1)
     cnt = tl.where(ok, c, -1)
@@ -164,14 +167,14 @@ def _kth_early(ordered, k, QB: tl.constexpr):
     busy = tl.max((cnt != k).to(tl.int32), axis=0) > 0
     while busy:
         cand = ts + (tl.full([], 1, dtype=tl.int32) << b)  # no overflow: ts holds the bits above b only
-        c = tl.sum((ordered >= cand[:, None]).to(tl.int32), axis=1)
+        c = tl.sum((ordered >= per_row(cand, KM)).to(tl.int32), axis=AX)
         ok = c >= k
         ts = tl.where(ok, cand, ts)
         cnt = tl.where(ok, c, cnt)
         b -= 1
         busy = (b >= 0) & (tl.max((cnt != k).to(tl.int32), axis=0) > 0)
     exact = tl.max((cnt != k).to(tl.int32), axis=0) == 0
-    return tl.min(tl.where(ordered >= ts[:, None], ordered, 2147483647), axis=1), exact
+    return tl.min(tl.where(ordered >= per_row(ts, KM), ordered, 2147483647), axis=AX), exact
 
 
 @triton.jit
@@ -363,36 +366,44 @@ def _select_dense_kernel(
     BS: tl.constexpr, QB: tl.constexpr, NKBP: tl.constexpr, RC: tl.constexpr, USE_DOT: tl.constexpr,
     RB: tl.constexpr = 1, FW: tl.constexpr = 10, HALF: tl.constexpr = False, STOP: tl.constexpr = 0,
     PREC: tl.constexpr = "ieee", HAS_KV: tl.constexpr = True, PID0=0, LPT: tl.constexpr = False,
-    KT: tl.constexpr = False, EARLY: tl.constexpr = True,
+    KT: tl.constexpr = False, EARLY: tl.constexpr = True, KM: tl.constexpr = False,
 ):
     """All NKB key blocks of QB query blocks at once (NKB <= NKBP): classify, score, then the
     k-th largest remaining score of each row by a search on its orderable bits, RB bits a step
     (``_kth_threshold``), ties at the threshold to the lower j by a prefix count; S ascending by
     a prefix count. Causal launches come in tiers (``dense_tiers``): the programs whose key range
-    ends within NKBP columns, from program PID0 on."""
+    ends within NKBP columns, from program PID0 on.
+
+    KM (key-major): the tiles are ``[NKBP, QB]``, for which Triton's default layout puts the warps
+    along the key blocks and one query row in a thread (16 key blocks each at 16 x 256, 8 warps),
+    where ``[QB, NKBP]`` puts every row in every thread: each per-row vector (k, counts, the
+    search's candidate) then costs QB registers and instructions a thread, and a row sum five
+    shuffles a row. The same arithmetic (the scores are the same dot, transposed), the same lists."""
     (bh, b, NB_b, FIRST_b, LAST_b, CS_b, QP_r, KP_h, rows, row_ok, t0, t1, diag, js, je) = _program_rows(
         QP, KP, NB, FIRST, LAST, CS, Hs, Hkv, Nq, Nk, NQB, NKB, R, GS, OFF, WIN, CAUSAL, WINDOW, BS, QB, PID0, LPT)
+    AX: tl.constexpr = 0 if KM else 1  # the key-block axis of a tile: row reductions and prefix counts
 
     jj = tl.arange(0, NKBP)
     jm = (jj >= js) & (jj < je)
     visible, full, n = classify_blocks(jj, t0, t1, NB_b, FIRST_b, LAST_b, CS_b, Nk, NKB, OFF, WIN, BS, CAUSAL,
-                                       WINDOW, HAS_KV)
-    visible = visible & jm[None, :] & row_ok[:, None]
+                                       WINDOW, HAS_KV, KM)
+    visible = visible & per_key(jm, KM) & per_row(row_ok, KM)
     vi = visible.to(tl.int32)
+    jb = per_key(jj, KM)
     if HAS_KV:
-        sink = visible & (tl.cumsum(vi, axis=1) <= SINK)
+        sink = visible & (tl.cumsum(vi, axis=AX) <= SINK)
     else:  # geometry alone: each row's visible blocks are one interval, the sinks its first SINK
-        sink = visible & (jj[None, :] < tl.min(tl.where(visible, jj[None, :], NKBP), axis=1)[:, None] + SINK)
+        sink = visible & (jb < per_row(tl.min(tl.where(visible, jb, NKBP), axis=AX), KM) + SINK)
     # local: the LOCAL smallest |j - diag| * NKB + j over visible j (all of them when fewer)
-    lkey = tl.where(visible, tl.abs(jj[None, :] - diag[:, None]) * NKB + jj[None, :], LOCAL_BIG)
+    lkey = tl.where(visible, tl.abs(jb - per_row(diag, KM)) * NKB + jb, LOCAL_BIG)
     lthr = tl.full([QB], -1, dtype=tl.int32)
     for _l in range(LOCAL):
-        lthr = tl.min(tl.where(lkey > lthr[:, None], lkey, LOCAL_BIG), axis=1)
-    forced = (visible & (full == 0)) | sink | (visible & (lkey <= lthr[:, None]))
+        lthr = tl.min(tl.where(lkey > per_row(lthr, KM), lkey, LOCAL_BIG), axis=AX)
+    forced = (visible & (full == 0)) | sink | (visible & (lkey <= per_row(lthr, KM)))
     rem = visible & (forced == 0)
-    nvis = tl.sum(vi, axis=1)
-    nrem = tl.sum(rem.to(tl.int32), axis=1)
-    nforced = tl.sum(forced.to(tl.int32), axis=1)
+    nvis = tl.sum(vi, axis=AX)
+    nrem = tl.sum(rem.to(tl.int32), axis=AX)
+    nforced = tl.sum(forced.to(tl.int32), axis=AX)
     if STOP == 1:  # STOP: benchmarks/bench_selection.py --phases times the kernel cut after each phase
         tl.store(CNT + bh.to(tl.int64) * NQB + rows, nrem + nforced, mask=row_ok)
         return
@@ -405,37 +416,39 @@ def _select_dense_kernel(
     sel = forced
     if tl.max(nrem, axis=0) > 0:
         sc = _score_keys(QP_r, KP_h, rows, row_ok, jj, jm, R, scale, QB, NKBP, RC, USE_DOT, GS, NQB * R, PREC, KT, NKB)
+        if KM:
+            sc = tl.trans(sc)
         bits = sc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order = float order (as _encode)
         ordered = tl.where(rem, ordered, -2147483647 - 1)
         if STOP == 2:
-            tl.store(CNT + bh.to(tl.int64) * NQB + rows, tl.max(ordered, axis=1), mask=row_ok)
+            tl.store(CNT + bh.to(tl.int64) * NQB + rows, tl.max(ordered, axis=AX), mask=row_ok)
             return
         if RB == 1 and EARLY:
-            thr, exact = _kth_early(ordered, k, QB)
+            thr, exact = _kth_early(ordered, k, QB, KM)
         else:
-            thr = _kth_threshold(ordered, rem, k, QB, RB, FW)
+            thr = _kth_threshold(ordered, rem, k, QB, RB, FW, KM)
             exact = tl.max(k, axis=0) < 0  # False (a scalar tensor, as the early search's flag)
         if STOP == 3:
             tl.store(CNT + bh.to(tl.int64) * NQB + rows, thr, mask=row_ok)
             return
         if exact:  # exactly k remaining blocks >= T in every row
-            sel = sel | (rem & (ordered >= thr[:, None]))
+            sel = sel | (rem & (ordered >= per_row(thr, KM)))
         else:
-            gt = rem & (ordered > thr[:, None])
-            eq = rem & (ordered == thr[:, None])
-            need = k - tl.sum(gt.to(tl.int32), axis=1)  # ties at T: the lowest j first (the key's low half)
-            sel = sel | gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=1) <= need[:, None]))
+            gt = rem & (ordered > per_row(thr, KM))
+            eq = rem & (ordered == per_row(thr, KM))
+            need = k - tl.sum(gt.to(tl.int32), axis=AX)  # ties at T: the lowest j first (the key's low half)
+            sel = sel | gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=AX) <= per_row(need, KM)))
     take = nforced + k
 
     # S ascending at slots [0, take), then -1 up to KMAX: selected j to slot (its prefix count - 1),
     # the others to take + (their prefix count - 1): every slot below NKBP >= KMAX written once
     si = sel.to(tl.int32)
-    csum = tl.cumsum(si, axis=1)
-    slot = tl.where(sel, csum - 1, take[:, None] + jj[None, :] - csum)
-    val = tl.where(sel, jj[None, :] + tl.zeros([QB, NKBP], dtype=tl.int32), -1)
+    csum = tl.cumsum(si, axis=AX)
+    slot = tl.where(sel, csum - 1, per_row(take, KM) + jb - csum)
+    val = tl.where(sel, jb + tl.zeros_like(si), -1)
     IDX_r = IDX + (bh.to(tl.int64) * NQB + rows.to(tl.int64)) * KMAX
-    tl.store(IDX_r[:, None] + slot, val, mask=row_ok[:, None] & (slot < KMAX))
+    tl.store(per_row(IDX_r, KM) + slot, val, mask=per_row(row_ok, KM) & (slot < KMAX))
     tl.store(CNT + bh.to(tl.int64) * NQB + rows, take, mask=row_ok)
 
 
@@ -585,6 +598,8 @@ def _dense_warps(qb: int, nkbp: int) -> int:
 # The dense kernel's k-th search stops once every row counts exactly k (``_kth_early``); False:
 # all 32 steps and the tie prefix count always (benchmarks/bench_selection.py times both)
 DENSE_EARLY = True
+# The dense kernel's tiles key-major (``_select_dense_kernel``' KM): the same lists
+DENSE_KEY_MAJOR = True
 DENSE_TIERS = 3  # causal dense launches: column widths nkbp, nkbp/2, nkbp/4 (SPA_SELECT_TIERS overrides)
 TIERS_ENV = "SPA_SELECT_TIERS"
 MIN_TIER_PROGRAMS = 128  # a narrower tier launches only with about a card of programs (H200: 132 SMs)
@@ -651,7 +666,8 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
            path: str | None = None, radix_bits: int | None = None, half: bool = False,
            num_warps: int | None = None, stop: int = 0, precision: str | None = None,
            stream_config: dict | None = None, tiers: int | None = None,
-           longest_first: bool | None = None, keys_t: bool | None = None) -> tuple[Tensor, Tensor]:
+           longest_first: bool | None = None, keys_t: bool | None = None,
+           dense_config: dict | None = None) -> tuple[Tensor, Tensor]:
     """index ``[B, Hs, NQB, kmax]`` int32 ascending, padded -1; count ``[B, Hs, NQB]`` int32.
 
     qp: projected query block means ``[B, Hs * group, NQB, r]`` float32; with ``group > 1`` the
@@ -668,6 +684,9 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
     (the wide path always scores in fp32 FMA).
     ``longest_first``: see ``program_order_lpt`` (program order; the same lists either way).
     ``keys_t``: see ``keys_transposed`` (the score dot's key operand layout; the same lists).
+    ``dense_config`` overrides the dense kernel's QB (query blocks a program, 16 or more for the
+    score dot), KM (key-major tiles, else DENSE_KEY_MAJOR) and EARLY (else DENSE_EARLY): the same
+    lists, for benchmarks/bench_selection.py.
     """
     qp = qp.contiguous().float()
     kp = kp.contiguous().float()
@@ -700,6 +719,11 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
 
     if chosen == "dense":
         qb, nkbp, rc, use_dot, warps = _dense_config(nqb, info.nkb, r, kmax)
+        dc = dict(dense_config or {})
+        qb = dc.pop("QB", qb)
+        km, early = bool(dc.pop("KM", DENSE_KEY_MAJOR)), bool(dc.pop("EARLY", DENSE_EARLY))
+        if dc or (use_dot and qb < 16):
+            raise ValueError(f"dense_config: unknown keys {sorted(dc)} (QB, KM, EARLY) or QB {qb} < 16 with the dot")
         rb = dense_radix_bits(nkbp, radix_bits)
         args, kt = with_keys_t(use_dot)
         for p0, p1, cols in dense_tiers(info, qb, nkbp, kmax, tiers, rows=b * hs):
@@ -708,7 +732,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
                 *args, KT=kt, CAUSAL=info.causal, WINDOW=info.has_window,
                 BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
                 HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0, LPT=on,
-                EARLY=DENSE_EARLY, num_warps=num_warps or _dense_warps(qb, cols),
+                EARLY=early, KM=km, num_warps=num_warps or _dense_warps(qb, cols),
             )
     elif chosen == "wide":
         # wide_selection imports this module's jit helpers: imported here, not at the top
