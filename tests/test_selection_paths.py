@@ -185,6 +185,18 @@ def test_dense_config_fits():
         assert (qb == 16 and rc == 16) if dot else qb * nkbp * rc <= 16384
 
 
+def test_dense_warps_rule():
+    """Key-major 16 x 256 launches take 4 warps (two programs an SM) only when they have more
+    programs than the card has SMs; otherwise, and row-major, the register rule of _dense_warps."""
+    w = selection._dense_warps
+    assert w(16, 256, km=True, programs=256, sms=132) == 4
+    assert w(16, 256, km=True, programs=128, sms=132) == 8  # one wave either way: a program's latency counts
+    assert w(16, 256, km=False, programs=256, sms=132) == 8
+    assert w(16, 256, km=True, programs=256, sms=0) == 8  # the interpreter: no card
+    assert w(16, 512, km=True, programs=999, sms=132) == 16
+    assert w(16, 32, km=True, programs=10, sms=132) == 4
+
+
 def test_score_precision_choice(monkeypatch):
     monkeypatch.delenv(selection.PRECISION_ENV, raising=False)
     assert selection.score_precision() == selection.SCORE_PRECISION["dense"] == "tf32x3"  # measured defaults

@@ -590,7 +590,14 @@ def _dense_config(nqb: int, nkb: int, r: int, kmax: int):
     return qb, nkbp, rc, use_dot, _dense_warps(qb, nkbp)
 
 
-def _dense_warps(qb: int, nkbp: int) -> int:
+def _dense_warps(qb: int, nkbp: int, km: bool = False, programs: int = 0, sms: int = 0) -> int:
+    """Warps of a dense launch of ``programs`` programs on a card of ``sms`` SMs (0: unknown)."""
+    if km and qb * nkbp <= 4096 and programs > sms > 0:
+        # key-major 16 x 256 at 4 warps: 240 registers, two programs an SM (8 warps: 192, one), so a
+        # launch of more programs than SMs runs in one wave instead of two. H200 run 38 (16K,
+        # Hkv=32, every tier at 4 warps): 64.8 us against 73.6 at 8 (89.7 at 16). Smaller launches
+        # keep 8: there a program's own latency is the launch's
+        return 4
     # 16 rows x 256 at 8 warps: 232 registers, no spill (tf32x3); 27 us against 31 at 4 and 32 at 16
     return 4 if qb * nkbp < 1024 else (8 if qb * nkbp <= 4096 else 16)
 
@@ -726,13 +733,14 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
             raise ValueError(f"dense_config: unknown keys {sorted(dc)} (QB, KM, EARLY) or QB {qb} < 16 with the dot")
         rb = dense_radix_bits(nkbp, radix_bits)
         args, kt = with_keys_t(use_dot)
+        sms = torch.cuda.get_device_properties(qp.device).multi_processor_count if qp.is_cuda else 0
         for p0, p1, cols in dense_tiers(info, qb, nkbp, kmax, tiers, rows=b * hs):
             launch, on = grid(p1 - p0)
             _select_dense_kernel[launch](
                 *args, KT=kt, CAUSAL=info.causal, WINDOW=info.has_window,
                 BS=info.block, QB=qb, NKBP=cols, RC=rc, USE_DOT=use_dot, RB=rb, FW=9 if rb == 3 else 10,
                 HALF=half, STOP=stop, PREC=prec if use_dot else "ieee", HAS_KV=has_kv, PID0=p0, LPT=on,
-                EARLY=early, KM=km, num_warps=num_warps or _dense_warps(qb, cols),
+                EARLY=early, KM=km, num_warps=num_warps or _dense_warps(qb, cols, km, (p1 - p0) * b * hs, sms),
             )
     elif chosen == "wide":
         # wide_selection imports this module's jit helpers: imported here, not at the top
