@@ -1,10 +1,11 @@
 """Projector scores and top-k selection (SPEC.md sections 1-2): two kernels, the same result.
 
 Dense (``_select_dense_kernel``, NKB <= DENSE_MAX_NKB by default): a program holds all
-``[QB, NKBP]`` scores of its query blocks in registers, finds each row's k-th largest remaining
-score by a 32-step binary search on the orderable score bits (count of keys >= candidate), takes
-the keys above it and, of those equal to it, the lowest j first (a prefix count: the order of the
-64-bit keys below), and writes S ascending plus the -1 padding by prefix counts (no sort).
+scores of its query blocks in registers (key-major ``[NKBP, QB]`` tiles by default), finds each
+row's k-th largest remaining score by a binary search on the orderable score bits (count of keys
+>= candidate; it stops once every row counts exactly k), takes the keys above it and, of those
+equal to it, the lowest j first (a prefix count: the order of the 64-bit keys below), and writes
+S ascending plus the -1 padding by prefix counts (no sort).
 
 Streaming (``_select_kernel``, longer rows): one program per (batch, selection head, QB
 consecutive query blocks). It walks the key blocks in chunks of BJ and keeps, per query block,
