@@ -822,6 +822,32 @@ def test_gpu_pooling_blocks_per_program():
         torch.testing.assert_close(pooling.pool_q(q, 64, blocks_per_program=nbp), q1, rtol=1e-6, atol=1e-6)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("nq,nk,kw", [(150, 150, dict(causal=True)), (64, 150, dict()),
+                                      (80, 150, dict(causal=True, offset=70)), (150, 150, dict(causal=True, window=40)),
+                                      (64, 150, dict(causal=True)), (100, 150, dict(offset=60, window=50))])
+def test_unweighted_key_means(nq, nk, kw):
+    """blockinfo.all_keys_valid (geometry alone) holds exactly when every key is valid without
+    padding; then pool_kv skips VALID (WEIGHTED False) and gives the weighted means of an all-True
+    key_valid, which take the weighted path."""
+    from spa_compile.codegen import pooling
+    from spa_compile.codegen.blockinfo import all_keys_valid
+
+    q, k, v = make_qkv(1, 2, 2, nq, nk, 16, seed=nq + nk)
+    info = block_info(Visibility(nq, nk, **kw), 1, nq, nk, 16, q.device)
+    assert all_keys_valid(info) == bool(info.valid.all())
+    if not all_keys_valid(info):
+        return
+    weighted = block_info(Visibility(nq, nk, key_valid=torch.ones(1, nk, dtype=torch.bool), **kw), 1, nq, nk, 16,
+                          q.device)
+    assert not all_keys_valid(weighted)
+    for nbp in (1, 4):
+        for x, y in zip(pooling.pool_kv(k, v, info, blocks_per_program=nbp),
+                        pooling.pool_kv(k, v, weighted, blocks_per_program=nbp)):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    assert pooling.pool_blocks_per_program(weighted=False) == pooling.POOL_BLOCKS_UNWEIGHTED
+
+
 def test_uniform_counts_from_geometry():
     """The fill takes a constant landmark count only when every key block is full of valid keys."""
     def info(nq, nk, **kw):

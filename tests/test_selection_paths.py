@@ -197,6 +197,19 @@ def test_dense_warps_rule():
     assert w(16, 32, km=True, programs=10, sms=132) == 4
 
 
+def test_dense_config_errors():
+    """select(dense_config=) names an unknown key, and a QB the score dot cannot take."""
+    vis = Visibility(256, 256, causal=True)
+    info = block_info(vis, 1, 256, 256, 16, "cpu")
+    cfg = SPAConfig(block_size=16, topk=2)
+    kmax = int(max_selected(256, 256, vis, cfg))
+    qp, kp = torch.randn(1, 1, info.nqb, 16), torch.randn(1, 1, info.nkb, 16)
+    with pytest.raises(ValueError, match=r"unknown keys \['BJ'\]"):
+        selection.select(qp, kp, info, 0.2, cfg, kmax, path="dense", dense_config={"BJ": 64})
+    with pytest.raises(ValueError, match="QB=8.*16 query blocks"):
+        selection.select(qp, kp, info, 0.2, cfg, kmax, path="dense", dense_config={"QB": 8})
+
+
 def test_score_precision_choice(monkeypatch):
     monkeypatch.delenv(selection.PRECISION_ENV, raising=False)
     assert selection.score_precision() == selection.SCORE_PRECISION["dense"] == "tf32x3"  # measured defaults

@@ -62,11 +62,14 @@ class BlockInfo:
 
 
 def all_keys_valid(info: BlockInfo) -> bool:
-    """Whether every key below Nk is valid, from the geometry alone (no device read): no key
-    padding, no window, and (causal) every key visible to the last query row."""
-    if info.key_valid is not None or info.has_window:
+    """Whether every key below Nk is valid (``valid``'s definition above), from the geometry alone
+    (no device read): no key padding, (causal) the last query row sees the last key, and (window)
+    the first row's window reaches key 0."""
+    if info.key_valid is not None:
         return False
-    return not info.causal or info.nq - 1 + info.offset >= info.nk - 1
+    if info.causal and info.nq - 1 + info.offset < info.nk - 1:
+        return False
+    return not info.has_window or info.offset - info.win < 0
 
 
 # Without key padding the summary depends on the shapes and flags alone: it is kept per key

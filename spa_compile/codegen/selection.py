@@ -730,8 +730,10 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
         dc = dict(dense_config or {})
         qb = dc.pop("QB", qb)
         km, early = bool(dc.pop("KM", DENSE_KEY_MAJOR)), bool(dc.pop("EARLY", DENSE_EARLY))
-        if dc or (use_dot and qb < 16):
-            raise ValueError(f"dense_config: unknown keys {sorted(dc)} (QB, KM, EARLY) or QB {qb} < 16 with the dot")
+        if dc:
+            raise ValueError(f"dense_config: unknown keys {sorted(dc)} (QB, KM, EARLY)")
+        if use_dot and qb < 16:
+            raise ValueError(f"dense_config: QB={qb}, but the score dot needs 16 query blocks a program or more")
         rb = dense_radix_bits(nkbp, radix_bits)
         args, kt = with_keys_t(use_dot)
         sms = torch.cuda.get_device_properties(qp.device).multi_processor_count if qp.is_cuda else 0

@@ -250,7 +250,7 @@ def uniform_counts(info: BlockInfo) -> bool:
     """Whether every key block holds ``block`` valid keys, from the geometry alone (no device
     read): no key padding, no window, Nk a multiple of the block, and (causal) every key visible
     to the last row. Then the fill's landmark count is a constant (``fill_bias``'s UNIFORM_N)."""
-    return info.nk % info.block == 0 and all_keys_valid(info)
+    return info.nk % info.block == 0 and not info.has_window and all_keys_valid(info)
 
 
 def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool, config, out=None, lse=None,
