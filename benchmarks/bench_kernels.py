@@ -44,7 +44,7 @@ from spa_compile.budget import max_selected
 from spa_compile.codegen import api
 from spa_compile.codegen.blockinfo import block_info
 from spa_compile.codegen.fine_selection import fine_selection
-from spa_compile.codegen.pooling import pool_kv
+from spa_compile.codegen.pooling import pool_fused, pool_kv, pool_qkv
 
 MB = 1 << 20
 DOCS_BEGIN = "<!-- bench_kernels:begin -->"
@@ -388,6 +388,7 @@ def main(argv=None):
     path = out_dir / f"{info['card'].replace(' ', '_')}-{stamp}.json"
     result = {"info": info, "setup": {"B": 1, "Hq": a.hq, "D": a.d, "dtype": "bfloat16", "causal": True,
                                       "block_size": 64, "selection": a.selection, "block_score": a.block_score,
+                                      "pool_fused": pool_fused(),
                                       "timing": "median ms of CUDA-event-timed runs, L2 flushed before each (3 runs for calls over 100 ms)"},
               "points": [], "checks": [], "errors": []}
     dtype = torch.bfloat16
@@ -517,7 +518,11 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
         if cfg.block_score == "fine":  # its own pooling (sub-block means) inside, as in api.spa_forward
             return fine_selection(q_, k_, vis, scale, cfg, None)[0]
         # the key means alone: the value means (vbar) are the fill's landmarks, not the selection's
-        # (the op pools both in one kernel; spa_select_vpool_* keeps them in, for comparison)
+        # (the op pools both in one kernel; spa_select_vpool_* keeps them in, for comparison);
+        # with SPA_POOL_FUSED=1 the query means in the same launch, as the op then pools them
+        if pool_fused():
+            qb, kb = pool_qkv(q_, k_, v_, info, values=values)[:2]
+            return api.selection_stage(q_, kb, info, scale, cfg, None, kmax, k_, qbar=qb)[0]
         kb, _, _, _ = pool_kv(k_, v_, info, values=values)
         return api.selection_stage(q_, kb, info, scale, cfg, None, kmax, k_)[0]
 

@@ -43,7 +43,7 @@ from spa_compile import SPAConfig, spa_attention  # noqa: E402
 from spa_compile.budget import max_selected  # noqa: E402
 from spa_compile.codegen import api  # noqa: E402
 from spa_compile.codegen.blockinfo import block_info  # noqa: E402
-from spa_compile.codegen.pooling import pool_kv, pool_q  # noqa: E402
+from spa_compile.codegen.pooling import FUSED_ENV, pool_kv, pool_q, pool_qkv  # noqa: E402
 from spa_compile.codegen import selection, wide_selection  # noqa: E402
 from spa_compile.codegen.selection import DENSE_MAX_NKB, ORDER_ENV, PATH_ENV, select  # noqa: E402
 from spa_compile.codegen.wide_selection import WIDE_MAX_NKB  # noqa: E402
@@ -200,6 +200,16 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
     # what bench_kernels.py times as the selection's share: the key means, then pool q, project, select
     stages["selection_share_stage"] = lambda: api.selection_stage(
         q, pool_kv(k, v, info, values=False)[0], info, scale, cfg, None, kmax)
+    # the query and key (and value) means in one launch (pooling.pool_qkv, opt-in SPA_POOL_FUSED)
+    stages["pool_qk_fused"] = lambda: pool_qkv(q, k, v, info, values=False)
+    stages["pool_qkv_fused"] = lambda: pool_qkv(q, k, v, info)
+
+    def share_fused():
+        qb_, kb_ = pool_qkv(q, k, v, info, values=False)[:2]
+        return api.selection_stage(q, kb_, info, scale, cfg, None, kmax, qbar=qb_)
+    stages["selection_share_stage_fused_pool"] = share_fused
+    stages["op_fwd_fused_pool"] = lambda: _with_env(
+        FUSED_ENV, "1", lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
     for path in paths:
         stages[f"op_fwd_{path}"] = lambda path=path: _with_env(
             PATH_ENV, path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))

@@ -218,11 +218,18 @@ def main():
                            skn=I, H=I, Nk=I, NKB=I, D=128, BS=64, BD=128), a.arch, 8, 1, "key_range")
     args = dict(K=torch.bfloat16, V=torch.bfloat16, VALID=torch.int8, KBAR=torch.float32, VBAR=torch.float32, KLP=torch.bfloat16, VLP=torch.bfloat16, LP=True,
                 skb=I, skh=I, skn=I, svb=I, svh=I, svn=I, H=I, Nk=I, NKB=I, D=128, DV=128, BS=64, BD=128, BDV=128)
-    for nbp in (1, 4):  # blocks a program (pooling.POOL_BLOCKS_PER_PROGRAM and the unrolled variant)
-        ok &= compile_one(pooling._pool_kv_kernel, dict(args, NBP=nbp), a.arch, 8, 1, f"pool_kv nbp{nbp}")
+    # blocks a program: 1, 4 (key padding: pooling.POOL_BLOCKS_PER_PROGRAM), 8 (POOL_BLOCKS_UNWEIGHTED), at the
+    # launcher's 4 warps (block 64 x D 128); WEIGHTED as the launcher sets it for each
+    for nbp, weighted in ((1, True), (4, True), (8, False)):
+        ok &= compile_one(pooling._pool_kv_kernel, dict(args, NBP=nbp, WEIGHTED=weighted), a.arch, 4, 1,
+                          f"pool_kv nbp{nbp} weighted{int(weighted)}")
+        ok &= compile_one(pooling._pool_qkv_kernel,
+                          dict(args, NBP=nbp, WEIGHTED=weighted, POOL_V=True, Q=torch.bfloat16, QBAR=torch.float32,
+                               sqb=I, sqh=I, sqn=I, HQ=I, Nq=I, NQB=I, BHQ=I), a.arch, 4, 1,
+                          f"pool_qkv nbp{nbp} weighted{int(weighted)}")
     args = dict(Q=torch.bfloat16, QBAR=torch.float32, sqb=I, sqh=I, sqn=I, H=I, Nq=I, NQB=I, D=128, BS=64, BD=128)
-    for nbp in (1, 4):
-        ok &= compile_one(pooling._pool_q_kernel, dict(args, NBP=nbp), a.arch, 8, 1, f"pool_q nbp{nbp}")
+    for nbp in (1, 4, 8):
+        ok &= compile_one(pooling._pool_q_kernel, dict(args, NBP=nbp), a.arch, 4, 1, f"pool_q nbp{nbp}")
     args = dict(O=torch.bfloat16, DO=torch.bfloat16, DELTA=torch.float32, sob=I, soh=I, son=I, sdb=I, sdh=I, sdn=I,
                 H=I, Nq=I, DV=128, BM=64, BDV=128)
     ok &= compile_one(sparse_backward._delta_kernel, args, a.arch, 4, 1, "delta")

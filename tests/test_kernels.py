@@ -848,6 +848,50 @@ def test_unweighted_key_means(nq, nk, kw):
     assert pooling.pool_blocks_per_program(weighted=False) == pooling.POOL_BLOCKS_UNWEIGHTED
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("pad,values,nq,nk", [(False, True, 150, 150), (True, True, 150, 150),
+                                               (False, False, 70, 150), (True, False, 150, 90)])
+def test_pool_qkv_one_launch(pad, values, nq, nk):
+    """pool_qkv (query, key and value means in one launch) gives bitwise pool_q's and pool_kv's
+    values at the same blocks a program; the op forward with it (SPA_POOL_FUSED=1) gives the same
+    output and lists as with the two launches."""
+    from spa_compile.codegen import pooling
+
+    b, hq, hkv, d = 2, 4, 2, 16
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, dtype=torch.bfloat16, seed=nq + nk + pad)
+    kv = padding(b, nk, [nk - 5, nk - 40]) if pad else None
+    vis = Visibility(nq, nk, causal=nq <= nk, key_valid=kv)
+    info = block_info(vis, b, nq, nk, 16, q.device)
+    for nbp in (1, 4):
+        got = pooling.pool_qkv(q, k, v, info, blocks_per_program=nbp, values=values)
+        assert torch.equal(got[0], pooling.pool_q(q, 16, blocks_per_program=nbp))
+        want = pooling.pool_kv(k, v, info, blocks_per_program=nbp, values=values)
+        for x, y in zip(got[1:] if values else got[1:4:2], want if values else want[0:3:2]):
+            assert torch.equal(x, y)
+    cfg = SPAConfig(block_size=16, topk=3)
+    two = api.spa_forward(q, k, v, vis, d ** -0.5, cfg, None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(pooling.FUSED_ENV, "1")
+        one = api.spa_forward(q, k, v, vis, d ** -0.5, cfg, None)
+    for x, y in zip(one, two):
+        if pad:  # pool_q alone takes 8 blocks a program, the fused launch the keys' 4: last bits
+            torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2)
+        else:
+            assert torch.equal(x, y)
+
+
+def test_pool_fused_choice(monkeypatch):
+    from spa_compile.codegen import pooling
+
+    monkeypatch.delenv(pooling.FUSED_ENV, raising=False)
+    assert pooling.pool_fused() is pooling.POOL_FUSED
+    monkeypatch.setenv(pooling.FUSED_ENV, "1")
+    assert pooling.pool_fused() is True
+    monkeypatch.setenv(pooling.FUSED_ENV, "yes")
+    with pytest.raises(ValueError, match="SPA_POOL_FUSED must be 0 or 1"):
+        pooling.pool_fused()
+
+
 def test_uniform_counts_from_geometry():
     """The fill takes a constant landmark count only when every key block is full of valid keys."""
     def info(nq, nk, **kw):

@@ -16,7 +16,7 @@ from ..visibility import Visibility
 from . import autotune
 from .bitmap import build_bitmap
 from .blockinfo import BlockInfo, block_info
-from .pooling import pool_kv, pool_q
+from .pooling import pool_fused, pool_kv, pool_q, pool_qkv
 from .bound_selection import bound_select, key_range
 from .fine_selection import fine_selection
 from .selection import select, topk_capacity
@@ -98,16 +98,16 @@ def _key_block_config(kernel, q, k, v, hs, info, fill, run):
     return autotune.pick(kernel, key, cands, run, q.device)
 
 
-def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax, k=None):
+def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax, k=None, qbar=None):
     """Pool q, project, score and select: (index, count). The arithmetic of
     reference.select_blocks: project each head, then ("group" selection) sum the query heads of
     a group, which the selection kernel does itself (one torch launch fewer).
 
     block_score "bound" / "hybrid" (``k`` is then needed for the key ranges): the projector pass
     keeps the forced blocks and ceil(k/2) ("hybrid") or none ("bound"), then bound_selection adds
-    the rest by the key-range bound."""
+    the rest by the key-range bound. ``qbar``: the query means when already pooled (``pool_qkv``)."""
     hkv = kbar.shape[1]
-    qbar = pool_q(q, cfg.block_size)
+    qbar = pool_q(q, cfg.block_size) if qbar is None else qbar
     proj = projector or Projector.identity(hkv, qbar.shape[-1])
     qp, kp = proj.project_queries(qbar), proj.project_keys(kbar)
     group = qp.shape[1] // hkv if cfg.selection == "group" else 1
@@ -147,11 +147,15 @@ def spa_forward(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, scale: float, 
     nk = k.shape[2]
     info = block_info(vis, b, nq, nk, cfg.block_size, q.device)
     kmax = int(max_selected(nq, nk, vis, cfg))
-    kbar, vbar, kbar_lp, vbar_lp = pool_kv(k, v, info)
+    qbar = None
+    if pool_fused() and cfg.block_score != "fine" and q.shape[-1] == k.shape[-1]:
+        qbar, kbar, vbar, kbar_lp, vbar_lp = pool_qkv(q, k, v, info)  # one launch (opt-in: SPA_POOL_FUSED)
+    else:
+        kbar, vbar, kbar_lp, vbar_lp = pool_kv(k, v, info)
     if cfg.block_score == "fine":
         index, count = fine_selection(q, k, vis, scale, cfg, projector)  # PyTorch, no kernel yet
     else:
-        index, count = selection_stage(q, kbar, info, scale, cfg, projector, kmax, k)
+        index, count = selection_stage(q, kbar, info, scale, cfg, projector, kmax, k, qbar)
     out, lse = sparse_stage(q, k, v, kbar_lp, vbar_lp, info, index, count, scale, cfg.fill == "landmark")
     return out, lse, index, count
 

@@ -39,18 +39,18 @@ def _block_means(X_h, sxn, rows, rmask, w, inv, cols, NCOL: tl.constexpr, OUT, O
 
 
 @triton.jit
-def _pool_kv_kernel(
-    K, V, VALID, KBAR, VBAR, KLP, VLP,
+def _pool_kv_body(
+    pid, bh, K, V, VALID, KBAR, VBAR, KLP, VLP,
     skb, skh, skn, svb, svh, svn,
     H, Nk, NKB,
     D: tl.constexpr, DV: tl.constexpr,
-    BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, LP: tl.constexpr, NBP: tl.constexpr = 1,
-    POOL_V: tl.constexpr = True, WEIGHTED: tl.constexpr = True,
+    BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, LP: tl.constexpr, NBP: tl.constexpr,
+    POOL_V: tl.constexpr, WEIGHTED: tl.constexpr,
 ):
-    """NBP consecutive key blocks a program, as [NBP, BS, BD] tiles when NBP > 1 (see _pool_q_kernel).
-    POOL_V False: the key means alone (what the selection reads; vbar is the fill's). WEIGHTED
-    False: every key below Nk is valid (``blockinfo.all_keys_valid``): VALID is not read."""
-    bh = tl.program_id(1)
+    """Key blocks ``pid * NBP ..`` of (batch x head) ``bh``, as [NBP, BS, BD] tiles when NBP > 1
+    (see _pool_q_body). POOL_V False: the key means alone (what the selection reads; vbar is the
+    fill's). WEIGHTED False: every key below Nk is valid (``blockinfo.all_keys_valid``): VALID is
+    not read. Blocks past NKB store nothing (the fused launch's grid covers the longer of Q and K)."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, BD)
@@ -58,7 +58,7 @@ def _pool_kv_kernel(
     K_h = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     V_h = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     if NBP == 1:
-        blk = tl.program_id(0)
+        blk = pid
         rows = blk * BS + tl.arange(0, BS)
         rmask = rows < Nk
         if WEIGHTED:
@@ -66,10 +66,10 @@ def _pool_kv_kernel(
         else:
             w = rmask.to(tl.float32)
         inv = 1.0 / tl.maximum(tl.sum(w, axis=0), 1.0)
-        kkeep = d < D
-        vkeep = dv < DV
+        kkeep = (d < D) & (blk + 0 * d < NKB)  # a tensor mask (the interpreter refuses scalar & tensor)
+        vkeep = (dv < DV) & (blk + 0 * dv < NKB)
     else:
-        blk = tl.program_id(0) * NBP + tl.arange(0, NBP)  # [NBP]
+        blk = pid * NBP + tl.arange(0, NBP)  # [NBP]
         rows = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [NBP, BS]
         rmask = rows < Nk
         if WEIGHTED:
@@ -87,31 +87,30 @@ def _pool_kv_kernel(
 
 
 @triton.jit
-def _pool_q_kernel(
-    Q, QBAR,
+def _pool_q_body(
+    pid, bh, Q, QBAR,
     sqb, sqh, sqn,
     H, Nq, NQB,
-    D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, NBP: tl.constexpr = 1,
+    D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, NBP: tl.constexpr,
 ):
-    """NBP consecutive query blocks a program; NBP > 1 loads them as one [NBP, BS, BD] tile, so
+    """Query blocks ``pid * NBP ..`` of ``bh``; NBP > 1 loads them as one [NBP, BS, BD] tile, so
     that all of its loads are in flight together (an unrolled loop of 2-D tiles compiled to one
-    tile at a time: 30 -> 32 registers for 4 blocks, sm_90)."""
-    bh = tl.program_id(1)
+    tile at a time: 30 -> 32 registers for 4 blocks, sm_90). Blocks past NQB store nothing."""
     b = bh // H
     h = bh % H
     d = tl.arange(0, BD)
     Q_h = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     if NBP == 1:
-        i = tl.program_id(0)
+        i = pid
         rows = i * BS + tl.arange(0, BS)
         rmask = rows < Nq
         q = tl.load(Q_h + rows[:, None].to(tl.int64) * sqn + d[None, :], mask=rmask[:, None] & (d[None, :] < D),
                     other=0.0).to(tl.float32)
-        cnt = tl.minimum(Nq - i * BS, BS).to(tl.float32)
+        cnt = tl.maximum(tl.minimum(Nq - i * BS, BS), 1).to(tl.float32)
         qbar = tl.sum(q, axis=0) / cnt
-        tl.store(QBAR + (bh.to(tl.int64) * NQB + i) * D + d, qbar, mask=d < D)
+        tl.store(QBAR + (bh.to(tl.int64) * NQB + i) * D + d, qbar, mask=(d < D) & (i + 0 * d < NQB))
     else:
-        blk = tl.program_id(0) * NBP + tl.arange(0, NBP)  # [NBP]
+        blk = pid * NBP + tl.arange(0, NBP)  # [NBP]
         rows = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [NBP, BS]
         m3 = (rows < Nq)[:, :, None] & (d < D)[None, None, :]
         q = tl.load(Q_h + rows[:, :, None].to(tl.int64) * sqn + d[None, None, :], mask=m3, other=0.0)
@@ -119,6 +118,53 @@ def _pool_q_kernel(
         qbar = tl.sum(q.to(tl.float32), axis=1) / cnt[:, None]  # [NBP, BD]
         out = (bh.to(tl.int64) * NQB + blk)[:, None] * D + d[None, :]
         tl.store(QBAR + out, qbar, mask=(blk < NQB)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _pool_kv_kernel(
+    K, V, VALID, KBAR, VBAR, KLP, VLP,
+    skb, skh, skn, svb, svh, svn,
+    H, Nk, NKB,
+    D: tl.constexpr, DV: tl.constexpr,
+    BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, LP: tl.constexpr, NBP: tl.constexpr = 1,
+    POOL_V: tl.constexpr = True, WEIGHTED: tl.constexpr = True,
+):
+    """Grid (key-block groups, B x Hkv): see _pool_kv_body."""
+    _pool_kv_body(tl.program_id(0), tl.program_id(1), K, V, VALID, KBAR, VBAR, KLP, VLP, skb, skh, skn, svb, svh, svn,
+                  H, Nk, NKB, D, DV, BS, BD, BDV, LP, NBP, POOL_V, WEIGHTED)
+
+
+@triton.jit
+def _pool_q_kernel(
+    Q, QBAR,
+    sqb, sqh, sqn,
+    H, Nq, NQB,
+    D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, NBP: tl.constexpr = 1,
+):
+    """Grid (query-block groups, B x Hq): see _pool_q_body."""
+    _pool_q_body(tl.program_id(0), tl.program_id(1), Q, QBAR, sqb, sqh, sqn, H, Nq, NQB, D, BS, BD, NBP)
+
+
+@triton.jit
+def _pool_qkv_kernel(
+    Q, QBAR, sqb, sqh, sqn, HQ, Nq, NQB, BHQ,
+    K, V, VALID, KBAR, VBAR, KLP, VLP,
+    skb, skh, skn, svb, svh, svn,
+    H, Nk, NKB,
+    D: tl.constexpr, DV: tl.constexpr,
+    BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, LP: tl.constexpr, NBP: tl.constexpr,
+    POOL_V: tl.constexpr, WEIGHTED: tl.constexpr,
+):
+    """The query means and the key (and value) means in one launch (``pool_qkv``): grid
+    (block groups of the longer of Q and K, B x Hq + B x Hkv); rows below BHQ pool Q. One wave
+    of programs instead of two launches, each a wave with its own tail."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    if bh < BHQ:
+        _pool_q_body(pid, bh, Q, QBAR, sqb, sqh, sqn, HQ, Nq, NQB, D, BS, BD, NBP)
+    else:
+        _pool_kv_body(pid, bh - BHQ, K, V, VALID, KBAR, VBAR, KLP, VLP, skb, skh, skn, svb, svh, svn,
+                      H, Nk, NKB, D, DV, BS, BD, BDV, LP, NBP, POOL_V, WEIGHTED)
 
 
 def _check_inner(x: Tensor, name: str) -> Tensor:
@@ -148,6 +194,17 @@ def pool_blocks_per_program(nbp: int | None = None, weighted: bool = True) -> in
     return v
 
 
+def _kv_outputs(k: Tensor, v: Tensor, nkb: int):
+    """kbar, vbar (float32) and their copies in k's dtype (the same tensors for float32)."""
+    b, h, _, d = k.shape
+    kbar = torch.empty(b, h, nkb, d, device=k.device, dtype=torch.float32)
+    vbar = torch.empty(b, h, nkb, v.shape[-1], device=k.device, dtype=torch.float32)
+    lp = k.dtype != torch.float32
+    klp = torch.empty(kbar.shape, device=k.device, dtype=k.dtype) if lp else kbar
+    vlp = torch.empty(vbar.shape, device=k.device, dtype=k.dtype) if lp else vbar
+    return kbar, vbar, klp, vlp, lp
+
+
 def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | None = None, values: bool = True,
             num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """kbar ``[B, Hkv, NKB, D]``, vbar ``[B, Hkv, NKB, Dv]`` in float32, and copies of both in
@@ -159,11 +216,7 @@ def pool_kv(k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | Non
     v = _check_inner(v, "v")
     b, h, nk, d = k.shape
     dv = v.shape[-1]
-    kbar = torch.empty(b, h, info.nkb, d, device=k.device, dtype=torch.float32)
-    vbar = torch.empty(b, h, info.nkb, dv, device=k.device, dtype=torch.float32)
-    lp = k.dtype != torch.float32
-    klp = torch.empty(kbar.shape, device=k.device, dtype=k.dtype) if lp else kbar
-    vlp = torch.empty(vbar.shape, device=k.device, dtype=k.dtype) if lp else vbar
+    kbar, vbar, klp, vlp, lp = _kv_outputs(k, v, info.nkb)
     bd, bdv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
     weighted = not all_keys_valid(info)
     nbp = pool_blocks_per_program(blocks_per_program, weighted)
@@ -190,3 +243,47 @@ def pool_q(q: Tensor, block: int, blocks_per_program: int | None = None, num_war
         D=d, BS=block, BD=bd, NBP=nbp, num_warps=num_warps or (4 if block * bd <= 8192 else 8),
     )
     return qbar
+
+
+# One launch for the query and key (and value) means (``pool_qkv``): opt-in until timed on a card
+# (benchmarks/bench_selection.py's pool_qk_fused / selection_share_stage_fused_pool). The two
+# one-wave launches it replaces measured 36.3 + 35.7 us at 16K, Hkv=32, where keys and values in
+# one launch (the same bytes) took 67.9 (H200, run 38). $SPA_POOL_FUSED ("0" / "1") overrides.
+POOL_FUSED = False
+FUSED_ENV = "SPA_POOL_FUSED"
+
+
+def pool_fused() -> bool:
+    """$SPA_POOL_FUSED ("0" / "1"), else POOL_FUSED."""
+    import os
+
+    env = os.environ.get(FUSED_ENV, "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"{FUSED_ENV} must be 0 or 1, not {env!r}")
+    return POOL_FUSED if env == "" else env == "1"
+
+
+def pool_qkv(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | None = None,
+             values: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """qbar, kbar, vbar, kbar_lp, vbar_lp in one launch: ``pool_q(q, info.block)`` and
+    ``pool_kv(k, v, info)`` by the same jit bodies, both at the key means' blocks a program
+    (bitwise their values at that ``blocks_per_program``)."""
+    q, k, v = _check_inner(q, "q"), _check_inner(k, "k"), _check_inner(v, "v")
+    b, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"pool_qkv: q and k head dims differ ({d} vs {k.shape[-1]}); pool them apart")
+    qbar = torch.empty(b, hq, info.nqb, d, device=q.device, dtype=torch.float32)
+    kbar, vbar, klp, vlp, lp = _kv_outputs(k, v, info.nkb)
+    bd, bdv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+    weighted = not all_keys_valid(info)
+    nbp = pool_blocks_per_program(blocks_per_program, weighted)
+    _pool_qkv_kernel[(triton.cdiv(max(info.nqb, info.nkb), nbp), b * hq + b * hkv)](
+        q, qbar, q.stride(0), q.stride(1), q.stride(2), hq, nq, info.nqb, b * hq,
+        k, v, info.valid, kbar, vbar, klp, vlp,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        hkv, nk, info.nkb,
+        D=d, DV=dv, BS=info.block, BD=bd, BDV=bdv, LP=lp, NBP=nbp, POOL_V=values, WEIGHTED=weighted,
+        num_warps=4 if info.block * max(bd, bdv) <= 8192 else 8,
+    )
+    return qbar, kbar, vbar, klp, vlp
