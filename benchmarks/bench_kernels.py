@@ -44,7 +44,7 @@ from spa_compile.budget import max_selected
 from spa_compile.codegen import api
 from spa_compile.codegen.blockinfo import block_info
 from spa_compile.codegen.fine_selection import fine_selection
-from spa_compile.codegen.pooling import pool_fused, pool_kv, pool_qkv
+from spa_compile.codegen.pooling import pool_fused
 
 MB = 1 << 20
 DOCS_BEGIN = "<!-- bench_kernels:begin -->"
@@ -519,12 +519,9 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
             return fine_selection(q_, k_, vis, scale, cfg, None)[0]
         # the key means alone: the value means (vbar) are the fill's landmarks, not the selection's
         # (the op pools both in one kernel; spa_select_vpool_* keeps them in, for comparison);
-        # with SPA_POOL_FUSED=1 the query means in the same launch, as the op then pools them
-        if pool_fused():
-            qb, kb = pool_qkv(q_, k_, v_, info, values=values)[:2]
-            return api.selection_stage(q_, kb, info, scale, cfg, None, kmax, k_, qbar=qb)[0]
-        kb, _, _, _ = pool_kv(k_, v_, info, values=values)
-        return api.selection_stage(q_, kb, info, scale, cfg, None, kmax, k_)[0]
+        # the query means too where the op pools them in that launch (SPA_POOL_FUSED=1)
+        qb, kb = api.pool_means(q_, k_, v_, info, cfg, values=values)[:2]
+        return api.selection_stage(q_, kb, info, scale, cfg, None, kmax, k_, qbar=qb)[0]
 
     select_only(qd, kd, vd)
     pt["spa_select_fwd"] = {"ms": timed_runs(lambda: select_only(qd, kd, vd), a.rep_ms)}

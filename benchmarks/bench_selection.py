@@ -198,16 +198,14 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
                                                                       values=False, num_warps=w)
     stages["pool_k"] = lambda: pool_kv(k, v, info, values=False)  # the key means alone: the selection's part
     # what bench_kernels.py times as the selection's share: the key means, then pool q, project, select
-    stages["selection_share_stage"] = lambda: api.selection_stage(
-        q, pool_kv(k, v, info, values=False)[0], info, scale, cfg, None, kmax)
+    def share():
+        qb_, kb_ = api.pool_means(q, k, v, info, cfg, values=False)[:2]
+        return api.selection_stage(q, kb_, info, scale, cfg, None, kmax, qbar=qb_)
+    stages["selection_share_stage"] = share
     # the query and key (and value) means in one launch (pooling.pool_qkv, opt-in SPA_POOL_FUSED)
     stages["pool_qk_fused"] = lambda: pool_qkv(q, k, v, info, values=False)
     stages["pool_qkv_fused"] = lambda: pool_qkv(q, k, v, info)
-
-    def share_fused():
-        qb_, kb_ = pool_qkv(q, k, v, info, values=False)[:2]
-        return api.selection_stage(q, kb_, info, scale, cfg, None, kmax, qbar=qb_)
-    stages["selection_share_stage_fused_pool"] = share_fused
+    stages["selection_share_stage_fused_pool"] = lambda: _with_env(FUSED_ENV, "1", share)
     stages["op_fwd_fused_pool"] = lambda: _with_env(
         FUSED_ENV, "1", lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
     for path in paths:
@@ -265,8 +263,8 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
                     qsum, kbar, info, scale, cfg, kmax, path=path, num_warps=w, stop=stop)
     if "dense" in paths:  # the k-th search run all 32 steps, ties always by prefix count (DENSE_EARLY False)
         def dense_full(prec=None):
-            return _with_attr(selection, "DENSE_EARLY", False, lambda: select(
-                qbar, kbar, info, scale, cfg, kmax, group=g, path="dense", precision=prec))
+            return select(qbar, kbar, info, scale, cfg, kmax, group=g, path="dense", precision=prec,
+                          dense_config={"EARLY": False})
         for prec in ("ieee", None):
             got, early = dense_full(prec), select(qbar, kbar, info, scale, cfg, kmax, group=g, path="dense", precision=prec)
             checks[f"dense_full_search_equal_{prec or 'default'}"] = bool(torch.equal(got[0], early[0])

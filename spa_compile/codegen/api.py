@@ -140,6 +140,16 @@ def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill
     return run(config)
 
 
+def pool_means(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, cfg: SPAConfig, values: bool = True):
+    """(qbar or None, kbar, vbar, kbar_lp, vbar_lp): the key and value means, with the query means
+    in the same launch where ``pooling.pool_fused`` asks for it (opt-in: SPA_POOL_FUSED) and the
+    selection reads them (not block_score "fine"); qbar None: ``selection_stage`` pools them.
+    ``values=False``: the key means alone (the selection's part, as pool_kv)."""
+    if pool_fused() and cfg.block_score != "fine" and q.shape[-1] == k.shape[-1]:
+        return pool_qkv(q, k, v, info, values=values)
+    return (None,) + pool_kv(k, v, info, values=values)
+
+
 def spa_forward(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, scale: float, cfg: SPAConfig,
                 projector: Projector | None):
     """out [B,Hq,Nq,Dv] (q.dtype), lse [B,Hq,Nq] f32, index [B,Hs,NQB,kmax] i32, count [B,Hs,NQB] i32."""
@@ -147,11 +157,7 @@ def spa_forward(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, scale: float, 
     nk = k.shape[2]
     info = block_info(vis, b, nq, nk, cfg.block_size, q.device)
     kmax = int(max_selected(nq, nk, vis, cfg))
-    qbar = None
-    if pool_fused() and cfg.block_score != "fine" and q.shape[-1] == k.shape[-1]:
-        qbar, kbar, vbar, kbar_lp, vbar_lp = pool_qkv(q, k, v, info)  # one launch (opt-in: SPA_POOL_FUSED)
-    else:
-        kbar, vbar, kbar_lp, vbar_lp = pool_kv(k, v, info)
+    qbar, kbar, vbar, kbar_lp, vbar_lp = pool_means(q, k, v, info, cfg)
     if cfg.block_score == "fine":
         index, count = fine_selection(q, k, vis, scale, cfg, projector)  # PyTorch, no kernel yet
     else:
