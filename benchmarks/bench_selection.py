@@ -202,12 +202,13 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
         qb_, kb_ = api.pool_means(q, k, v, info, cfg, values=False)[:2]
         return api.selection_stage(q, kb_, info, scale, cfg, None, kmax, qbar=qb_)
     stages["selection_share_stage"] = share
-    # the query and key (and value) means in one launch (pooling.pool_qkv, opt-in SPA_POOL_FUSED)
+    # the query and key (and value) means in one launch (pooling.pool_qkv, the default), and the
+    # share and the op with the two launches (SPA_POOL_FUSED=0) for comparison
     stages["pool_qk_fused"] = lambda: pool_qkv(q, k, v, info, values=False)
     stages["pool_qkv_fused"] = lambda: pool_qkv(q, k, v, info)
-    stages["selection_share_stage_fused_pool"] = lambda: _with_env(FUSED_ENV, "1", share)
-    stages["op_fwd_fused_pool"] = lambda: _with_env(
-        FUSED_ENV, "1", lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
+    stages["selection_share_stage_pools_apart"] = lambda: _with_env(FUSED_ENV, "0", share)
+    stages["op_fwd_pools_apart"] = lambda: _with_env(
+        FUSED_ENV, "0", lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))
     for path in paths:
         stages[f"op_fwd_{path}"] = lambda path=path: _with_env(
             PATH_ENV, path, lambda: spa_attention(q, k, v, is_causal=True, enable_gqa=g > 1, config=cfg))

@@ -806,7 +806,8 @@ def test_pooling_blocks_per_program(nbp):
 @needs_cuda
 def test_gpu_pooling_blocks_per_program():
     """On the card: pooling 2/4/8 blocks a program as one tile gives the one-block means (fp32
-    sums over the same rows; a different reduction tree may change the last bits)."""
+    sums over the same rows; a different reduction tree may change the last bits), and pool_qkv
+    the separate launches' values bitwise at the same blocks a program."""
     from spa_compile.codegen import pooling
 
     b, h, n, d = 2, 8, 8192 + 37, 128
@@ -820,6 +821,11 @@ def test_gpu_pooling_blocks_per_program():
             tol = 1e-6 if x.dtype == torch.float32 else 8e-3  # the bf16 copies: one rounding step
             torch.testing.assert_close(y.float(), x.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(pooling.pool_q(q, 64, blocks_per_program=nbp), q1, rtol=1e-6, atol=1e-6)
+        # the one-launch query, key and value means (the op's default): bitwise the two launches'
+        fused = pooling.pool_qkv(q, k, v, info, blocks_per_program=nbp)
+        assert torch.equal(fused[0], pooling.pool_q(q, 64, blocks_per_program=nbp))
+        for x, y in zip(fused[1:], pooling.pool_kv(k, v, info, blocks_per_program=nbp)):
+            assert torch.equal(x, y)
 
 
 @needs_cpu_kernels
@@ -853,8 +859,8 @@ def test_unweighted_key_means(nq, nk, kw):
                                                (False, False, 70, 150), (True, False, 150, 90)])
 def test_pool_qkv_one_launch(pad, values, nq, nk):
     """pool_qkv (query, key and value means in one launch) gives bitwise pool_q's and pool_kv's
-    values at the same blocks a program; the op forward with it (SPA_POOL_FUSED=1) gives the same
-    output and lists as with the two launches."""
+    values at the same blocks a program; the op forward with it (the default) gives the same
+    output and lists as with the two launches (SPA_POOL_FUSED=0)."""
     from spa_compile.codegen import pooling
 
     b, hq, hkv, d = 2, 4, 2, 16
@@ -869,8 +875,9 @@ def test_pool_qkv_one_launch(pad, values, nq, nk):
         for x, y in zip(got[1:] if values else got[1:4:2], want if values else want[0:3:2]):
             assert torch.equal(x, y)
     cfg = SPAConfig(block_size=16, topk=3)
-    two = api.spa_forward(q, k, v, vis, d ** -0.5, cfg, None)
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(pooling.FUSED_ENV, "0")
+        two = api.spa_forward(q, k, v, vis, d ** -0.5, cfg, None)
         mp.setenv(pooling.FUSED_ENV, "1")
         one = api.spa_forward(q, k, v, vis, d ** -0.5, cfg, None)
     for x, y in zip(one, two):

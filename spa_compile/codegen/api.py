@@ -142,7 +142,7 @@ def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill
 
 def pool_means(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, cfg: SPAConfig, values: bool = True):
     """(qbar or None, kbar, vbar, kbar_lp, vbar_lp): the key and value means, with the query means
-    in the same launch where ``pooling.pool_fused`` asks for it (opt-in: SPA_POOL_FUSED) and the
+    in the same launch where ``pooling.pool_fused`` asks for it (the default; SPA_POOL_FUSED=0: apart) and the
     selection reads them (not block_score "fine"); qbar None: ``selection_stage`` pools them.
     ``values=False``: the key means alone (the selection's part, as pool_kv)."""
     if pool_fused() and cfg.block_score != "fine" and q.shape[-1] == k.shape[-1]:

@@ -245,11 +245,14 @@ def pool_q(q: Tensor, block: int, blocks_per_program: int | None = None, num_war
     return qbar
 
 
-# One launch for the query and key (and value) means (``pool_qkv``): opt-in until timed on a card
-# (benchmarks/bench_selection.py's pool_qk_fused / selection_share_stage_fused_pool). The two
-# one-wave launches it replaces measured 36.3 + 35.7 us at 16K, Hkv=32, where keys and values in
-# one launch (the same bytes) took 67.9 (H200, run 38). $SPA_POOL_FUSED ("0" / "1") overrides.
-POOL_FUSED = False
+# One launch for the query and key (and value) means (``pool_qkv``) by default since H200 run 40
+# (2026-11-29, 16K, CUDA graph, benchmarks/bench_selection.py): the query and key means 68 us in
+# one launch against 36 + 36 in two at Hkv=32 (47 against 36 + 8 at Hkv=8), Q, K and V 100 against
+# 36 + 68 (53 against 36 + 20); the op forward the same (1.424 / 1.425 ms Hkv=32, 1.335 / 1.330
+# Hkv=8). What it saves is a launch and its tail: the selection's share at 16K density 0.2, Hkv=32
+# 139.1 us of 1.412 ms (9.85%) against 144.7 of 1.412 (10.25%, run 39). $SPA_POOL_FUSED ("0" /
+# "1") overrides.
+POOL_FUSED = True
 FUSED_ENV = "SPA_POOL_FUSED"
 
 
