@@ -248,8 +248,8 @@ def pool_q(q: Tensor, block: int, blocks_per_program: int | None = None, num_war
 # One launch for the query and key (and value) means (``pool_qkv``) by default since H200 run 40
 # (2026-11-29, 16K, CUDA graph, benchmarks/bench_selection.py): the query and key means 68 us in
 # one launch against 36 + 36 in two at Hkv=32 (47 against 36 + 8 at Hkv=8), Q, K and V 100 against
-# 36 + 68 (53 against 36 + 20); the op forward the same (1.424 / 1.425 ms Hkv=32, 1.335 / 1.330
-# Hkv=8). What it saves is a launch and its tail: the selection's share at 16K density 0.2, Hkv=32
+# 36 + 68 (53 against 36 + 20); the op forward about the same (1.4125 ms at Hkv=32, CUDA graph,
+# against 1.4119 apart in run 39). What it saves is a launch and its tail: the selection's share at 16K density 0.2, Hkv=32
 # 139.1 us of 1.412 ms (9.85%) against 144.7 of 1.412 (10.25%, run 39). $SPA_POOL_FUSED ("0" /
 # "1") overrides.
 POOL_FUSED = True
