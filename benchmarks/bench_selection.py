@@ -173,7 +173,11 @@ def one_point(n: int, hkv: int, cfg: SPAConfig, dev, warps=(), only=None, phases
     for path in paths:
         for grp in (1, g):
             got = select(qbar if grp > 1 else qsum, kbar, info, scale, cfg, kmax, group=grp, path=path, precision="ieee")
-            checks[f"{path}_group{grp}"] = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
+            # True, or the rows that differ: another fp32 summation order (the wide kernel's FMA
+            # chain against the streaming kernel's broadcast products, KMAX > 128) reorders near-ties
+            same = bool(torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0]))
+            checks[f"{path}_group{grp}"] = True if same else (int((got[0] != ref[0]).any(-1).sum())
+                                                             + int((got[1] != ref[1]).sum()))
     pt["selection_equal_to_stream"] = checks
     hcfg = cfg.replace(block_score="hybrid")
     hyb = api.selection_stage(q, kbar, info, scale, hcfg, None, kmax, k)

@@ -184,7 +184,7 @@ def main():
                 prec = selection.score_precision(None, "dense")
                 ok &= compile_one(selection._select_dense_kernel, dict(args, PREC=prec), a.arch, w, 1,
                                   f"select-dense nkb{nkb} qb{qb} nkbp{nkbp} causal{int(causal)} win{int(window)} {prec}")
-    # wide selection (path "wide", opt-in): the tiers' widths at 128K, block 64, the launcher's rows and warps
+    # wide selection (path "wide": "auto" where KMAX >= 129): the tiers' widths at 128K, block 64, the launcher's rows and warps
     for nkbp in (2048, 1024, 512, 256):
         args = dict(QP=torch.float32, KP=torch.float32, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32,
                     CS=torch.int32, IDX=torch.int32, CNT=torch.int32, Hs=I, Hkv=I, Nq=I, Nk=I, NQB=I, NKB=I, R=I,

@@ -709,12 +709,16 @@ def test_gpu_forward_tma_variants(hkv, nk, d):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("cfgk", [dict(topk=32), dict(density=0.2)], ids=["topk32", "density0.2"])
+@pytest.mark.parametrize("cfgk", [dict(topk=32), dict(density=0.2), dict(density=0.45)],
+                         ids=["topk32", "density0.2", "density0.45"])
 def test_gpu_streaming_selection_equals_dense(cfgk):
     """The streaming kernel (running top-k, merged by tl.topk + tl.bitonic_merge) against the dense
     kernel's k-th search and the wide kernel's at 20K tokens (313 key blocks: dense when forced),
     on the card, GQA 4, bf16 queries: the same lists from the same fp32 scores; the dense kernel's
-    default tensor-core scores (tf32x3) give them up to near-ties."""
+    default tensor-core scores (tf32x3) give them up to near-ties. Density 0.45 (KMAX 146: "auto"
+    takes the wide path): the streaming kernel's buffer is 256 wide and it scores by broadcast
+    products (another fp32 summation order than the wide kernel's FMA chain), so wide and
+    streaming agree up to near-ties there, dense and streaming (the same arithmetic) exactly."""
     from types import SimpleNamespace
 
     from spa_compile.codegen import selection
@@ -728,19 +732,25 @@ def test_gpu_streaming_selection_equals_dense(cfgk):
     kbar = pool_kv(k, v, info)[0]
     kmax = int(max_selected(n, n, vis, cfg))
     qbar = pool_q(q, cfg.block_size)
-    assert selection.select_path(info.nkb, "auto") in ("stream", "wide")
+    long_lists = kmax >= selection.AUTO_WIDE_MIN_KMAX
+    assert selection.select_path(info.nkb, "auto", kmax) == ("wide" if long_lists else "stream")
     got = {p: selection.select(qbar, kbar, info, d**-0.5, cfg, kmax, group=hq // hkv, path=p, precision="ieee")
            for p in ("stream", "dense", "wide")}
     # the streaming walk with the key operand untransposed
     got["stream-kt0"] = selection.select(qbar, kbar, info, d**-0.5, cfg, kmax, group=hq // hkv, path="stream",
                                          precision="ieee", keys_t=False)
-    for p in ("dense", "wide", "stream-kt0"):  # wide: fp32 FMA outer products, the fp32 dot's order
+    exact = ("dense", "stream-kt0") if long_lists else ("dense", "wide", "stream-kt0")
+    for p in exact:  # wide with the dot's shapes: fp32 FMA outer products, the fp32 dot's order
         assert torch.equal(got["stream"][1], got[p][1]), p
         assert torch.equal(got["stream"][0], got[p][0]), p
     tc = selection.select(qbar, kbar, info, d**-0.5, cfg, kmax, group=hq // hkv, path="dense", precision="tf32x3")
     qs = qbar.double().unflatten(1, (hkv, hq // hkv)).sum(2)
     scores = d**-0.5 * torch.einsum("bhir,bhjr->bhij", qs, kbar.double())
-    assert_same_selection(SimpleNamespace(index=got["stream"][0], count=got["stream"][1]), *tc, scores)
+    ref = SimpleNamespace(index=got["stream"][0], count=got["stream"][1])
+    assert_same_selection(ref, *tc, scores)
+    assert_same_selection(ref, *got["wide"], scores)
+    # the auto path as the op calls it (group summed in the kernel, its default precision)
+    assert_same_selection(ref, *selection.select(qbar, kbar, info, d**-0.5, cfg, kmax, group=hq // hkv), scores)
 
 
 @gpu

@@ -162,6 +162,17 @@ def test_path_choice(monkeypatch):
     assert selection.select_path(selection.DENSE_MAX_NKB + 1) == "wide" and selection.select_path(16) == "wide"
     assert selection.select_path(WIDE_MAX_NKB + 1) == "stream"  # beyond the wide tile
     monkeypatch.delenv(selection.PATH_ENV)
+    # long lists (the streaming buffer over 128 wide): wide by default; short ones stream
+    big = selection.AUTO_WIDE_MIN_KMAX
+    assert selection.select_path(selection.DENSE_MAX_NKB + 1, kmax=big) == "wide"
+    assert selection.select_path(WIDE_MAX_NKB, kmax=big) == "wide"
+    assert selection.select_path(WIDE_MAX_NKB + 1, kmax=big) == "stream"  # beyond the wide tile
+    assert selection.select_path(selection.DENSE_MAX_NKB + 1, kmax=big - 1) == "stream"
+    assert selection.select_path(selection.DENSE_MAX_NKB, kmax=big) == "dense"
+    assert selection.select_path(selection.DENSE_MAX_NKB + 1, "stream", kmax=big) == "stream"
+    monkeypatch.setenv(selection.WIDE_ENV, "0")
+    assert selection.select_path(selection.DENSE_MAX_NKB + 1, kmax=big) == "stream"
+    monkeypatch.delenv(selection.WIDE_ENV)
     monkeypatch.setattr(selection, "AUTO_WIDE", True)
     assert selection.select_path(selection.DENSE_MAX_NKB) == "dense"
     assert selection.select_path(selection.DENSE_MAX_NKB + 1) == "wide"

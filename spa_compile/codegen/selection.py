@@ -530,17 +530,26 @@ def keys_transposed(path: str, flag: bool | None = None) -> bool:
     return KEYS_TRANSPOSED[path] if env == "" else env == "1"
 
 
-AUTO_WIDE = False  # "auto" takes the wide path for DENSE_MAX_NKB < NKB <= WIDE_MAX_NKB (see wide_selection.py)
-WIDE_ENV = "SPA_SELECT_WIDE"  # "1" / "0": overrides AUTO_WIDE
+AUTO_WIDE = False  # "auto" takes the wide path for every DENSE_MAX_NKB < NKB <= WIDE_MAX_NKB (see wide_selection.py)
+# ... and, with AUTO_WIDE False, where the lists are long: KMAX >= AUTO_WIDE_MIN_KMAX, where the
+# streaming kernel's running buffer is over 128 wide (_stream_config: then few rows a program,
+# scores by broadcast products, a bitonic merge of the whole buffer a chunk). H200, 128K, density
+# 0.2 (KMAX 415), kernel alone, CUDA graph (run 42, 2026-11-29): wide 6.41 ms at 4 warps against
+# 22.8 streaming (Hkv=32), 1.22-1.26 against 5.52 (Hkv=8); the op forward 74.2 against 88.7 and
+# 69.2 against 72.5 (wide at its old 16 warps). At top-k 32 (KMAX 37) streaming stays faster
+# (0.76 ms against 1.18, Hkv=8, runs 30 and 32)
+AUTO_WIDE_MIN_KMAX = 129
+WIDE_ENV = "SPA_SELECT_WIDE"  # "1" / "0": overrides AUTO_WIDE and AUTO_WIDE_MIN_KMAX
 
 
-def select_path(nkb: int, path: str | None = None) -> str:
+def select_path(nkb: int, path: str | None = None, kmax: int = 0) -> str:
     """"dense" (all scores of a program at once, binary search for the k-th), "wide" (the same
     method for rows up to ``wide_selection.WIDE_MAX_NKB`` key blocks, one lean int32 key tile) or
     "stream" (chunks and a running top-k buffer). ``path`` (else $SPA_SELECT_PATH, else
-    DEFAULT_PATH) chooses; "auto" takes dense up to DENSE_MAX_NKB key blocks, then wide (when
-    AUTO_WIDE or $SPA_SELECT_WIDE=1) up to WIDE_MAX_NKB, then stream; a forced "dense" beyond DENSE_FORCE_MAX_NKB and a
-    forced "wide" beyond WIDE_MAX_NKB still stream."""
+    DEFAULT_PATH) chooses; "auto" takes dense up to DENSE_MAX_NKB key blocks, then wide up to
+    WIDE_MAX_NKB where the lists are long (``kmax`` >= AUTO_WIDE_MIN_KMAX; every length with
+    AUTO_WIDE; $SPA_SELECT_WIDE=1 / 0: always / never), then stream; a forced "dense" beyond
+    DENSE_FORCE_MAX_NKB and a forced "wide" beyond WIDE_MAX_NKB still stream."""
     from .wide_selection import WIDE_MAX_NKB
 
     path = path or os.environ.get(PATH_ENV, "") or DEFAULT_PATH
@@ -552,7 +561,7 @@ def select_path(nkb: int, path: str | None = None) -> str:
         env = os.environ.get(WIDE_ENV, "")
         if env not in ("", "0", "1"):
             raise ValueError(f"{WIDE_ENV} must be 0 or 1, not {env!r}")
-        wide = AUTO_WIDE if env == "" else env == "1"
+        wide = (AUTO_WIDE or kmax >= AUTO_WIDE_MIN_KMAX) if env == "" else env == "1"
         return "wide" if wide and nkb <= WIDE_MAX_NKB else "stream"
     if (path == "dense" and nkb > DENSE_FORCE_MAX_NKB) or (path == "wide" and nkb > WIDE_MAX_NKB):
         return "stream"
@@ -712,7 +721,7 @@ def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int
               -1 if cfg.topk is None else cfg.topk, cfg.density_ppm,
               -1 if cfg.min_blocks is None else cfg.min_blocks,
               -1 if cfg.max_blocks is None else cfg.max_blocks)
-    chosen = select_path(info.nkb, path)
+    chosen = select_path(info.nkb, path, kmax)
     has_kv = info.key_valid is not None  # without padding, visibility is geometry alone (classify_blocks)
     prec = score_precision(precision, "stream" if chosen == "wide" else chosen)  # wide: fp32 FMA always
     lpt = program_order_lpt(longest_first)
