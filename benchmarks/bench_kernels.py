@@ -519,7 +519,7 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
             return fine_selection(q_, k_, vis, scale, cfg, None)[0]
         # the key means alone: the value means (vbar) are the fill's landmarks, not the selection's
         # (the op pools both in one kernel; spa_select_vpool_* keeps them in, for comparison);
-        # the query means too where the op pools them in that launch (SPA_POOL_FUSED=1)
+        # the query means too where the op pools them in that launch (the default; SPA_POOL_FUSED=0: apart)
         qb, kb = api.pool_means(q_, k_, v_, info, cfg, values=values)[:2]
         return api.selection_stage(q_, kb, info, scale, cfg, None, kmax, k_, qbar=qb)[0]
 
