@@ -52,9 +52,9 @@ def signature(fn, args: dict):
     return sig, consts, attrs
 
 
-def compile_one(fn, args, arch, num_warps, num_stages, label):
+def compile_one(fn, args, arch, num_warps, num_stages, label, source=ASTSource):
     sig, consts, attrs = signature(fn, args)
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    src = source(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     try:
         c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as e:  # noqa: BLE001
@@ -84,12 +84,37 @@ def compile_one(fn, args, arch, num_warps, num_stages, label):
     return True
 
 
+def compile_gluon(arch: int) -> bool:
+    """The experimental Gluon forward (codegen/gluon_forward.py) at head dims 64 and 128 and ring
+    depths 2 and 3: its descriptors' signatures from host-built descriptors over CPU tensors."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from spa_compile.codegen import gluon_forward
+
+    ok = True
+    for d in (128, 64):
+        x = torch.empty(256, d, dtype=torch.bfloat16).view(1, 1, 256, d)
+        descs = [mangle_type(t) for t in gluon_forward.descriptors(x, x, x, 64)]
+        for ns in (2, 3):
+            args = dict(q_desc=descs[0], k_desc=descs[1], v_desc=descs[2], IDX=torch.int32, CNT=torch.int32,
+                        O=torch.bfloat16, LSE=torch.float32, Hq=1, Hkv=1, Hs=1, Nq=1, Nk=1, NQB=1, KMAX=1, OFF=1,
+                        qk_scale=0.1, BS=64, D=d, DV=d, NS=ns, CAUSAL=True,
+                        CONSUMER_REGS=gluon_forward.CONSUMER_REGS, PRODUCER_REGS=gluon_forward.PRODUCER_REGS)
+            ok &= compile_one(gluon_forward._gluon_fwd_kernel, args, arch, 4, 1, f"gluon-fwd d{d} ns{ns}",
+                              source=GluonASTSource)
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tma-only", action="store_true", help="only the forward's TMA variants (and the rest below)")
+    ap.add_argument("--gluon", action="store_true", help="only the experimental Gluon forward (Hopper)")
     a = ap.parse_args()
+    if a.gluon:
+        sys.exit(0 if compile_gluon(a.arch) else 1)
     ok = True
     I = 0
     for dt in ([torch.bfloat16] if a.quick else [torch.bfloat16, torch.float32]):

@@ -3,7 +3,8 @@
 # benchmarks/bench_kernels.py (24 points, key points first) in the time left.
 #   run: bash benchmarks/gpu_check.sh   (writes logs and JSON under $OUT)
 # Env: TOTAL_S (whole script, default 570), TEST_S (test limit, default 300; 0 skips the tests),
-# TEST_K (a pytest -k expression: only those GPU tests; default all of tests/test_kernels.py and tests/test_fine_selection.py),
+# TEST_K (a pytest -k expression: only those GPU tests; default all of tests/test_kernels.py, tests/test_fine_selection.py
+# and tests/test_gluon_forward.py),
 # BENCH_S (bench limit; default: what TOTAL_S leaves after the tests), BENCH_ARGS (extra
 # arguments), CACHE_IN (a caches.tgz from an earlier call: Triton/Inductor compile caches and the
 # tuning cache, to skip recompiling), SPA_TUNE_IGNORE_SHIPPED=1 (retune every kernel instead of
@@ -29,7 +30,7 @@ if [ "${TEST_S:-300}" != "0" ]; then
   # SPA_AUTOTUNE=0: first candidates; test_gpu_kernel_writes_every_output launches every forward
   # candidate (their compiled kernels stay in TRITON_CACHE_DIR for the benchmark's tuning)
   KARGS=(); if [ -n "$TEST_K" ]; then KARGS=(-k "$TEST_K"); fi  # one argument, spaces and all
-  SPA_AUTOTUNE=0 timeout "${TEST_S:-300}" python3 -m pytest -m gpu tests/test_kernels.py tests/test_fine_selection.py -q -x -p no:cacheprovider \
+  SPA_AUTOTUNE=0 timeout "${TEST_S:-300}" python3 -m pytest -m gpu tests/test_kernels.py tests/test_fine_selection.py tests/test_gluon_forward.py -q -x -p no:cacheprovider \
       --durations=5 "${KARGS[@]}" 2>&1 | tee "$OUT/gpu_tests.log"
   echo "gpu tests exit $? after $(( $(date +%s) - T0 )) s"
 fi

@@ -1,0 +1,106 @@
+"""The experimental Gluon forward (codegen/gluon_forward.py) against the tuned Triton kernel's
+exact part (no fill) on the same selection, one card, one run.
+
+    PYTHONPATH=. python3 benchmarks/bench_gluon_forward.py --out $OUT/gluon.json \\
+        [--points 16384:32:topk32 131072:8:topk32 ...] [--stages 2 3]
+
+B=1, Hq=32, D=128, bf16, causal, block 64, fresh random inputs. For each point: the selection
+once (api.selection_stage), the Triton kernel as the op tunes it (api.sparse_stage, fill off),
+then the Gluon kernel at each ring depth: its output and lse are checked against the Triton
+kernel's (poisoned buffers, relative error) before either is timed; median ms of
+triton.testing.do_bench, TFLOP/s over the computed blocks (4 * 64 * 64 * D a block and head, as
+bench_kernels.py counts them). A Gluon variant that fails its check is recorded and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+from spa_compile import SPAConfig, Visibility
+from spa_compile.budget import max_selected
+from spa_compile.codegen import api
+from spa_compile.codegen.blockinfo import block_info
+from spa_compile.codegen.pooling import pool_kv
+
+
+def mode_config(mode: str) -> SPAConfig:
+    if mode.startswith("density"):
+        return SPAConfig(mode="spa", density=float(mode[len("density"):]))
+    return SPAConfig(mode="spa", topk=int(mode[len("topk"):]))
+
+
+def one_point(n: int, hkv: int, mode: str, stages: list[int]) -> dict:
+    from spa_compile.codegen import gluon_forward as gf
+
+    hq, d = 32, 128
+    cfg = mode_config(mode)
+    q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+    vis = Visibility(n, n, causal=True)
+    info = block_info(vis, 1, n, n, cfg.block_size, q.device)
+    scale = 1.0 / math.sqrt(d)
+    kbar = pool_kv(k, v, info)[0]
+    index, count = api.selection_stage(q, kbar, info, scale, cfg, None, int(max_selected(n, n, vis, cfg)))
+    flops = 4.0 * cfg.block_size * cfg.block_size * d * int(count.sum()) * (hq // index.shape[1])
+    pt = {"N": n, "Hkv": hkv, "mode": mode, "blocks_per_qblock": float(count.float().mean())}
+
+    def triton_fwd():
+        return api.sparse_stage(q, k, v, None, None, info, index, count, scale, False)
+
+    want, want_lse = triton_fwd()
+    ms = do_bench(triton_fwd, warmup=25, rep=200, return_mode="median")
+    pt["triton"] = {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
+    for ns in stages:
+        name = f"gluon_ns{ns}"
+        try:
+            out2 = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
+            lse2 = torch.full_like(want_lse, float("nan"))
+            gf.gluon_forward(q, k, v, info, index, count, scale, stages=ns, out=out2, lse=lse2)
+            torch.cuda.synchronize()
+            err = float((out2.double() - want.double()).norm() / want.double().norm())
+            lse_err = float((lse2 - want_lse).abs().max())
+            ok = bool(torch.isfinite(out2).all()) and err < 1e-2 and lse_err < 1e-2
+            pt[name] = {"rel_err": err, "lse_max_abs_err": lse_err, "ok": ok}
+            if ok:
+                g = do_bench(lambda: gf.gluon_forward(q, k, v, info, index, count, scale, stages=ns), warmup=25,
+                             rep=200, return_mode="median")
+                pt[name].update({"ms": g, "tflops": flops / (g * 1e-3) / 1e12, "speedup_vs_triton": ms / g})
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            pt[name] = {"error": f"{type(exc).__name__}: {exc}"[:1500]}
+        print(f"N={n} Hkv={hkv} {mode} {name}: {pt[name]}", flush=True)
+    print(f"N={n} Hkv={hkv} {mode} triton: {pt['triton']}", flush=True)
+    return pt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/bench_gluon_forward.json")
+    ap.add_argument("--points", nargs="+", default=["16384:32:topk32", "16384:32:density0.2", "131072:32:topk32",
+                                                    "131072:8:topk32"], help="N:Hkv:mode")
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    a = ap.parse_args(argv)
+    import triton
+
+    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
+    for spec in a.points:
+        n, hkv, mode = spec.split(":")
+        try:
+            res["points"].append(one_point(int(n), int(hkv), mode, a.stages))
+        except Exception as exc:  # noqa: BLE001
+            res["points"].append({"point": spec, "error": f"{type(exc).__name__}: {exc}"[:1500]})
+            print(spec, res["points"][-1]["error"], flush=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
