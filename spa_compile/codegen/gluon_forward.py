@@ -37,7 +37,11 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .blockinfo import BlockInfo
 
 LOG2E = 1.4426950408889634
-STAGES = 2  # K/V buffers a ring: two rings of 2 x (16 + 16) KB at D=128 and two Q tiles: 160 KB, one program an SM
+# K/V buffers a ring. A consumer issues block s + 1's logits at the start of iteration s, and the
+# producer refills a buffer only when its iteration ends, so with 2 buffers block s + 1's load
+# starts one iteration before it is needed; 3 give it two. Two rings of 3 x (16 + 16) KB at
+# D=128 and two Q tiles: 224 KB of the H200's 227 (2 buffers: 160 KB). One program an SM.
+STAGES = 3
 # registers a thread: two consumer warpgroups at 232 and a producer warp (its warpgroup) at 24
 # fit the SM's 64K (FA3's split: 2 x 128 x 232 + 128 x 24 = 62,464)
 CONSUMER_REGS = 232
