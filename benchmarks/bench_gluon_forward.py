@@ -1,15 +1,15 @@
-"""The experimental Gluon forward (codegen/gluon_forward.py) against the tuned Triton kernel's
-exact part (no fill) on the same selection, one card, one run.
+"""The experimental Gluon forward (codegen/gluon_forward.py) against the tuned Triton kernel on
+the same selection, without and with the landmark fill, one card, one run.
 
     PYTHONPATH=. python3 benchmarks/bench_gluon_forward.py --out $OUT/gluon.json \\
         [--points 16384:32:topk32 131072:8:topk32 ...] [--stages 2 3]
 
 B=1, Hq=32, D=128, bf16, causal, block 64, fresh random inputs. For each point: the selection
-once (api.selection_stage), the Triton kernel as the op tunes it (api.sparse_stage, fill off),
-then the Gluon kernel at each ring depth: its output and lse are checked against the Triton
+once (api.selection_stage), then for the exact part alone and with the fill: the Triton kernel
+as the op tunes it (api.sparse_stage), then the Gluon kernel at each ring depth: its output and lse are checked against the Triton
 kernel's (poisoned buffers, relative error) before either is timed; median ms of
 triton.testing.do_bench, TFLOP/s over the computed blocks (4 * 64 * 64 * D a block and head, as
-bench_kernels.py counts them). A Gluon variant that fails its check is recorded and not timed.
+bench_kernels.py counts them; with the fill the same count, so a rate, not the fill's FLOPs). A Gluon variant that fails its check is recorded and not timed.
 """
 
 from __future__ import annotations
@@ -47,36 +47,40 @@ def one_point(n: int, hkv: int, mode: str, stages: list[int]) -> dict:
     vis = Visibility(n, n, causal=True)
     info = block_info(vis, 1, n, n, cfg.block_size, q.device)
     scale = 1.0 / math.sqrt(d)
-    kbar = pool_kv(k, v, info)[0]
+    kbar, _, klp, vlp = pool_kv(k, v, info)
     index, count = api.selection_stage(q, kbar, info, scale, cfg, None, int(max_selected(n, n, vis, cfg)))
     flops = 4.0 * cfg.block_size * cfg.block_size * d * int(count.sum()) * (hq // index.shape[1])
     pt = {"N": n, "Hkv": hkv, "mode": mode, "blocks_per_qblock": float(count.float().mean())}
+    for fill in (False, True):
+        tag = "fill" if fill else "exact"
+        lm = (klp, vlp) if fill else (None, None)
 
-    def triton_fwd():
-        return api.sparse_stage(q, k, v, None, None, info, index, count, scale, False)
+        def triton_fwd():
+            return api.sparse_stage(q, k, v, *lm, info, index, count, scale, fill)
 
-    want, want_lse = triton_fwd()
-    ms = do_bench(triton_fwd, warmup=25, rep=200, return_mode="median")
-    pt["triton"] = {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
-    for ns in stages:
-        name = f"gluon_ns{ns}"
-        try:
-            out2 = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
-            lse2 = torch.full_like(want_lse, float("nan"))
-            gf.gluon_forward(q, k, v, info, index, count, scale, stages=ns, out=out2, lse=lse2)
-            torch.cuda.synchronize()
-            err = float((out2.double() - want.double()).norm() / want.double().norm())
-            lse_err = float((lse2 - want_lse).abs().max())
-            ok = bool(torch.isfinite(out2).all()) and err < 1e-2 and lse_err < 1e-2
-            pt[name] = {"rel_err": err, "lse_max_abs_err": lse_err, "ok": ok}
-            if ok:
-                g = do_bench(lambda: gf.gluon_forward(q, k, v, info, index, count, scale, stages=ns), warmup=25,
-                             rep=200, return_mode="median")
-                pt[name].update({"ms": g, "tflops": flops / (g * 1e-3) / 1e12, "speedup_vs_triton": ms / g})
-        except Exception as exc:  # noqa: BLE001 - record and go on
-            pt[name] = {"error": f"{type(exc).__name__}: {exc}"[:1500]}
-        print(f"N={n} Hkv={hkv} {mode} {name}: {pt[name]}", flush=True)
-    print(f"N={n} Hkv={hkv} {mode} triton: {pt['triton']}", flush=True)
+        want, want_lse = triton_fwd()
+        ms = do_bench(triton_fwd, warmup=25, rep=200, return_mode="median")
+        pt[f"triton_{tag}"] = {"ms": ms, "tflops_exact_blocks": flops / (ms * 1e-3) / 1e12}
+        print(f"N={n} Hkv={hkv} {mode} triton_{tag}: {pt[f'triton_{tag}']}", flush=True)
+        for ns in stages:
+            name = f"gluon_{tag}_ns{ns}"
+            try:
+                out2 = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
+                lse2 = torch.full_like(want_lse, float("nan"))
+                gf.gluon_forward(q, k, v, info, index, count, scale, *lm, stages=ns, out=out2, lse=lse2)
+                torch.cuda.synchronize()
+                err = float((out2.double() - want.double()).norm() / want.double().norm())
+                lse_err = float((lse2 - want_lse).abs().max())
+                ok = bool(torch.isfinite(out2).all()) and err < 1e-2 and lse_err < 1e-2
+                pt[name] = {"rel_err": err, "lse_max_abs_err": lse_err, "ok": ok}
+                if ok:
+                    g = do_bench(lambda: gf.gluon_forward(q, k, v, info, index, count, scale, *lm, stages=ns),
+                                 warmup=25, rep=200, return_mode="median")
+                    pt[name].update({"ms": g, "tflops_exact_blocks": flops / (g * 1e-3) / 1e12,
+                                     "speedup_vs_triton": ms / g})
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                pt[name] = {"error": f"{type(exc).__name__}: {exc}"[:1500]}
+            print(f"N={n} Hkv={hkv} {mode} {name}: {pt[name]}", flush=True)
     return pt
 
 

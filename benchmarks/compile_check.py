@@ -85,8 +85,9 @@ def compile_one(fn, args, arch, num_warps, num_stages, label, source=ASTSource):
 
 
 def compile_gluon(arch: int) -> bool:
-    """The experimental Gluon forward (codegen/gluon_forward.py) at head dims 64 and 128 and ring
-    depths 2 and 3: its descriptors' signatures from host-built descriptors over CPU tensors."""
+    """The experimental Gluon forward (codegen/gluon_forward.py) at head dims 64 and 128, ring
+    depths 2 and 3, with and without the fill: its descriptors' signatures from host-built
+    descriptors over CPU tensors."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
@@ -95,14 +96,15 @@ def compile_gluon(arch: int) -> bool:
     ok = True
     for d in (128, 64):
         x = torch.empty(256, d, dtype=torch.bfloat16).view(1, 1, 256, d)
-        descs = [mangle_type(t) for t in gluon_forward.descriptors(x, x, x, 64)]
-        for ns in (2, 3):
-            args = dict(q_desc=descs[0], k_desc=descs[1], v_desc=descs[2], IDX=torch.int32, CNT=torch.int32,
-                        O=torch.bfloat16, LSE=torch.float32, Hq=1, Hkv=1, Hs=1, Nq=1, Nk=1, NQB=1, KMAX=1, OFF=1,
-                        qk_scale=0.1, BS=64, D=d, DV=d, NS=ns, CAUSAL=True,
-                        CONSUMER_REGS=gluon_forward.CONSUMER_REGS, PRODUCER_REGS=gluon_forward.PRODUCER_REGS)
-            ok &= compile_one(gluon_forward._gluon_fwd_kernel, args, arch, 4, 1, f"gluon-fwd d{d} ns{ns}",
-                              source=GluonASTSource)
+        desc = mangle_type(gluon_forward.descriptors(x, block=64)[0])  # q, k, v and the landmarks alike
+        for ns, fill in ((2, False), (3, False), (2, True), (3, True)):
+            args = dict(q_desc=desc, k_desc=desc, v_desc=desc, kb_desc=desc, vb_desc=desc, IDX=torch.int32,
+                        CNT=torch.int32, SEL=torch.int32, O=torch.bfloat16, LSE=torch.float32, Hq=1, Hkv=1, Hs=1,
+                        Nq=1, Nk=1, NQB=1, NKB=1, KMAX=1, OFF=1, qk_scale=0.1, BS=64, D=d, DV=d, NS=ns, CAUSAL=True,
+                        FILL=fill, CONSUMER_REGS=gluon_forward.CONSUMER_REGS,
+                        PRODUCER_REGS=gluon_forward.PRODUCER_REGS)
+            ok &= compile_one(gluon_forward._gluon_fwd_kernel, args, arch, 4, 1,
+                              f"gluon-fwd d{d} ns{ns} fill{int(fill)}", source=GluonASTSource)
     return ok
 
 

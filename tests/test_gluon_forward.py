@@ -17,7 +17,7 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
                             reason="needs a Hopper GPU (Gluon warpgroup MMA)")
 
 
-def _case(hq, hkv, n, d, causal, cfg, seed=0):
+def _case(hq, hkv, n, d, causal, cfg, fill, seed=0):
     from spa_compile.codegen import api, sparse_forward
     from spa_compile.codegen.blockinfo import block_info
     from spa_compile.codegen.pooling import pool_kv
@@ -27,27 +27,29 @@ def _case(hq, hkv, n, d, causal, cfg, seed=0):
     vis = Visibility(n, n, causal=causal)
     info = block_info(vis, 1, n, n, cfg.block_size, q.device)
     scale = 1.0 / math.sqrt(d)
-    kbar = pool_kv(k, v, info)[0]
+    kbar, _, klp, vlp = pool_kv(k, v, info)
     index, count = api.selection_stage(q, kbar, info, scale, cfg, None, int(max_selected(n, n, vis, cfg)))
-    want, want_lse = sparse_forward.launch_forward(q, k, v, k, v, info, index, count, scale, False,
+    lm = (klp, vlp) if fill else (k, v)
+    want, want_lse = sparse_forward.launch_forward(q, k, v, *lm, info, index, count, scale, fill,
                                                    {"GP": 1, "BJ": 64, "num_warps": 4, "num_stages": 3})
-    return q, k, v, info, index, count, scale, want, want_lse
+    return q, k, v, info, index, count, scale, want, want_lse, (klp, vlp) if fill else (None, None)
 
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("fill", [False, True], ids=["exact", "fill"])
 @pytest.mark.parametrize("hq,hkv,n,d,causal,cfgk", [
     (8, 2, 4096, 128, True, dict(topk=8)),
     (4, 4, 64 * 63, 128, True, dict(density=0.3, selection="head")),  # odd NQB: the last program's second block is empty
     (4, 1, 2048, 64, False, dict(topk=5)),
 ])
-def test_gluon_forward_equals_triton(hq, hkv, n, d, causal, cfgk):
+def test_gluon_forward_equals_triton(hq, hkv, n, d, causal, cfgk, fill):
     gf = pytest.importorskip("spa_compile.codegen.gluon_forward")
-    q, k, v, info, index, count, scale, want, want_lse = _case(hq, hkv, n, d, causal, SPAConfig(**cfgk))
-    assert gf.supported(q, k, v, info, False) is None
+    q, k, v, info, index, count, scale, want, want_lse, lm = _case(hq, hkv, n, d, causal, SPAConfig(**cfgk), fill)
+    assert gf.supported(q, k, v, info, fill) is None
     out = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
     lse = torch.full_like(want_lse, float("nan"))
-    gf.gluon_forward(q, k, v, info, index, count, scale, out=out, lse=lse)
+    gf.gluon_forward(q, k, v, info, index, count, scale, *lm, out=out, lse=lse)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     err = float((out.double() - want.double()).norm() / want.double().norm())
@@ -62,7 +64,9 @@ def test_gluon_forward_refuses_what_it_does_not_take():
 
     q = torch.zeros(1, 2, 128, 128, dtype=torch.bfloat16)
     info = block_info(Visibility(128, 128, causal=True), 1, 128, 128, 64, "cpu")
-    assert "fill" in gf.supported(q, q, q, info, True)
+    padded = block_info(Visibility(128, 128, causal=True, key_valid=torch.arange(128)[None] < 100), 1, 128, 128, 64,
+                        "cpu")
+    assert "fill needs every key block full" in gf.supported(q, q, q, padded, True)
     assert "bf16" in gf.supported(q.float(), q.float(), q.float(), info, False)
     assert "Hopper" in gf.supported(q, q, q, info, False)
     with pytest.raises(ValueError, match="gluon_forward: .*launch_forward"):

@@ -1,22 +1,24 @@
-"""Experimental, GPU-only, not used by the op: the sparse forward's exact part in Gluon with warp
-specialization (FA3-style producer/consumers), for Hopper.
+"""Experimental, GPU-only, not used by the op: the sparse forward (exact part and landmark fill) in
+Gluon with warp specialization (FA3-style producer/consumers), for Hopper.
 
 Why: the Triton forward runs at about 480-510 TFLOP/s on an H200 and is most of the op at 128K
 (docs/kernels.md, session 11); Triton 3.6 cannot warp-specialize on sm_90, Gluon can. A program
 takes two query blocks of one head. Each has its own consumer warpgroup (64 rows: the default
 partition and a 4-warp worker, 232 registers a thread) and its own NS-deep ring of K/V buffers in
 shared memory (``ready`` / ``empty`` mbarriers); one producer warp (24 registers) streams both
-lists' blocks through TMA. A consumer issues the next block's q k^T before this block's softmax
-(the tensor cores run while the exponentials do), then the PV product, and releases the buffer.
+lists' blocks through TMA, then each block's landmark chunks (kbar / vbar tiles of 64 means) into
+the same ring. A consumer issues the next tile's q k^T before this tile's softmax (the tensor cores
+run while the exponentials do), then the PV product, and releases the buffer.
 The two warpgroups overlap each other's softmax and MMAs as FA3's ping-pong does, without its
 explicit ordering barriers.
 
-Scope (``supported`` says why not): no landmark fill, no key padding, no window, causal or not
-(no offset between query and key positions beyond ``OFF``), bf16 / fp16, head dims 64 or 128,
-block 64, Nq and Nk multiples of the block (the 2-D descriptors span heads), group or head
-selection (any Hs dividing Hq). Same arithmetic as ``sparse_forward._fwd_kernel`` with FILL False:
-fp32 logits scaled in the log2 domain, the diagonal block masked by ``t + OFF``, the online
-softmax of ``softmax_step``.
+Scope (``supported`` says why not): no key padding, no window, causal or not (the diagonal offset
+``OFF`` as everywhere), bf16 / fp16, head dims 64 or 128, block 64, Nq and Nk multiples of the
+block (the 2-D descriptors span heads), group or head selection (any Hs dividing Hq); the fill
+where every key block is full (``sparse_forward.uniform_counts``: the landmark count is the
+constant BS). Same arithmetic as ``sparse_forward._fwd_kernel``: fp32 logits scaled in the log2
+domain, the diagonal block masked by ``t + OFF``, landmarks ``s q . kbar + log2(BS)`` over the
+fully visible, unselected blocks (the bitmap), the online softmax of ``softmax_step``.
 
 Gluon has no interpreter: CI compiles nothing here; ``benchmarks/compile_check.py --gluon``
 compiles it for sm_90 (no GPU needed) and ``tests/test_gluon_forward.py`` compares it with the
@@ -34,7 +36,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_init, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .bitmap import build_bitmap
 from .blockinfo import BlockInfo
+from .sparse_forward import uniform_counts
 
 LOG2E = 1.4426950408889634
 # K/V buffers a ring. A consumer issues block s + 1's logits at the start of iteration s, and the
@@ -49,27 +53,47 @@ PRODUCER_REGS = 24
 
 
 @gluon.jit
-def _load_partition(k_desc, v_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b, empty_b,
-                    IDX_a, cnt_a, IDX_b, cnt_b, kv_row0, BS: gl.constexpr, NS: gl.constexpr):
-    """The producer warp: the two query blocks' lists, block s of each into buffer s % NS of its
-    own ring once its consumer released it (``empty``: the first pass waits on the phase before
-    the barrier's first, which counts as passed)."""
-    nbytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
-    for s in range(gl.maximum(cnt_a, cnt_b)):
-        st = s % NS
-        ph = ((s // NS) & 1) ^ 1
-        if s < cnt_a:
-            mbarrier.wait(empty_a.index(st), ph)
-            ja = gl.load(IDX_a + s)
-            mbarrier.expect(ready_a.index(st), nbytes)
-            tma.async_copy_global_to_shared(k_desc, [kv_row0 + ja * BS, 0], ready_a.index(st), k_a.index(st))
-            tma.async_copy_global_to_shared(v_desc, [kv_row0 + ja * BS, 0], ready_a.index(st), v_a.index(st))
-        if s < cnt_b:
-            mbarrier.wait(empty_b.index(st), ph)
-            jb = gl.load(IDX_b + s)
-            mbarrier.expect(ready_b.index(st), nbytes)
-            tma.async_copy_global_to_shared(k_desc, [kv_row0 + jb * BS, 0], ready_b.index(st), k_b.index(st))
-            tma.async_copy_global_to_shared(v_desc, [kv_row0 + jb * BS, 0], ready_b.index(st), v_b.index(st))
+def _fill_end(t0, OFF, NKB, BS: gl.constexpr, CAUSAL: gl.constexpr):
+    """he: the landmarks [0, he) fully visible to every row of the block (no padding, no window:
+    common.fill_bounds without its loads)."""
+    he = NKB
+    if CAUSAL:
+        y = t0 + OFF + 1
+        he = gl.minimum(gl.where(y > 0, y // BS, 0), NKB)
+    return he
+
+
+@gluon.jit
+def _produce(s, cnt, desc_k, desc_v, lm_k, lm_v, k_smem, v_smem, ready, empty, IDX_r, kv_row0, lm_row0,
+             BS: gl.constexpr, NS: gl.constexpr):
+    """Tile s of a consumer's walk into buffer s % NS once its last reader released it (``empty``:
+    the first pass waits on the phase before the barrier's first, which counts as passed): the
+    selected K/V block idx[s] for s < cnt, else landmark chunk (s - cnt) of kbar / vbar."""
+    st = s % NS
+    mbarrier.wait(empty.index(st), ((s // NS) & 1) ^ 1)
+    mbarrier.expect(ready.index(st), desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+    if s < cnt:
+        j = gl.load(IDX_r + s)
+        tma.async_copy_global_to_shared(desc_k, [kv_row0 + j * BS, 0], ready.index(st), k_smem.index(st))
+        tma.async_copy_global_to_shared(desc_v, [kv_row0 + j * BS, 0], ready.index(st), v_smem.index(st))
+    else:
+        c0 = (s - cnt) * BS
+        tma.async_copy_global_to_shared(lm_k, [lm_row0 + c0, 0], ready.index(st), k_smem.index(st))
+        tma.async_copy_global_to_shared(lm_v, [lm_row0 + c0, 0], ready.index(st), v_smem.index(st))
+
+
+@gluon.jit
+def _load_partition(k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b, empty_b,
+                    IDX_a, cnt_a, tot_a, IDX_b, cnt_b, tot_b, kv_row0, lm_row0, BS: gl.constexpr, NS: gl.constexpr):
+    """The producer warp: both consumers' walks (their selected blocks, then their landmark
+    chunks), one tile of each in turn."""
+    for s in range(gl.maximum(tot_a, tot_b)):
+        if s < tot_a:
+            _produce(s, cnt_a, k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, IDX_a, kv_row0, lm_row0,
+                     BS, NS)
+        if s < tot_b:
+            _produce(s, cnt_b, k_desc, v_desc, kb_desc, vb_desc, k_b, v_b, ready_b, empty_b, IDX_b, kv_row0, lm_row0,
+                     BS, NS)
 
 
 @gluon.jit
@@ -79,13 +103,15 @@ def _logits(q_smem, k_buf, zero_qk):
 
 
 @gluon.jit
-def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, t0, OFF, qk_scale,
-                   O_r, LSE_r, Nq, BS: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
+def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot, he, SEL_r, NW, t0, OFF, qk_scale,
+                   log2_n, O_r, LSE_r, Nq, BS: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
                    CAUSAL: gl.constexpr):
-    """One consumer warpgroup (64 rows): logits, online softmax and PV for each buffer, then O and
-    lse. The next block's q k^T is issued before this block's softmax (FA3's intra-warpgroup
-    overlap: the tensor cores work while the exponentials run); a buffer is released once its
-    PV product is done."""
+    """One consumer warpgroup (64 rows) walks ``tot`` tiles: its ``cnt`` selected blocks (the
+    diagonal one masked by ``t + OFF``), then the landmark chunks of [0, he) as pseudo-keys with
+    logit ``s q . kbar + log2(n)`` (n = BS: no padding), the selected ones dropped through the
+    query block's bitmap ``SEL_r`` (NW words). Each tile: logits, online softmax, PV, then the
+    buffer is released. The next tile's q k^T is issued before this tile's softmax (FA3's
+    intra-warpgroup overlap: the tensor cores work while the exponentials run)."""
     qk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BS, 16])
     pv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -95,6 +121,7 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, t0, 
     col_l: gl.constexpr = gl.SliceLayout(0, qk_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_layout)
     ocol_l: gl.constexpr = gl.SliceLayout(0, pv_layout)
+    gl.static_assert(BS % 32 == 0)
 
     m_i = gl.full([BS], float("-inf"), gl.float32, row_l)
     l_i = gl.zeros([BS], gl.float32, row_l)
@@ -104,23 +131,32 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, t0, 
     zero_qk = gl.zeros([BS, BS], gl.float32, qk_layout)
     mbarrier.wait(q_bar, 0)
     qk = zero_qk
-    if cnt > 0:
+    if tot > 0:
         mbarrier.wait(ready.index(0), 0)
         qk = _logits(q_smem, k_smem.index(0), zero_qk)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-    for s in range(cnt):
+    for s in range(tot):
         st = s % NS
-        j = gl.load(IDX_r + s)
         nxt = warpgroup_mma_init(zero_qk)  # the async result's type (a pending accumulator)
-        if s + 1 < cnt:  # the next block's logits, on the tensor cores during this softmax
+        if s + 1 < tot:  # the next tile's logits, on the tensor cores during this softmax
             st1 = (s + 1) % NS
             mbarrier.wait(ready.index(st1), ((s + 1) // NS) & 1)
             nxt = _logits(q_smem, k_smem.index(st1), zero_qk)
         qk = qk * qk_scale
-        if CAUSAL:
-            if j * BS + BS - 1 > t0 + OFF:  # the block reaches past the first row's last key
-                kpos = j * BS + cols
-                qk = gl.where(kpos[None, :] <= (t + OFF)[:, None], qk, float("-inf"))
+        if s < cnt:
+            if CAUSAL:
+                j = gl.load(IDX_r + s)
+                if j * BS + BS - 1 > t0 + OFF:  # the block reaches past the first row's last key
+                    kpos = j * BS + cols
+                    qk = gl.where(kpos[None, :] <= (t + OFF)[:, None], qk, float("-inf"))
+        else:  # landmarks c0 .. c0 + BS - 1: log2(n) where unselected and below he, else -inf
+            c0 = (s - cnt) * BS
+            word = gl.zeros([BS], gl.int32, col_l)
+            for w in gl.static_range(BS // 32):
+                ww = gl.load(SEL_r + gl.minimum(c0 // 32 + w, NW - 1))
+                word = gl.where(cols // 32 == w, ww, word)
+            use = (cols < he - c0) & (((word >> (cols % 32)) & 1) == 0)
+            qk = qk + gl.where(use, log2_n, float("-inf"))[None, :]
         m_new = gl.maximum(m_i, gl.max(qk, axis=1))
         m_s = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_s)
@@ -146,12 +182,15 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, t0, 
 
 
 @gluon.jit
-def _gluon_fwd_kernel(q_desc, k_desc, v_desc, IDX, CNT, O, LSE, Hq, Hkv, Hs, Nq, Nk, NQB, KMAX, OFF, qk_scale,
+def _gluon_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL, O, LSE,
+                      Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, qk_scale,
                       BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
-                      CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                      CAUSAL: gl.constexpr, FILL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                      PRODUCER_REGS: gl.constexpr):
     """Two query blocks of one head a program (i and i - 1, the last ones first), each in its own
     consumer warpgroup (the default partition and a 4-warp worker) with its own K/V ring; one
-    producer warp fills both rings."""
+    producer warp fills both rings. FILL: each walk goes on over its landmark chunks (kbar, vbar
+    in q's dtype through kb_desc / vb_desc; SEL the selection bitmap)."""
     i_a = NQB - 1 - 2 * gl.program_id(0)
     i_b = i_a - 1  # -1 for the first block of an odd NQB: no rows, no list
     pid1 = gl.program_id(1)
@@ -193,20 +232,31 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, IDX, CNT, O, LSE, Hq, Hkv, Hs, Nq,
     cnt_b = gl.load(CNT + row_a - 1, mask=i_b >= 0, other=0)
     IDX_a = IDX + row_a.to(gl.int64) * KMAX
     IDX_b = IDX_a - KMAX
+    NW = (NKB + 31) // 32
+    SEL_a = SEL + row_a.to(gl.int64) * NW
+    SEL_b = SEL_a - NW
+    he_a = 0
+    he_b = 0
+    if FILL:
+        he_a = _fill_end(i_a * BS, OFF, NKB, BS, CAUSAL)
+        he_b = gl.where(i_b >= 0, _fill_end(i_b * BS, OFF, NKB, BS, CAUSAL), 0)
+    tot_a = cnt_a + (he_a + BS - 1) // BS
+    tot_b = cnt_b + (he_b + BS - 1) // BS
+    log2_n = gl.log2(BS * 1.0)
     gl.warp_specialize([
-        (_mma_partition, (q_a, k_a, v_a, ready_a, empty_a, qbar_a, IDX_a, cnt_a, i_a * BS, OFF, qk_scale,
-                          O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, DV, NS, CAUSAL)),
-        (_mma_partition, (q_b, k_b, v_b, ready_b, empty_b, qbar_b, IDX_b, cnt_b, i_b * BS, OFF, qk_scale,
-                          O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, DV, NS, CAUSAL)),
-        (_load_partition, (k_desc, v_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b, empty_b,
-                           IDX_a, cnt_a, IDX_b, cnt_b, (b * Hkv + kh) * Nk, BS, NS)),
+        (_mma_partition, (q_a, k_a, v_a, ready_a, empty_a, qbar_a, IDX_a, cnt_a, tot_a, he_a, SEL_a, NW, i_a * BS, OFF,
+                          qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, DV, NS, CAUSAL)),
+        (_mma_partition, (q_b, k_b, v_b, ready_b, empty_b, qbar_b, IDX_b, cnt_b, tot_b, he_b, SEL_b, NW, i_b * BS, OFF,
+                          qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, DV, NS, CAUSAL)),
+        (_load_partition, (k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b, empty_b,
+                           IDX_a, cnt_a, tot_a, IDX_b, cnt_b, tot_b, (b * Hkv + kh) * Nk, (b * Hkv + kh) * NKB, BS, NS)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def supported(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, fill: bool) -> str | None:
     """None where ``gluon_forward`` takes the shape, else why not (the Triton kernel does)."""
-    if fill:
-        return "the landmark fill is not written yet"
+    if fill and not uniform_counts(info):
+        return "the fill needs every key block full of valid keys (its landmark count is the constant BS)"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return "bf16 / fp16 only"
     if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
@@ -224,10 +274,11 @@ def supported(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, fill: bool) -> s
     return None
 
 
-def descriptors(q: Tensor, k: Tensor, v: Tensor, block: int):
-    """2-D TMA descriptors of q, k, v as [rows, D] with [block, D] boxes (host-built)."""
+def descriptors(*xs: Tensor, block: int = 64):
+    """2-D TMA descriptors of each [.., rows, D] tensor as [all rows, D] with [block, D] boxes
+    (host-built; a box past a head's rows reads the next head's, masked by the kernel)."""
     out = []
-    for x in (q, k, v):
+    for x in xs:
         flat = x.reshape(-1, x.shape[-1])
         lay = gl.NVMMASharedLayout.get_default_for([block, x.shape[-1]], _GL_DTYPE[x.dtype])
         out.append(TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block, x.shape[-1]], lay))
@@ -238,21 +289,26 @@ _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
 def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tensor, count: Tensor, scale: float,
-                  stages: int = STAGES, out: Tensor | None = None, lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(out, lse) of the exact part over ``index``/``count`` (no fill), as
-    ``sparse_forward.launch_forward(..., fill=False)``, into ``out``/``lse`` where given
-    (contiguous). Raises where ``supported`` says no."""
-    why = supported(q, k, v, info, False)
+                  kbar: Tensor | None = None, vbar: Tensor | None = None, stages: int = STAGES,
+                  out: Tensor | None = None, lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(out, lse) as ``sparse_forward.launch_forward``: the exact part over ``index``/``count``,
+    plus the landmark fill where ``kbar``/``vbar`` (the block means in q's dtype, ``[B, Hkv, NKB,
+    D]``) are given; into ``out``/``lse`` where given (contiguous). Raises where ``supported``
+    says no."""
+    fill = kbar is not None
+    why = supported(q, k, v, info, fill)
     if why:
         raise ValueError(f"gluon_forward: {why}; use sparse_forward.launch_forward")
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(b, hq, nq, dv, device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty(b, hq, nq, device=q.device, dtype=torch.float32) if lse is None else lse
-    qd, kd, vd = descriptors(q, k, v, info.block)
+    qd, kd, vd = descriptors(q, k, v, block=info.block)
+    kbd, vbd = descriptors(kbar.contiguous(), vbar.contiguous(), block=info.block) if fill else (kd, vd)
+    sel = build_bitmap(index, count, info.nkb) if fill else count
     _gluon_fwd_kernel[((info.nqb + 1) // 2, b * hq)](
-        qd, kd, vd, index, count, out, lse, hq, hkv, index.shape[1], nq, nk, info.nqb, index.shape[-1],
-        info.offset, float(scale) * LOG2E,
-        BS=info.block, D=d, DV=dv, NS=stages, CAUSAL=info.causal, CONSUMER_REGS=CONSUMER_REGS,
+        qd, kd, vd, kbd, vbd, index, count, sel, out, lse, hq, hkv, index.shape[1], nq, nk, info.nqb, info.nkb,
+        index.shape[-1], info.offset, float(scale) * LOG2E,
+        BS=info.block, D=d, DV=dv, NS=stages, CAUSAL=info.causal, FILL=fill, CONSUMER_REGS=CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
     return out, lse
