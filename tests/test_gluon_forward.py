@@ -72,3 +72,17 @@ def test_gluon_forward_refuses_what_it_does_not_take():
     with pytest.raises(ValueError, match="gluon_forward: .*launch_forward"):
         gf.gluon_forward(q, q, q, info, torch.zeros(1, 2, 2, 2, dtype=torch.int32),
                          torch.zeros(1, 2, 2, dtype=torch.int32), 0.1)
+
+
+def test_gluon_switch(monkeypatch):
+    """SPA_GLUON_FORWARD: off by default, "1" asks for the Gluon kernel where it takes the shape
+    (elsewhere, and on the CPU, the Triton kernel runs), anything else is an error."""
+    from spa_compile.codegen import api
+
+    monkeypatch.delenv(api.GLUON_ENV, raising=False)
+    assert api.gluon_forward_enabled() is False
+    monkeypatch.setenv(api.GLUON_ENV, "1")
+    assert api.gluon_forward_enabled() is True
+    monkeypatch.setenv(api.GLUON_ENV, "yes")
+    with pytest.raises(ValueError, match="SPA_GLUON_FORWARD must be 0 or 1"):
+        api.gluon_forward_enabled()

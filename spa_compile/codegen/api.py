@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -124,8 +126,27 @@ def selection_stage(q, kbar, info: BlockInfo, scale, cfg, projector, kmax, k=Non
     return bound_select(q, kmx, kmn, info, scale, cfg, index1, count1, k2_cap)
 
 
+# "1": the sparse forward runs the experimental Gluon kernel (codegen/gluon_forward.py: Hopper,
+# not validated on a card yet) where it takes the shape, else the Triton kernel. Off by default.
+GLUON_ENV = "SPA_GLUON_FORWARD"
+
+
+def gluon_forward_enabled() -> bool:
+    """$SPA_GLUON_FORWARD ("0" / "1", default "0")."""
+    env = os.environ.get(GLUON_ENV, "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"{GLUON_ENV} must be 0 or 1, not {env!r}")
+    return env == "1"
+
+
 def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool):
     """The sparse attention kernel alone (exact part + optional fill): (out, lse)."""
+    if gluon_forward_enabled():
+        from . import gluon_forward  # Gluon (triton >= 3.6): imported only when asked for
+
+        if gluon_forward.supported(q, k, v, info, fill) is None:
+            lm = (kbar, vbar) if fill else (None, None)
+            return gluon_forward.gluon_forward(q, k, v, info, index, count, scale, *lm)
     if kbar is None:  # no fill: the landmark pointers are never read
         kbar, vbar = k, v
     out = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=q.dtype)
