@@ -17,23 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
-from spa_compile import SPAConfig, Visibility
-from spa_compile.budget import max_selected
-from spa_compile.codegen import api
-from spa_compile.codegen.blockinfo import block_info
-from spa_compile.codegen.pooling import pool_kv
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def mode_config(mode: str) -> SPAConfig:
-    if mode.startswith("density"):
-        return SPAConfig(mode="spa", density=float(mode[len("density"):]))
-    return SPAConfig(mode="spa", topk=int(mode[len("topk"):]))
+from bench_kernels import mode_config  # noqa: E402
+from spa_compile import Visibility  # noqa: E402
+from spa_compile.budget import max_selected  # noqa: E402
+from spa_compile.codegen import api  # noqa: E402
+from spa_compile.codegen.blockinfo import block_info  # noqa: E402
+from spa_compile.codegen.pooling import pool_kv  # noqa: E402
 
 
 def one_point(n: int, hkv: int, mode: str, stages: list[int]) -> dict:

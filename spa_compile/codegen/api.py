@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -24,6 +22,7 @@ from .fine_selection import fine_selection
 from .selection import select, topk_capacity
 from .sparse_backward import launch_delta, launch_dkdv, launch_dq, launch_landmark, landmark_splits, reverse_map
 from .sparse_forward import launch_forward
+from .switches import env_switch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -133,10 +132,7 @@ GLUON_ENV = "SPA_GLUON_FORWARD"
 
 def gluon_forward_enabled() -> bool:
     """$SPA_GLUON_FORWARD ("0" / "1", default "0")."""
-    env = os.environ.get(GLUON_ENV, "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"{GLUON_ENV} must be 0 or 1, not {env!r}")
-    return env == "1"
+    return env_switch(GLUON_ENV, False)
 
 
 def sparse_stage(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool):

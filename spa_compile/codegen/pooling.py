@@ -11,6 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .blockinfo import BlockInfo, all_keys_valid
+from .switches import env_switch
 
 
 @triton.jit
@@ -258,12 +259,7 @@ FUSED_ENV = "SPA_POOL_FUSED"
 
 def pool_fused() -> bool:
     """$SPA_POOL_FUSED ("0" / "1"), else POOL_FUSED."""
-    import os
-
-    env = os.environ.get(FUSED_ENV, "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"{FUSED_ENV} must be 0 or 1, not {env!r}")
-    return POOL_FUSED if env == "" else env == "1"
+    return env_switch(FUSED_ENV, POOL_FUSED)
 
 
 def pool_qkv(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, blocks_per_program: int | None = None,

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .blockinfo import BlockInfo
 from .common import classify_blocks, per_key, per_row
+from .switches import env_switch
 
 SENTINEL = tl.constexpr(-(2**63))
 MAXKEY = tl.constexpr(2**63 - 1)
@@ -524,10 +525,7 @@ def keys_transposed(path: str, flag: bool | None = None) -> bool:
     else KEYS_TRANSPOSED[path]."""
     if flag is not None:
         return bool(flag)
-    env = os.environ.get(KT_ENV, "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"{KT_ENV} must be 0 or 1, not {env!r}")
-    return KEYS_TRANSPOSED[path] if env == "" else env == "1"
+    return env_switch(KT_ENV, KEYS_TRANSPOSED[path])
 
 
 AUTO_WIDE = False  # "auto" takes the wide path for every DENSE_MAX_NKB < NKB <= WIDE_MAX_NKB (see wide_selection.py)
@@ -558,10 +556,7 @@ def select_path(nkb: int, path: str | None = None, kmax: int = 0) -> str:
     if path == "auto":
         if nkb <= DENSE_MAX_NKB:
             return "dense"
-        env = os.environ.get(WIDE_ENV, "")
-        if env not in ("", "0", "1"):
-            raise ValueError(f"{WIDE_ENV} must be 0 or 1, not {env!r}")
-        wide = (AUTO_WIDE or kmax >= AUTO_WIDE_MIN_KMAX) if env == "" else env == "1"
+        wide = env_switch(WIDE_ENV, AUTO_WIDE or kmax >= AUTO_WIDE_MIN_KMAX)
         return "wide" if wide and nkb <= WIDE_MAX_NKB else "stream"
     if (path == "dense" and nkb > DENSE_FORCE_MAX_NKB) or (path == "wide" and nkb > WIDE_MAX_NKB):
         return "stream"
@@ -673,10 +668,7 @@ def program_order_lpt(longest_first: bool | None = None) -> bool:
     """``longest_first``, else $SPA_SELECT_LPT ("0" / "1"), else LONGEST_FIRST."""
     if longest_first is not None:
         return bool(longest_first)
-    env = os.environ.get(ORDER_ENV, "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"{ORDER_ENV} must be 0 or 1, not {env!r}")
-    return LONGEST_FIRST if env == "" else env == "1"
+    return env_switch(ORDER_ENV, LONGEST_FIRST)
 
 
 def select(qp: Tensor, kp: Tensor, info: BlockInfo, scale: float, cfg, kmax: int, group: int = 1,
