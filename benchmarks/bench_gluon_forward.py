@@ -2,11 +2,11 @@
 the same selection, without and with the landmark fill, one card, one run.
 
     PYTHONPATH=. python3 benchmarks/bench_gluon_forward.py --out $OUT/gluon.json \\
-        [--points 16384:32:topk32 131072:8:topk32 ...] [--stages 2 3]
+        [--points 16384:32:topk32 131072:8:topk32 ...] [--variants ns2 ns3 ns3qp]
 
 B=1, Hq=32, D=128, bf16, causal, block 64, fresh random inputs. For each point: the selection
 once (api.selection_stage), then for the exact part alone and with the fill: the Triton kernel
-as the op tunes it (api.sparse_stage), then the Gluon kernel at each ring depth: its output and lse are checked against the Triton
+as the op tunes it (api.sparse_stage), then each Gluon variant (ring depth, q in registers, PV in flight): its output and lse are checked against the Triton
 kernel's (poisoned buffers, relative error) before either is timed; median ms of
 triton.testing.do_bench, TFLOP/s over the computed blocks (4 * 64 * 64 * D a block and head, as
 bench_kernels.py counts them; with the fill the same count, so a rate, not the fill's FLOPs). A Gluon variant that fails its check is recorded and not timed.
@@ -34,7 +34,17 @@ from spa_compile.codegen.blockinfo import block_info  # noqa: E402
 from spa_compile.codegen.pooling import pool_kv  # noqa: E402
 
 
-def one_point(n: int, hkv: int, mode: str, stages: list[int]) -> dict:
+def parse_variant(var: str) -> dict:
+    """"ns3qp" -> stages 3, q_regs, pv_async: the ring depth, then q for q in registers, p for PV in flight."""
+    body = var.removeprefix("ns")
+    digits = "".join(ch for ch in body if ch.isdigit())
+    flags = body[len(digits):]
+    if not digits or set(flags) - set("qp"):
+        raise SystemExit(f"bad variant {var!r}: ns<depth>[q][p], e.g. ns3 ns3q ns3qp")
+    return {"stages": int(digits), "q_regs": "q" in flags, "pv_async": "p" in flags}
+
+
+def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
     from spa_compile.codegen import gluon_forward as gf
 
     hq, d = 32, 128
@@ -60,19 +70,20 @@ def one_point(n: int, hkv: int, mode: str, stages: list[int]) -> dict:
         ms = do_bench(triton_fwd, warmup=25, rep=200, return_mode="median")
         pt[f"triton_{tag}"] = {"ms": ms, "tflops_exact_blocks": flops / (ms * 1e-3) / 1e12}
         print(f"N={n} Hkv={hkv} {mode} triton_{tag}: {pt[f'triton_{tag}']}", flush=True)
-        for ns in stages:
-            name = f"gluon_{tag}_ns{ns}"
+        for var in variants:
+            name = f"gluon_{tag}_{var}"
+            kw = parse_variant(var)
             try:
                 out2 = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
                 lse2 = torch.full_like(want_lse, float("nan"))
-                gf.gluon_forward(q, k, v, info, index, count, scale, *lm, stages=ns, out=out2, lse=lse2)
+                gf.gluon_forward(q, k, v, info, index, count, scale, *lm, out=out2, lse=lse2, **kw)
                 torch.cuda.synchronize()
                 err = float((out2.double() - want.double()).norm() / want.double().norm())
                 lse_err = float((lse2 - want_lse).abs().max())
                 ok = bool(torch.isfinite(out2).all()) and err < 1e-2 and lse_err < 1e-2
                 pt[name] = {"rel_err": err, "lse_max_abs_err": lse_err, "ok": ok}
                 if ok:
-                    g = do_bench(lambda: gf.gluon_forward(q, k, v, info, index, count, scale, *lm, stages=ns),
+                    g = do_bench(lambda: gf.gluon_forward(q, k, v, info, index, count, scale, *lm, **kw),
                                  warmup=25, rep=200, return_mode="median")
                     pt[name].update({"ms": g, "tflops_exact_blocks": flops / (g * 1e-3) / 1e12,
                                      "speedup_vs_triton": ms / g})
@@ -87,7 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/bench_gluon_forward.json")
     ap.add_argument("--points", nargs="+", default=["16384:32:topk32", "16384:32:density0.2", "131072:32:topk32",
                                                     "131072:8:topk32"], help="N:Hkv:mode")
-    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--variants", nargs="+", default=["ns2", "ns3", "ns3q", "ns3p", "ns3qp"],
+                    help="ns<ring depth>[q: q in registers][p: PV in flight]")
     a = ap.parse_args(argv)
     import triton
 
@@ -96,7 +108,7 @@ def main(argv=None) -> int:
     for spec in a.points:
         n, hkv, mode = spec.split(":")
         try:
-            res["points"].append(one_point(int(n), int(hkv), mode, a.stages))
+            res["points"].append(one_point(int(n), int(hkv), mode, a.variants))
         except Exception as exc:  # noqa: BLE001
             res["points"].append({"point": spec, "error": f"{type(exc).__name__}: {exc}"[:1500]})
             print(spec, res["points"][-1]["error"], flush=True)

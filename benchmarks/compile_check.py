@@ -58,7 +58,10 @@ def compile_one(fn, args, arch, num_warps, num_stages, label, source=ASTSource):
     try:
         c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as e:  # noqa: BLE001
-        print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}")
+        root = e  # a Gluon/Triton CompilationError wraps the real cause: print the innermost
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        print(f"FAIL {label}: {type(e).__name__}: {str(e)[-2000:]}\n  cause: {type(root).__name__}: {str(root)[-1500:]}")
         return False
     regs, spill = "?", "?"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -97,14 +100,15 @@ def compile_gluon(arch: int) -> bool:
     for d in (128, 64):
         x = torch.empty(256, d, dtype=torch.bfloat16).view(1, 1, 256, d)
         desc = mangle_type(gluon_forward.descriptors(x, block=64)[0])  # q, k, v and the landmarks alike
-        for ns, fill in ((2, False), (3, False), (2, True), (3, True)):
+        for ns, fill, qr, pva in ((2, False, 0, 0), (3, False, 0, 0), (2, True, 0, 0), (3, True, 0, 0),
+                                  (3, True, 1, 0), (3, True, 0, 1), (3, True, 1, 1), (2, False, 1, 0)):
             args = dict(q_desc=desc, k_desc=desc, v_desc=desc, kb_desc=desc, vb_desc=desc, IDX=torch.int32,
                         CNT=torch.int32, SEL=torch.int32, O=torch.bfloat16, LSE=torch.float32, Hq=1, Hkv=1, Hs=1,
                         Nq=1, Nk=1, NQB=1, NKB=1, KMAX=1, OFF=1, qk_scale=0.1, BS=64, D=d, DV=d, NS=ns, CAUSAL=True,
-                        FILL=fill, CONSUMER_REGS=gluon_forward.CONSUMER_REGS,
+                        FILL=fill, Q_REGS=bool(qr), PV_ASYNC=bool(pva), CONSUMER_REGS=gluon_forward.CONSUMER_REGS,
                         PRODUCER_REGS=gluon_forward.PRODUCER_REGS)
             ok &= compile_one(gluon_forward._gluon_fwd_kernel, args, arch, 4, 1,
-                              f"gluon-fwd d{d} ns{ns} fill{int(fill)}", source=GluonASTSource)
+                              f"gluon-fwd d{d} ns{ns} fill{int(fill)} qregs{qr} pvasync{pva}", source=GluonASTSource)
     return ok
 
 

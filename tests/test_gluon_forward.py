@@ -37,19 +37,21 @@ def _case(hq, hkv, n, d, causal, cfg, fill, seed=0):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", [dict(stages=3), dict(stages=2, q_regs=True), dict(stages=3, pv_async=True),
+                                     dict(stages=3, q_regs=True, pv_async=True)], ids=["ns3", "ns2q", "ns3p", "ns3qp"])
 @pytest.mark.parametrize("fill", [False, True], ids=["exact", "fill"])
 @pytest.mark.parametrize("hq,hkv,n,d,causal,cfgk", [
     (8, 2, 4096, 128, True, dict(topk=8)),
     (4, 4, 64 * 63, 128, True, dict(density=0.3, selection="head")),  # odd NQB: the last program's second block is empty
     (4, 1, 2048, 64, False, dict(topk=5)),
 ])
-def test_gluon_forward_equals_triton(hq, hkv, n, d, causal, cfgk, fill):
+def test_gluon_forward_equals_triton(hq, hkv, n, d, causal, cfgk, fill, variant):
     gf = pytest.importorskip("spa_compile.codegen.gluon_forward")
     q, k, v, info, index, count, scale, want, want_lse, lm = _case(hq, hkv, n, d, causal, SPAConfig(**cfgk), fill)
     assert gf.supported(q, k, v, info, fill) is None
     out = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
     lse = torch.full_like(want_lse, float("nan"))
-    gf.gluon_forward(q, k, v, info, index, count, scale, *lm, out=out, lse=lse)
+    gf.gluon_forward(q, k, v, info, index, count, scale, *lm, out=out, lse=lse, **variant)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     err = float((out.double() - want.double()).norm() / want.double().norm())
@@ -69,6 +71,9 @@ def test_gluon_forward_refuses_what_it_does_not_take():
     assert "fill needs every key block full" in gf.supported(q, q, q, padded, True)
     assert "bf16" in gf.supported(q.float(), q.float(), q.float(), info, False)
     assert "Hopper" in gf.supported(q, q, q, info, False)
+    with pytest.raises(ValueError, match="pv_async .* needs stages >= 3"):
+        gf.gluon_forward(q, q, q, info, torch.zeros(1, 2, 2, 2, dtype=torch.int32),
+                         torch.zeros(1, 2, 2, dtype=torch.int32), 0.1, stages=2, pv_async=True)
     with pytest.raises(ValueError, match="gluon_forward: .*launch_forward"):
         gf.gluon_forward(q, q, q, info, torch.zeros(1, 2, 2, 2, dtype=torch.int32),
                          torch.zeros(1, 2, 2, dtype=torch.int32), 0.1)

@@ -50,6 +50,9 @@ STAGES = 3
 # fit the SM's 64K (FA3's split: 2 x 128 x 232 + 128 x 24 = 62,464)
 CONSUMER_REGS = 232
 PRODUCER_REGS = 24
+# the consumer's variants (_mma_partition): q as the A operand from registers; PV kept in flight
+Q_REGS = False
+PV_ASYNC = False
 
 
 @gluon.jit
@@ -64,16 +67,16 @@ def _fill_end(t0, OFF, NKB, BS: gl.constexpr, CAUSAL: gl.constexpr):
 
 
 @gluon.jit
-def _produce(s, cnt, desc_k, desc_v, lm_k, lm_v, k_smem, v_smem, ready, empty, IDX_r, kv_row0, lm_row0,
+def _produce(s, cnt, j, desc_k, desc_v, lm_k, lm_v, k_smem, v_smem, ready, empty, kv_row0, lm_row0,
              BS: gl.constexpr, NS: gl.constexpr):
     """Tile s of a consumer's walk into buffer s % NS once its last reader released it (``empty``:
     the first pass waits on the phase before the barrier's first, which counts as passed): the
-    selected K/V block idx[s] for s < cnt, else landmark chunk (s - cnt) of kbar / vbar."""
+    selected K/V block j (the list's entry s) for s < cnt, else landmark chunk (s - cnt) of kbar /
+    vbar."""
     st = s % NS
     mbarrier.wait(empty.index(st), ((s // NS) & 1) ^ 1)
     mbarrier.expect(ready.index(st), desc_k.block_type.nbytes + desc_v.block_type.nbytes)
     if s < cnt:
-        j = gl.load(IDX_r + s)
         tma.async_copy_global_to_shared(desc_k, [kv_row0 + j * BS, 0], ready.index(st), k_smem.index(st))
         tma.async_copy_global_to_shared(desc_v, [kv_row0 + j * BS, 0], ready.index(st), v_smem.index(st))
     else:
@@ -83,78 +86,125 @@ def _produce(s, cnt, desc_k, desc_v, lm_k, lm_v, k_smem, v_smem, ready, empty, I
 
 
 @gluon.jit
-def _load_partition(k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b, empty_b,
-                    IDX_a, cnt_a, tot_a, IDX_b, cnt_b, tot_b, kv_row0, lm_row0, BS: gl.constexpr, NS: gl.constexpr):
-    """The producer warp: both consumers' walks (their selected blocks, then their landmark
-    chunks), one tile of each in turn."""
-    for s in range(gl.maximum(tot_a, tot_b)):
-        if s < tot_a:
-            _produce(s, cnt_a, k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, IDX_a, kv_row0, lm_row0,
-                     BS, NS)
-        if s < tot_b:
-            _produce(s, cnt_b, k_desc, v_desc, kb_desc, vb_desc, k_b, v_b, ready_b, empty_b, IDX_b, kv_row0, lm_row0,
-                     BS, NS)
+def _pick(vec, lane, s):
+    """Entry s % 32 of a warp's 32-wide vector, as a scalar (a shuffle-reduce, no memory trip)."""
+    return gl.sum(gl.where(lane == s % 32, vec, 0), axis=0)
 
 
 @gluon.jit
-def _logits(q_smem, k_buf, zero_qk):
-    """Start q k^T on the tensor cores (async: the caller waits)."""
-    return warpgroup_mma(q_smem, k_buf.permute((1, 0)), zero_qk, use_acc=False, is_async=True)
+def _load_partition(k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b, empty_b,
+                    IDX_a, cnt_a, tot_a, IDX_b, cnt_b, tot_b, kv_row0, lm_row0, BS: gl.constexpr, NS: gl.constexpr):
+    """The producer warp: both consumers' walks (their selected blocks, then their landmark
+    chunks), one tile of each in turn. The lists are read 32 entries at a time into registers, the
+    next 32 while the current ones are used: a global load per tile would put its latency (about
+    a microsecond) on the producer's critical path, as long as a tile's MMAs."""
+    lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    lane = gl.arange(0, 32, layout=lay)
+    va = gl.load(IDX_a + lane, mask=lane < cnt_a, other=0)
+    vb = gl.load(IDX_b + lane, mask=lane < cnt_b, other=0)
+    na = gl.load(IDX_a + 32 + lane, mask=32 + lane < cnt_a, other=0)
+    nb = gl.load(IDX_b + 32 + lane, mask=32 + lane < cnt_b, other=0)
+    for s in range(gl.maximum(tot_a, tot_b)):
+        if (s % 32 == 0) & (s > 0):  # the prefetched chunk becomes current; fetch the one after
+            va = na
+            vb = nb
+            na = gl.load(IDX_a + s + 32 + lane, mask=s + 32 + lane < cnt_a, other=0)
+            nb = gl.load(IDX_b + s + 32 + lane, mask=s + 32 + lane < cnt_b, other=0)
+        if s < tot_a:
+            _produce(s, cnt_a, _pick(va, lane, s), k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a,
+                     kv_row0, lm_row0, BS, NS)
+        if s < tot_b:
+            _produce(s, cnt_b, _pick(vb, lane, s), k_desc, v_desc, kb_desc, vb_desc, k_b, v_b, ready_b, empty_b,
+                     kv_row0, lm_row0, BS, NS)
+
+
+@gluon.jit
+def _logits(q, k_buf, zero_qk):
+    """Start q k^T on the tensor cores (async: the caller waits); q in shared memory or registers."""
+    return warpgroup_mma(q, k_buf.permute((1, 0)), zero_qk, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _tile_meta(IDX_r, SEL_r, NW, s, cnt, tot, BS: gl.constexpr):
+    """What tile s's softmax needs from memory, loaded a tile ahead so that its latency hides
+    behind the current tile: the key block j (a selected tile) or the two 32-bit bitmap words of
+    its landmark chunk (a fill tile)."""
+    j = gl.load(IDX_r + s, mask=s < cnt, other=0)
+    fill = (s >= cnt) & (s < tot)
+    w = (s - cnt) * (BS // 32)
+    w0 = gl.load(SEL_r + gl.minimum(w, NW - 1), mask=fill, other=0)
+    w1 = gl.load(SEL_r + gl.minimum(w + 1, NW - 1), mask=fill, other=0)
+    return j, w0, w1
 
 
 @gluon.jit
 def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot, he, SEL_r, NW, t0, OFF, qk_scale,
-                   log2_n, O_r, LSE_r, Nq, BS: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
-                   CAUSAL: gl.constexpr):
+                   log2_n, O_r, LSE_r, Nq, BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
+                   CAUSAL: gl.constexpr, Q_REGS: gl.constexpr, PV_ASYNC: gl.constexpr):
     """One consumer warpgroup (64 rows) walks ``tot`` tiles: its ``cnt`` selected blocks (the
     diagonal one masked by ``t + OFF``), then the landmark chunks of [0, he) as pseudo-keys with
     logit ``s q . kbar + log2(n)`` (n = BS: no padding), the selected ones dropped through the
     query block's bitmap ``SEL_r`` (NW words). Each tile: logits, online softmax, PV, then the
     buffer is released. The next tile's q k^T is issued before this tile's softmax (FA3's
-    intra-warpgroup overlap: the tensor cores work while the exponentials run)."""
+    intra-warpgroup overlap: the tensor cores work while the exponentials run).
+    Q_REGS: q is the MMA's A operand from registers (read once), so q k^T reads only k from shared
+    memory (a 64 x 64 tile reading both runs near the shared-memory bandwidth).
+    PV_ASYNC: tile s's PV stays in flight through tile s + 1's softmax and is waited for only
+    before the accumulator's rescale; its buffer is released then (needs NS >= 3: tiles s, s + 1
+    and s + 2 are held or loading at once)."""
     qk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BS, 16])
     pv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, DV, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=2)
+    qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=qk_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, qk_layout)
     col_l: gl.constexpr = gl.SliceLayout(0, qk_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_layout)
     ocol_l: gl.constexpr = gl.SliceLayout(0, pv_layout)
-    gl.static_assert(BS % 32 == 0)
+    gl.static_assert(BS == 64)  # two bitmap words a landmark chunk
+    gl.static_assert((not PV_ASYNC) or NS >= 3)
 
     m_i = gl.full([BS], float("-inf"), gl.float32, row_l)
     l_i = gl.zeros([BS], gl.float32, row_l)
     acc = gl.zeros([BS, DV], gl.float32, pv_layout)
+    if PV_ASYNC:
+        acc = warpgroup_mma_init(acc)  # carried through the loop as a pending accumulator
     t = t0 + gl.arange(0, BS, layout=row_l)
     cols = gl.arange(0, BS, layout=col_l)
     zero_qk = gl.zeros([BS, BS], gl.float32, qk_layout)
     mbarrier.wait(q_bar, 0)
+    if Q_REGS:
+        q = q_smem.load(qa_layout)
+    else:
+        q = q_smem
     qk = zero_qk
     if tot > 0:
         mbarrier.wait(ready.index(0), 0)
-        qk = _logits(q_smem, k_smem.index(0), zero_qk)
+        qk = _logits(q, k_smem.index(0), zero_qk)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+    j_nx, w0_nx, w1_nx = _tile_meta(IDX_r, SEL_r, NW, 0, cnt, tot, BS)
     for s in range(tot):
         st = s % NS
+        j = j_nx
+        w0 = w0_nx
+        w1 = w1_nx
+        j_nx, w0_nx, w1_nx = _tile_meta(IDX_r, SEL_r, NW, s + 1, cnt, tot, BS)
+        has_next = s + 1 < tot
         nxt = warpgroup_mma_init(zero_qk)  # the async result's type (a pending accumulator)
-        if s + 1 < tot:  # the next tile's logits, on the tensor cores during this softmax
+        if has_next:  # the next tile's logits, on the tensor cores during this softmax
             st1 = (s + 1) % NS
             mbarrier.wait(ready.index(st1), ((s + 1) // NS) & 1)
-            nxt = _logits(q_smem, k_smem.index(st1), zero_qk)
+            nxt = _logits(q, k_smem.index(st1), zero_qk)
         qk = qk * qk_scale
         if s < cnt:
             if CAUSAL:
-                j = gl.load(IDX_r + s)
                 if j * BS + BS - 1 > t0 + OFF:  # the block reaches past the first row's last key
                     kpos = j * BS + cols
                     qk = gl.where(kpos[None, :] <= (t + OFF)[:, None], qk, float("-inf"))
         else:  # landmarks c0 .. c0 + BS - 1: log2(n) where unselected and below he, else -inf
             c0 = (s - cnt) * BS
-            word = gl.zeros([BS], gl.int32, col_l)
-            for w in gl.static_range(BS // 32):
-                ww = gl.load(SEL_r + gl.minimum(c0 // 32 + w, NW - 1))
-                word = gl.where(cols // 32 == w, ww, word)
+            word = gl.where(cols < 32, w0, w1)
             use = (cols < he - c0) & (((word >> (cols % 32)) & 1) == 0)
             qk = qk + gl.where(use, log2_n, float("-inf"))[None, :]
         m_new = gl.maximum(m_i, gl.max(qk, axis=1))
@@ -162,13 +212,29 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
         alpha = gl.exp2(m_i - m_s)
         p = gl.exp2(qk - m_s[:, None])
         l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.convert_layout(alpha, orow_l)[:, None]
         pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
-        acc = warpgroup_mma(pa, v_smem.index(st), acc, is_async=True)
-        acc, nxt = warpgroup_mma_wait(num_outstanding=0, deps=(acc, nxt))
-        mbarrier.arrive(empty.index(st), count=1)
+        if PV_ASYNC:  # tile s - 1's PV (everything but the newest group, q k^T of s + 1) before the rescale
+            if has_next:  # (a new name: acc is a pending accumulator, the waited one a tensor)
+                done = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            else:
+                done = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            if s > 0:
+                mbarrier.arrive(empty.index((s + NS - 1) % NS), count=1)
+            done = done * gl.convert_layout(alpha, orow_l)[:, None]
+            acc = warpgroup_mma(pa, v_smem.index(st), done, is_async=True)
+            # q k^T of s + 1 for the next softmax (without it, nothing to wait for); this PV stays in flight
+            nxt = warpgroup_mma_wait(num_outstanding=1, deps=(nxt, ))
+        else:
+            acc = acc * gl.convert_layout(alpha, orow_l)[:, None]
+            acc = warpgroup_mma(pa, v_smem.index(st), acc, is_async=True)
+            acc, nxt = warpgroup_mma_wait(num_outstanding=0, deps=(acc, nxt))
+            mbarrier.arrive(empty.index(st), count=1)
         m_i = m_new
         qk = nxt
+    if PV_ASYNC:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        if tot > 0:
+            mbarrier.arrive(empty.index((tot + NS - 1) % NS), count=1)
 
     seen = l_i > 0.0
     inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), orow_l)
@@ -185,8 +251,8 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
 def _gluon_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL, O, LSE,
                       Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, qk_scale,
                       BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
-                      CAUSAL: gl.constexpr, FILL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                      PRODUCER_REGS: gl.constexpr):
+                      CAUSAL: gl.constexpr, FILL: gl.constexpr, Q_REGS: gl.constexpr, PV_ASYNC: gl.constexpr,
+                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     """Two query blocks of one head a program (i and i - 1, the last ones first), each in its own
     consumer warpgroup (the default partition and a 4-warp worker) with its own K/V ring; one
     producer warp fills both rings. FILL: each walk goes on over its landmark chunks (kbar, vbar
@@ -245,9 +311,11 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL, O
     log2_n = gl.log2(BS * 1.0)
     gl.warp_specialize([
         (_mma_partition, (q_a, k_a, v_a, ready_a, empty_a, qbar_a, IDX_a, cnt_a, tot_a, he_a, SEL_a, NW, i_a * BS, OFF,
-                          qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, DV, NS, CAUSAL)),
+                          qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, D, DV, NS, CAUSAL, Q_REGS,
+                          PV_ASYNC)),
         (_mma_partition, (q_b, k_b, v_b, ready_b, empty_b, qbar_b, IDX_b, cnt_b, tot_b, he_b, SEL_b, NW, i_b * BS, OFF,
-                          qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, DV, NS, CAUSAL)),
+                          qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, D, DV, NS, CAUSAL, Q_REGS,
+                          PV_ASYNC)),
         (_load_partition, (k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b, empty_b,
                            IDX_a, cnt_a, tot_a, IDX_b, cnt_b, tot_b, (b * Hkv + kh) * Nk, (b * Hkv + kh) * NKB, BS, NS)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -290,11 +358,14 @@ _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tensor, count: Tensor, scale: float,
                   kbar: Tensor | None = None, vbar: Tensor | None = None, stages: int = STAGES,
-                  out: Tensor | None = None, lse: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  out: Tensor | None = None, lse: Tensor | None = None, q_regs: bool = Q_REGS,
+                  pv_async: bool = PV_ASYNC) -> tuple[Tensor, Tensor]:
     """(out, lse) as ``sparse_forward.launch_forward``: the exact part over ``index``/``count``,
     plus the landmark fill where ``kbar``/``vbar`` (the block means in q's dtype, ``[B, Hkv, NKB,
-    D]``) are given; into ``out``/``lse`` where given (contiguous). Raises where ``supported``
-    says no."""
+    D]``) are given; into ``out``/``lse`` where given (contiguous). ``q_regs`` / ``pv_async``:
+    the consumer's variants (``_mma_partition``). Raises where ``supported`` says no."""
+    if pv_async and stages < 3:
+        raise ValueError("gluon_forward: pv_async holds a tile's buffer through the next tile; it needs stages >= 3")
     fill = kbar is not None
     why = supported(q, k, v, info, fill)
     if why:
@@ -309,6 +380,7 @@ def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tenso
     _gluon_fwd_kernel[((info.nqb + 1) // 2, b * hq)](
         qd, kd, vd, kbd, vbd, index, count, sel, out, lse, hq, hkv, index.shape[1], nq, nk, info.nqb, info.nkb,
         index.shape[-1], info.offset, float(scale) * LOG2E,
-        BS=info.block, D=d, DV=dv, NS=stages, CAUSAL=info.causal, FILL=fill, CONSUMER_REGS=CONSUMER_REGS,
+        BS=info.block, D=d, DV=dv, NS=stages, CAUSAL=info.causal, FILL=fill, Q_REGS=q_regs, PV_ASYNC=pv_async,
+        CONSUMER_REGS=CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
     return out, lse
