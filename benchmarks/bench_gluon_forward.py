@@ -35,13 +35,14 @@ from spa_compile.codegen.pooling import pool_kv  # noqa: E402
 
 
 def parse_variant(var: str) -> dict:
-    """"ns3qp" -> stages 3, q_regs, pv_async: the ring depth, then q for q in registers, p for PV in flight."""
+    """"ns3qp" -> stages 3, q_regs, pv_async: the ring depth, then q for q in registers, p for PV in
+    flight, g for two heads of a GQA group a program (pair)."""
     body = var.removeprefix("ns")
     digits = "".join(ch for ch in body if ch.isdigit())
     flags = body[len(digits):]
-    if not digits or set(flags) - set("qp"):
-        raise SystemExit(f"bad variant {var!r}: ns<depth>[q][p], e.g. ns3 ns3q ns3qp")
-    return {"stages": int(digits), "q_regs": "q" in flags, "pv_async": "p" in flags}
+    if not digits or set(flags) - set("qpg"):
+        raise SystemExit(f"bad variant {var!r}: ns<depth>[q][p][g], e.g. ns3 ns3q ns3qp ns6qg")
+    return {"stages": int(digits), "q_regs": "q" in flags, "pv_async": "p" in flags, "pair": "g" in flags}
 
 
 def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
@@ -73,6 +74,8 @@ def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
         for var in variants:
             name = f"gluon_{tag}_{var}"
             kw = parse_variant(var)
+            if kw["pair"] and not gf.pair_ok(hq, hkv, index.shape[1]):
+                continue
             try:
                 out2 = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
                 lse2 = torch.full_like(want_lse, float("nan"))
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--points", nargs="+", default=["16384:32:topk32", "16384:32:density0.2", "131072:32:topk32",
                                                     "131072:8:topk32"], help="N:Hkv:mode")
     ap.add_argument("--variants", nargs="+", default=["ns2", "ns3", "ns3q", "ns3p", "ns3qp"],
-                    help="ns<ring depth>[q: q in registers][p: PV in flight]")
+                    help="ns<ring depth>[q: q in registers][p: PV in flight][g: two GQA heads share the loads]; "
+                    "a g variant is left out where the heads cannot pair (Hq / Hkv odd)")
     a = ap.parse_args(argv)
     import triton
 

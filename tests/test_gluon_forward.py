@@ -37,8 +37,10 @@ def _case(hq, hkv, n, d, causal, cfg, fill, seed=0):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [dict(stages=3), dict(stages=2, q_regs=True), dict(stages=3, pv_async=True),
-                                     dict(stages=3, q_regs=True, pv_async=True)], ids=["ns3", "ns2q", "ns3p", "ns3qp"])
+@pytest.mark.parametrize("variant", [dict(stages=3, pair=False), dict(stages=2, q_regs=True, pair=False),
+                                     dict(stages=3, q_regs=True, pv_async=True, pair=False),
+                                     dict(stages=6, q_regs=True, pair=True), dict(stages=5, pv_async=True, pair=True)],
+                         ids=["ns3", "ns2q", "ns3qp", "ns6qg", "ns5pg"])
 @pytest.mark.parametrize("fill", [False, True], ids=["exact", "fill"])
 @pytest.mark.parametrize("hq,hkv,n,d,causal,cfgk", [
     (8, 2, 4096, 128, True, dict(topk=8)),
@@ -49,6 +51,10 @@ def test_gluon_forward_equals_triton(hq, hkv, n, d, causal, cfgk, fill, variant)
     gf = pytest.importorskip("spa_compile.codegen.gluon_forward")
     q, k, v, info, index, count, scale, want, want_lse, lm = _case(hq, hkv, n, d, causal, SPAConfig(**cfgk), fill)
     assert gf.supported(q, k, v, info, fill) is None
+    if variant["pair"] and not gf.pair_ok(hq, hkv, index.shape[1]):
+        with pytest.raises(ValueError, match="pair needs heads 2p and 2p"):
+            gf.gluon_forward(q, k, v, info, index, count, scale, *lm, **variant)
+        return
     out = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
     lse = torch.full_like(want_lse, float("nan"))
     gf.gluon_forward(q, k, v, info, index, count, scale, *lm, out=out, lse=lse, **variant)

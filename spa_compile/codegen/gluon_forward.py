@@ -252,55 +252,80 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL, O
                       Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, qk_scale,
                       BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
                       CAUSAL: gl.constexpr, FILL: gl.constexpr, Q_REGS: gl.constexpr, PV_ASYNC: gl.constexpr,
-                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    """Two query blocks of one head a program (i and i - 1, the last ones first), each in its own
-    consumer warpgroup (the default partition and a 4-warp worker) with its own K/V ring; one
-    producer warp fills both rings. FILL: each walk goes on over its landmark chunks (kbar, vbar
-    in q's dtype through kb_desc / vb_desc; SEL the selection bitmap)."""
-    i_a = NQB - 1 - 2 * gl.program_id(0)
-    i_b = i_a - 1  # -1 for the first block of an odd NQB: no rows, no list
+                      PAIR: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    """Two (query block, head) tiles a program, each in its own consumer warpgroup (the default
+    partition and a 4-warp worker); one producer warp feeds them. FILL: each walk goes on over its
+    landmark chunks (kbar, vbar in q's dtype through kb_desc / vb_desc; SEL the selection bitmap).
+    PAIR=False: query blocks i and i - 1 of one head (the last ones first), each with its own K/V
+    ring. PAIR=True: query block i of heads 2p and 2p + 1, which share a selection row and a K/V
+    head (GQA, group selection), so they walk the same list: one ring whose buffers both consumers
+    read and release (``empty`` counts two arrivals), each K/V tile loaded once for 128 rows."""
     pid1 = gl.program_id(1)
-    b = pid1 // Hq
-    h = pid1 % Hq
+    if PAIR:
+        i_a = NQB - 1 - gl.program_id(0)
+        i_b = i_a
+        b = pid1 // (Hq // 2)
+        h = 2 * (pid1 % (Hq // 2))
+        h_b = h + 1
+    else:
+        i_a = NQB - 1 - 2 * gl.program_id(0)
+        i_b = i_a - 1  # -1 for the first block of an odd NQB: no rows, no list
+        b = pid1 // Hq
+        h = pid1 % Hq
+        h_b = h
     kh = h // (Hq // Hkv)
     hs = h * Hs // Hq
     bh = (b * Hq + h).to(gl.int64)
+    bh_b = (b * Hq + h_b).to(gl.int64)
 
     q_a = gl.allocate_shared_memory(q_desc.dtype, [BS, D], q_desc.layout)
     q_b = gl.allocate_shared_memory(q_desc.dtype, [BS, D], q_desc.layout)
     k_a = gl.allocate_shared_memory(k_desc.dtype, [NS, BS, D], k_desc.layout)
     v_a = gl.allocate_shared_memory(v_desc.dtype, [NS, BS, DV], v_desc.layout)
-    k_b = gl.allocate_shared_memory(k_desc.dtype, [NS, BS, D], k_desc.layout)
-    v_b = gl.allocate_shared_memory(v_desc.dtype, [NS, BS, DV], v_desc.layout)
     ready_a = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     empty_a = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    ready_b = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    empty_b = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    if PAIR:
+        k_b = k_a
+        v_b = v_a
+        ready_b = ready_a
+        empty_b = empty_a
+    else:
+        k_b = gl.allocate_shared_memory(k_desc.dtype, [NS, BS, D], k_desc.layout)
+        v_b = gl.allocate_shared_memory(v_desc.dtype, [NS, BS, DV], v_desc.layout)
+        ready_b = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+        empty_b = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     qbar_a = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     qbar_b = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for st in gl.static_range(NS):
         mbarrier.init(ready_a.index(st), count=1)
-        mbarrier.init(empty_a.index(st), count=1)
-        mbarrier.init(ready_b.index(st), count=1)
-        mbarrier.init(empty_b.index(st), count=1)
+        if PAIR:
+            mbarrier.init(empty_a.index(st), count=2)  # both consumers release each buffer
+        else:
+            mbarrier.init(empty_a.index(st), count=1)
+            mbarrier.init(ready_b.index(st), count=1)
+            mbarrier.init(empty_b.index(st), count=1)
     mbarrier.init(qbar_a, count=1)
     mbarrier.init(qbar_b, count=1)
     fence_async_shared()
-    q_row = (b * Hq + h) * Nq
     mbarrier.expect(qbar_a, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row + i_a * BS, 0], qbar_a, q_a)
+    tma.async_copy_global_to_shared(q_desc, [(b * Hq + h) * Nq + i_a * BS, 0], qbar_a, q_a)  # int32: TMA
     # block -1 has no rows: its consumer still waits on qbar_b, so load block 0 there (unused)
     mbarrier.expect(qbar_b, q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row + gl.maximum(i_b, 0) * BS, 0], qbar_b, q_b)
+    tma.async_copy_global_to_shared(q_desc, [(b * Hq + h_b) * Nq + gl.maximum(i_b, 0) * BS, 0], qbar_b, q_b)
 
     row_a = (b * Hs + hs) * NQB + i_a
-    cnt_a = gl.load(CNT + row_a)
-    cnt_b = gl.load(CNT + row_a - 1, mask=i_b >= 0, other=0)
     IDX_a = IDX + row_a.to(gl.int64) * KMAX
-    IDX_b = IDX_a - KMAX
     NW = (NKB + 31) // 32
     SEL_a = SEL + row_a.to(gl.int64) * NW
-    SEL_b = SEL_a - NW
+    cnt_a = gl.load(CNT + row_a)
+    if PAIR:  # the same selection row
+        cnt_b = cnt_a
+        IDX_b = IDX_a
+        SEL_b = SEL_a
+    else:  # the row before: query block i - 1
+        cnt_b = gl.load(CNT + row_a - 1, mask=i_b >= 0, other=0)
+        IDX_b = IDX_a - KMAX
+        SEL_b = SEL_a - NW
     he_a = 0
     he_b = 0
     if FILL:
@@ -308,17 +333,30 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL, O
         he_b = gl.where(i_b >= 0, _fill_end(i_b * BS, OFF, NKB, BS, CAUSAL), 0)
     tot_a = cnt_a + (he_a + BS - 1) // BS
     tot_b = cnt_b + (he_b + BS - 1) // BS
+    # the producer's walks: with PAIR one (ring a, read by both)
+    p_cnt_b = cnt_b
+    p_tot_b = tot_b
+    if PAIR:
+        p_cnt_b = 0
+        p_tot_b = 0
     log2_n = gl.log2(BS * 1.0)
     gl.warp_specialize([
         (_mma_partition, (q_a, k_a, v_a, ready_a, empty_a, qbar_a, IDX_a, cnt_a, tot_a, he_a, SEL_a, NW, i_a * BS, OFF,
                           qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, D, DV, NS, CAUSAL, Q_REGS,
                           PV_ASYNC)),
         (_mma_partition, (q_b, k_b, v_b, ready_b, empty_b, qbar_b, IDX_b, cnt_b, tot_b, he_b, SEL_b, NW, i_b * BS, OFF,
-                          qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, D, DV, NS, CAUSAL, Q_REGS,
+                          qk_scale, log2_n, O + bh_b * Nq * DV, LSE + bh_b * Nq, Nq, BS, D, DV, NS, CAUSAL, Q_REGS,
                           PV_ASYNC)),
         (_load_partition, (k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b, empty_b,
-                           IDX_a, cnt_a, tot_a, IDX_b, cnt_b, tot_b, (b * Hkv + kh) * Nk, (b * Hkv + kh) * NKB, BS, NS)),
+                           IDX_a, cnt_a, tot_a, IDX_b, p_cnt_b, p_tot_b, (b * Hkv + kh) * Nk, (b * Hkv + kh) * NKB,
+                           BS, NS)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def pair_ok(hq: int, hkv: int, hs: int) -> bool:
+    """Heads 2p and 2p + 1 read the same K/V head and the same selection row (h * Hs // Hq): an
+    even group size Hq / Hkv and Hq / Hs (group selection: Hs = Hkv)."""
+    return hq % hkv == 0 and hq % hs == 0 and (hq // hkv) % 2 == 0 and (hq // hs) % 2 == 0
 
 
 def supported(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, fill: bool) -> str | None:
@@ -359,11 +397,18 @@ _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tensor, count: Tensor, scale: float,
                   kbar: Tensor | None = None, vbar: Tensor | None = None, stages: int = STAGES,
                   out: Tensor | None = None, lse: Tensor | None = None, q_regs: bool = Q_REGS,
-                  pv_async: bool = PV_ASYNC) -> tuple[Tensor, Tensor]:
+                  pv_async: bool = PV_ASYNC, pair: bool | None = None) -> tuple[Tensor, Tensor]:
     """(out, lse) as ``sparse_forward.launch_forward``: the exact part over ``index``/``count``,
     plus the landmark fill where ``kbar``/``vbar`` (the block means in q's dtype, ``[B, Hkv, NKB,
     D]``) are given; into ``out``/``lse`` where given (contiguous). ``q_regs`` / ``pv_async``:
-    the consumer's variants (``_mma_partition``). Raises where ``supported`` says no."""
+    the consumer's variants (``_mma_partition``). ``pair``: two heads of a GQA group a program,
+    sharing their K/V loads (``_gluon_fwd_kernel``; None: where ``pair_ok``). Raises where
+    ``supported`` says no."""
+    if pair is None:
+        pair = pair_ok(q.shape[1], k.shape[1], index.shape[1])
+    if pair and not pair_ok(q.shape[1], k.shape[1], index.shape[1]):
+        raise ValueError(f"gluon_forward: pair needs heads 2p and 2p + 1 to share a K/V head and a selection row "
+                         f"(Hq {q.shape[1]}, Hkv {k.shape[1]}, selection heads {index.shape[1]}); use pair=False")
     if pv_async and stages < 3:
         raise ValueError("gluon_forward: pv_async holds a tile's buffer through the next tile; it needs stages >= 3")
     fill = kbar is not None
@@ -377,10 +422,11 @@ def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tenso
     qd, kd, vd = descriptors(q, k, v, block=info.block)
     kbd, vbd = descriptors(kbar.contiguous(), vbar.contiguous(), block=info.block) if fill else (kd, vd)
     sel = build_bitmap(index, count, info.nkb) if fill else count
-    _gluon_fwd_kernel[((info.nqb + 1) // 2, b * hq)](
+    grid = (info.nqb, b * hq // 2) if pair else ((info.nqb + 1) // 2, b * hq)
+    _gluon_fwd_kernel[grid](
         qd, kd, vd, kbd, vbd, index, count, sel, out, lse, hq, hkv, index.shape[1], nq, nk, info.nqb, info.nkb,
         index.shape[-1], info.offset, float(scale) * LOG2E,
         BS=info.block, D=d, DV=dv, NS=stages, CAUSAL=info.causal, FILL=fill, Q_REGS=q_regs, PV_ASYNC=pv_async,
-        CONSUMER_REGS=CONSUMER_REGS,
+        PAIR=pair, CONSUMER_REGS=CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
     return out, lse
