@@ -465,6 +465,31 @@ def test_kernels_match_reference(b, hq, hkv, nq, nk, d, visk, cfgk):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("fill", [True, False], ids=["fill", "exact"])
+def test_forward_scale_sign(fill):
+    """The forward's softmax takes the row max of unscaled logits (the scale enters the exponent's
+    multiply-add), which holds for scale > 0 only: a negative scale is flipped into q, so the result
+    equals the reference at that scale; scale 0 is refused with a way out."""
+    q, k, v = make_qkv(1, 2, 1, 80, 80, 16, seed=3)
+    vis = Visibility(80, 80, causal=True)
+    cfg = SPAConfig(block_size=16, topk=2, fill="landmark" if fill else "none")
+    info = block_info(vis, 1, 80, 80, 16, q.device)
+    _, _, kb, vb = pool_kv(k, v, info)
+    idx, cnt = api.selection_stage(q, kb, info, 0.25, cfg, None, int(max_selected(80, 80, vis, cfg)))
+    conf = {"GP": 1, "num_warps": 4, "num_stages": 2, "BJ": 32}
+    valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, 0.25, cfg)
+    for scale in (-0.25, 0.25):
+        out, lse = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, conf)
+        ro, rl = R.sparse_attention(q.double(), k.double(), v.double(), R.Selection(idx, cnt), pooled, vis, valid,
+                                    scale, cfg.fill, 16)
+        assert rel(out, ro) < 2e-5, (scale, rel(out, ro))
+        fin = torch.isfinite(rl)
+        assert torch.equal(fin, torch.isfinite(lse)) and maxabs(lse[fin].double() - rl[fin]) < 1e-3
+    with pytest.raises(ValueError, match="scale 0 .*reference takes any scale"):
+        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, 0.0, fill, conf)
+
+
+@needs_cpu_kernels
 def test_end_to_end_and_projector():
     """spa_forward against reference.spa_attention (its own selection) with a learned projector."""
     b, hq, hkv, n, d, r = 1, 4, 2, 70, 16, 8

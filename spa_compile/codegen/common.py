@@ -94,11 +94,14 @@ def block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS: tl.constexpr, CAUSAL: tl.c
 
 @triton.jit
 def exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS: tl.constexpr, CAUSAL: tl.constexpr,
-                 WINDOW: tl.constexpr, HAS_KV: tl.constexpr, PREC: tl.constexpr):
+                 WINDOW: tl.constexpr, HAS_KV: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr = True):
     """log2-domain logits of rows ``t`` against key block ``j`` (keys ``kpos``), -inf where a pair
     is not visible; blocks that need no element mask (``block_is_clean``) skip it. The forward's
-    exact part and dq's both use it."""
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    exact part and dq's both use it. SCALED=False: q k^T unscaled (the forward's softmax_step
+    scales inside its exponent's multiply-add)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    if SCALED:
+        qk = qk * qk_scale
     clean = block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS, CAUSAL, WINDOW, HAS_KV)
     if clean == 0:
         msk = pair_mask(t, kpos, Nk, KV_b, OFF, WIN, CAUSAL, WINDOW, HAS_KV)

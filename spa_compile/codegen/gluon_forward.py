@@ -196,7 +196,6 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
             st1 = (s + 1) % NS
             mbarrier.wait(ready.index(st1), ((s + 1) // NS) & 1)
             nxt = _logits(q, k_smem.index(st1), zero_qk)
-        qk = qk * qk_scale
         if s < cnt:
             if CAUSAL:
                 if j * BS + BS - 1 > t0 + OFF:  # the block reaches past the first row's last key
@@ -206,11 +205,13 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
             c0 = (s - cnt) * BS
             word = gl.where(cols < 32, w0, w1)
             use = (cols < he - c0) & (((word >> (cols % 32)) & 1) == 0)
-            qk = qk + gl.where(use, log2_n, float("-inf"))[None, :]
-        m_new = gl.maximum(m_i, gl.max(qk, axis=1))
+            qk = qk + gl.where(use, log2_n / qk_scale, float("-inf"))[None, :]
+        # the unscaled logits: the scale (> 0) enters the row max once and each exponent through
+        # a multiply-add, as in sparse_forward.softmax_step
+        m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
         m_s = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_s)
-        p = gl.exp2(qk - m_s[:, None])
+        p = gl.exp2(qk * qk_scale - m_s[:, None])
         l_i = l_i * alpha + gl.sum(p, axis=1)
         pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
         if PV_ASYNC:  # tile s - 1's PV (everything but the newest group, q k^T of s + 1) before the rescale
@@ -412,6 +413,11 @@ def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tenso
     if pv_async and stages < 3:
         raise ValueError("gluon_forward: pv_async holds a tile's buffer through the next tile; it needs stages >= 3")
     fill = kbar is not None
+    if scale == 0:  # -inf (a masked logit) times 0 is NaN in the unscaled-logit softmax
+        raise ValueError("scale 0 makes every logit 0 (uniform attention); the SPA kernels take scale != 0, "
+                         "spa_compile.reference takes any scale")
+    if scale < 0:  # the row max is taken before the scale: q (-k) . s = (-q) . k |s|
+        q, scale = -q, -scale
     why = supported(q, k, v, info, fill)
     if why:
         raise ValueError(f"gluon_forward: {why}; use sparse_forward.launch_forward")

@@ -72,13 +72,16 @@ def fill_bias_loads(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
 
 
 @triton.jit
-def softmax_step(qk, v, m_i, l_i, acc, PREC: tl.constexpr):
-    """Fold log2-domain logits ``qk`` ``[BM, BN]`` and their values ``v`` ``[BN, DV]`` into the
-    online softmax (m, l, acc); a row with no finite logit yet keeps m = -inf, l = 0."""
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+    """Fold the unscaled logits ``qk`` ``[BM, BN]`` (log2-domain logits ``qk * qk_scale``, qk_scale
+    > 0: launch_forward flips a negative scale into q) and their values ``v`` ``[BN, DV]`` into the
+    online softmax (m, l, acc; m in the log2 domain); a row with no finite logit yet keeps m =
+    -inf, l = 0. The scale enters the row max once and each exponent through one multiply-add
+    (FlashAttention's form): no separate multiply per logit."""
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
     m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_s)
-    p = tl.math.exp2(qk - m_s[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_s[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
@@ -133,8 +136,8 @@ def _fwd_kernel(
             k = load_rows(K_h, kc, skn, d, D, BD)
             v = load_rows(V_h, kc, svn, dv, DV, BDV)
         qk = exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL, WINDOW, HAS_KV,
-                          PREC)
-        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, PREC)
+                          PREC, SCALED=False)
+        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC)
 
     if FILL:
         # landmarks [ls, he) are fully visible by geometry (one scalar test at each end), so
@@ -172,8 +175,8 @@ def _fwd_kernel(
             # small loads out of the pipeline's shared-memory stages (compile_check: 228 -> ~195
             # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
             qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
-                        input_precision=PREC) * qk_scale
-            m_i, l_i, acc = softmax_step(qk, vb, m_i, l_i, acc, PREC)  # vb: the landmark values in q's dtype
+                        input_precision=PREC)
+            m_i, l_i, acc = softmax_step(qk, vb, m_i, l_i, acc, qk_scale, PREC)  # vb: the landmark values in q's dtype
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -264,6 +267,11 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
     if lse is None:
         lse = torch.empty(b, hq, nq, device=q.device, dtype=torch.float32)
     gp = config["GP"]
+    if scale == 0:  # -inf (a masked logit) times 0 is NaN in the unscaled-logit softmax
+        raise ValueError("scale 0 makes every logit 0 (uniform attention); the SPA kernels take scale != 0, "
+                         "spa_compile.reference takes any scale")
+    if scale < 0:  # softmax_step takes the row max before the scale: q (-k) . s = (-q) . k |s|
+        q, scale = -q, -scale
     kv = info.key_valid if info.key_valid is not None else info.valid
     if sel is None:
         sel = selected_bitmap(index, info.nkb) if fill else count
