@@ -71,11 +71,11 @@ def _codegen():
     return codegen if hasattr(codegen, "spa_forward") else None
 
 
-def _use_kernels(q, k, v, vis: Visibility, cfg: SPAConfig) -> bool:
+def _use_kernels(q, k, v, vis: Visibility, cfg: SPAConfig, scale: float) -> bool:
     if not q.is_cuda or not vis.structured:
         return False
     cg = _codegen()
-    return cg is not None and cg.unsupported_reason(q, k, v, vis, cfg) is None
+    return cg is not None and cg.unsupported_reason(q, k, v, vis, cfg, scale) is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def attention(
         index, count = _empty_selection(q, k, attn_mask, key_valid, causal, offset, window, cfg)
         return out, lse, index, count
     projector = None if pq is None else Projector(pq, pk)
-    if _use_kernels(q, k, v, vis, cfg):
+    if _use_kernels(q, k, v, vis, cfg, scale):
         out, lse, index, count = _codegen().spa_forward(q, k, v, vis, scale, cfg, projector)
         return out, lse, index, count
     valid = reference.valid_keys(vis, b, k.shape[1], cfg.block_size, q.device)
@@ -212,7 +212,7 @@ def attention_backward(
     if _is_bias(attn_mask):
         return _dense_with_bias_backward(grad_out, grad_lse, q, k, v, attn_mask, scale)
     vis = _visibility(nq, nk, attn_mask, key_valid, causal, offset, window, check_bias=True)
-    if _use_kernels(q, k, v, vis, cfg):
+    if _use_kernels(q, k, v, vis, cfg, scale):
         return _codegen().spa_backward(grad_out, q, k, v, out, lse, index, count, vis, scale, cfg, grad_lse=grad_lse)
     valid = reference.valid_keys(vis, q.shape[0], k.shape[1], cfg.block_size, q.device)
     sel = reference.Selection(index=index, count=count)

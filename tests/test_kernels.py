@@ -579,6 +579,7 @@ def test_unsupported_reason():
     mask = torch.ones(8, 8, dtype=torch.bool, device=dev)
     assert "mask" in api.unsupported_reason(qc, kc, vc, Visibility(8, 8, mask=mask), cfg)
     assert "dtype" in api.unsupported_reason(qc.half().int(), kc, vc, Visibility(8, 8), cfg)
+    assert "scale 0" in api.unsupported_reason(qc, kc, vc, Visibility(8, 8), cfg, scale=0.0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,8 +29,11 @@ MAX_HEAD_DIM = 256
 MAX_BLOCK = 128
 
 
-def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, cfg: SPAConfig) -> str | None:
+def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, vis: Visibility, cfg: SPAConfig,
+                       scale: float | None = None) -> str | None:
     """None when the kernels handle this call; else a short reason (the op then runs the reference)."""
+    if scale is not None and scale == 0:
+        return "scale 0 (the forward's softmax takes the row max of unscaled logits)"
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             return f"{name} is not 4-D"
