@@ -1,0 +1,113 @@
+"""The sparse forward (Triton) at given launch configs against the config the op tunes, on the
+same selection, one card, one run: for trying a kernel variant before it joins the autotuner.
+
+    PYTHONPATH=. python3 benchmarks/bench_forward_configs.py --out $OUT/fwd_configs.json \\
+        [--points 131072:32:topk32 16384:32:density0.2] \\
+        [--configs '{"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": true, "PJ": true}' ...]
+
+B=1, Hq=32, D=128, bf16, causal, block 64, fresh random inputs. For each point: the selection
+once (api.selection_stage), then without and with the landmark fill: the tuned config
+(api.sparse_stage), then each given config through sparse_forward.launch_forward. Each config's
+output and lse are checked against the tuned one's (poisoned buffers, relative error) before it
+is timed; median ms of triton.testing.do_bench and TFLOP/s over the computed blocks (as
+bench_kernels.py counts them). A config that fails its check is recorded and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import mode_config  # noqa: E402
+from spa_compile import Visibility  # noqa: E402
+from spa_compile.budget import max_selected  # noqa: E402
+from spa_compile.codegen import api, sparse_forward  # noqa: E402
+from spa_compile.codegen.blockinfo import block_info  # noqa: E402
+from spa_compile.codegen.pooling import pool_kv  # noqa: E402
+
+# the two-blocks-a-step variant (PJ) at the shipped 128K / 16K configs' shapes
+DEFAULT_CONFIGS = [
+    {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": True, "PJ": True},
+    {"GP": 1, "num_warps": 4, "num_stages": 2, "BJ": 64, "TMA": True, "TMA_FILL": True, "PJ": True},
+    {"GP": 1, "num_warps": 8, "num_stages": 2, "BJ": 64, "TMA": True, "TMA_FILL": True, "PJ": True},
+]
+
+
+def one_point(n: int, hkv: int, mode: str, configs: list[dict]) -> dict:
+    hq, d = 32, 128
+    cfg = mode_config(mode)
+    q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+    vis = Visibility(n, n, causal=True)
+    info = block_info(vis, 1, n, n, cfg.block_size, q.device)
+    scale = 1.0 / math.sqrt(d)
+    kbar, _, klp, vlp = pool_kv(k, v, info)
+    index, count = api.selection_stage(q, kbar, info, scale, cfg, None, int(max_selected(n, n, vis, cfg)))
+    flops = 4.0 * cfg.block_size * cfg.block_size * d * int(count.sum()) * (hq // index.shape[1])
+    pt = {"N": n, "Hkv": hkv, "mode": mode, "blocks_per_qblock": float(count.float().mean()), "runs": []}
+    for fill in (False, True):
+        lm = (klp, vlp) if fill else (k, v)
+
+        def tuned():
+            return api.sparse_stage(q, k, v, *lm, info, index, count, scale, fill)
+
+        want, want_lse = tuned()
+        ms = do_bench(tuned, warmup=25, rep=200, return_mode="median")
+        pt["runs"].append({"fill": fill, "config": "tuned", "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12})
+        print(f"N={n} Hkv={hkv} {mode} fill={fill} tuned: {ms:.3f} ms", flush=True)
+        for conf in configs:
+            rec = {"fill": fill, "config": conf}
+            try:
+                out = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
+                lse = torch.full_like(want_lse, float("nan"))
+                sparse_forward.launch_forward(q, k, v, *lm, info, index, count, scale, fill, conf, out, lse)
+                torch.cuda.synchronize()
+                rec["rel_err"] = float((out.double() - want.double()).norm() / want.double().norm())
+                rec["lse_max_abs_err"] = float((lse - want_lse).abs().max())
+                rec["ok"] = bool(torch.isfinite(out).all()) and rec["rel_err"] < 1e-2 and rec["lse_max_abs_err"] < 1e-2
+                if rec["ok"]:
+                    g = do_bench(lambda: sparse_forward.launch_forward(q, k, v, *lm, info, index, count, scale, fill,
+                                                                       conf), warmup=25, rep=200, return_mode="median")
+                    rec.update({"ms": g, "tflops": flops / (g * 1e-3) / 1e12, "speedup_vs_tuned": ms / g})
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                rec["error"] = f"{type(exc).__name__}: {exc}"[:1500]
+            pt["runs"].append(rec)
+            print(f"N={n} Hkv={hkv} {mode} fill={fill} {conf}: "
+                  f"{ {k_: v_ for k_, v_ in rec.items() if k_ not in ('config', 'fill')} }", flush=True)
+    return pt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/bench_forward_configs.json")
+    ap.add_argument("--points", nargs="+", default=["131072:32:topk32", "16384:32:density0.2"], help="N:Hkv:mode")
+    ap.add_argument("--configs", nargs="+", default=None, help="launch configs as JSON objects")
+    a = ap.parse_args(argv)
+    configs = [json.loads(c) for c in a.configs] if a.configs else DEFAULT_CONFIGS
+    import triton
+
+    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
+    for spec in a.points:
+        n, hkv, mode = spec.split(":")
+        try:
+            res["points"].append(one_point(int(n), int(hkv), mode, configs))
+        except Exception as exc:  # noqa: BLE001
+            res["points"].append({"point": spec, "error": f"{type(exc).__name__}: {exc}"[:1500]})
+            print(spec, res["points"][-1]["error"], flush=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
