@@ -170,9 +170,6 @@ def main():
                     if gp == 1 and s == 3 and tma and causal:  # group order (GO: the shipped 128K top-k config)
                         ok &= compile_one(sparse_forward._fwd_kernel, dict(args, GO=True), a.arch, w, s,
                                           "fwd " + tag + " GO")
-                    if gp <= 2 and s in (2, 3) and tma and causal and bj == 64:  # two blocks a step (PJ)
-                        ok &= compile_one(sparse_forward._fwd_kernel, dict(args, PJ=True), a.arch, w, s,
-                                          "fwd " + tag + " PJ")
                     if tma:
                         continue
                     if bj == 64:

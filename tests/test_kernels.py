@@ -490,34 +490,6 @@ def test_forward_scale_sign(fill):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("hq,hkv,n,pad,gp,cfgk", [(2, 1, 150, False, 1, dict(topk=3)), (4, 2, 130, True, 2, dict(density=0.5)),
-                                                  (2, 2, 96, False, 1, dict(topk=2))],
-                         ids=["gqa-odd-counts", "gp2-padding", "mha"])
-def test_forward_two_blocks_a_step(hq, hkv, n, pad, gp, cfgk):
-    """PJ (two selected blocks a step, then the odd one) against the reference and the one-block
-    loop, with and without the fill: the same sums in another order."""
-    q, k, v = make_qkv(1, hq, hkv, n, n, 16, seed=n)
-    kv = padding(1, n, [n - 21]) if pad else None
-    vis = Visibility(n, n, causal=True, key_valid=kv)
-    cfg = SPAConfig(block_size=16, **cfgk)
-    info = block_info(vis, 1, n, n, 16, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    scale = 0.25
-    idx, cnt = api.selection_stage(q, kb, info, scale, cfg, None, int(max_selected(n, n, vis, cfg)))
-    assert (cnt % 2 == 1).any() and (cnt >= 2).any()  # both the pairs and the odd block run
-    valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
-    for fill in (True, False):
-        conf = {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 32}
-        one, lse1 = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, conf)
-        two, lse2 = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, dict(conf, PJ=True))
-        ro, _ = R.sparse_attention(q.double(), k.double(), v.double(), R.Selection(idx, cnt), pooled, vis, valid,
-                                   scale, "landmark" if fill else "none", 16)
-        assert rel(two, ro) < 2e-5 and rel(two, one) < 1e-5, (fill, rel(two, ro), rel(two, one))
-        fin = torch.isfinite(lse1)
-        assert torch.equal(fin, torch.isfinite(lse2)) and maxabs(lse2[fin] - lse1[fin]) < 1e-4
-
-
-@needs_cpu_kernels
 def test_end_to_end_and_projector():
     """spa_forward against reference.spa_attention (its own selection) with a learned projector."""
     b, hq, hkv, n, d, r = 1, 4, 2, 70, 16, 8

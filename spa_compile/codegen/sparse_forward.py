@@ -88,21 +88,6 @@ def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
-def softmax_step2(qk0, v0, qk1, v1, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
-    """softmax_step over two key blocks at once (unscaled logits ``qk0``, ``qk1`` and their values):
-    the same sums, with one rescale of ``acc`` and one update of (m, l) for both."""
-    m_new = tl.maximum(m_i, tl.maximum(tl.max(qk0, axis=1), tl.max(qk1, axis=1)) * qk_scale)
-    m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_s)
-    p0 = tl.math.exp2(qk0 * qk_scale - m_s[:, None])
-    p1 = tl.math.exp2(qk1 * qk_scale - m_s[:, None])
-    l_i = l_i * alpha + tl.sum(p0, axis=1) + tl.sum(p1, axis=1)
-    acc = tl.dot(p0.to(v0.dtype), v0, acc=acc * alpha[:, None], input_precision=PREC)
-    acc = tl.dot(p1.to(v1.dtype), v1, acc=acc, input_precision=PREC)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _block_kv(K_h, V_h, KD, VD, b32, kh, j, offs_n, d, dv, Nk, skn, svn, D: tl.constexpr, DV: tl.constexpr,
               BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TMA: tl.constexpr):
     """K and V rows of key block j."""
@@ -131,7 +116,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
     TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0, PJ: tl.constexpr = False,
+    BIAS_MODE: tl.constexpr = 0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
@@ -154,22 +139,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
 
-    # PJ: two selected blocks a step (pairs, then the odd one): one rescale of the accumulator and
-    # one row max / sum update per 2 * BS keys instead of per BS
-    s0 = 0
-    if PJ:
-        for s in range(0, cnt - 1, 2):
-            j0 = tl.load(IDX_r + s)
-            j1 = tl.load(IDX_r + s + 1)
-            k0, v0 = _block_kv(K_h, V_h, KD, VD, b32, kh, j0, offs_n, d, dv, Nk, skn, svn, D, DV, BS, BD, BDV, TMA)
-            k1, v1 = _block_kv(K_h, V_h, KD, VD, b32, kh, j1, offs_n, d, dv, Nk, skn, svn, D, DV, BS, BD, BDV, TMA)
-            qk0 = exact_logits(q, k0, j0, j0 * BS + offs_n, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL,
-                               WINDOW, HAS_KV, PREC, SCALED=False)
-            qk1 = exact_logits(q, k1, j1, j1 * BS + offs_n, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL,
-                               WINDOW, HAS_KV, PREC, SCALED=False)
-            m_i, l_i, acc = softmax_step2(qk0, v0, qk1, v1, m_i, l_i, acc, qk_scale, PREC)
-        s0 = cnt - cnt % 2
-    for s in range(s0, cnt):
+    for s in range(0, cnt):
         j = tl.load(IDX_r + s)
         kpos = j * BS + offs_n
         k, v = _block_kv(K_h, V_h, KD, VD, b32, kh, j, offs_n, d, dv, Nk, skn, svn, D, DV, BS, BD, BDV, TMA)
@@ -330,7 +300,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
-        BIAS_MODE=config.get("BIAS_MODE", 0), PJ=bool(config.get("PJ", False)),
+        BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
