@@ -202,7 +202,7 @@ def check_outputs(args, device) -> list[dict[str, Any]]:
     vis = from_sdpa(None, args.causal, n, n)
     scale = 1.0 / math.sqrt(args.d)
     checks.append({"name": "the SPA Triton kernels serve the calls",
-                   "ok": bool(ops._use_kernels(q, k, v, vis, spa_config(args, 0.2)))})
+                   "ok": bool(ops._use_kernels(q, k, v, vis, spa_config(args, 0.2), scale))})
     for density in args.densities:
         try:
             checks.extend(_check_density(q, k, v, qf, kf, vf, vis, scale, args, density, tol, device))
