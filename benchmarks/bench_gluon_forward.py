@@ -36,13 +36,15 @@ from spa_compile.codegen.pooling import pool_kv  # noqa: E402
 
 def parse_variant(var: str) -> dict:
     """"ns3qp" -> stages 3, q_regs, pv_async: the ring depth, then q for q in registers, p for PV in
-    flight, g for two heads of a GQA group a program (pair)."""
+    flight, g for two heads of a GQA group a program (pair), o for FA3's schedule with the consumers
+    taking turns (order)."""
     body = var.removeprefix("ns")
     digits = "".join(ch for ch in body if ch.isdigit())
     flags = body[len(digits):]
-    if not digits or set(flags) - set("qpg"):
-        raise SystemExit(f"bad variant {var!r}: ns<depth>[q][p][g], e.g. ns3 ns3q ns3qp ns6qg")
-    return {"stages": int(digits), "q_regs": "q" in flags, "pv_async": "p" in flags, "pair": "g" in flags}
+    if not digits or set(flags) - set("qpgo"):
+        raise SystemExit(f"bad variant {var!r}: ns<depth>[q][p][g][o], e.g. ns3 ns3q ns3qp ns6qg ns3qo")
+    return {"stages": int(digits), "q_regs": "q" in flags, "pv_async": "p" in flags, "pair": "g" in flags,
+            "order": "o" in flags}
 
 
 def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
@@ -101,8 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/bench_gluon_forward.json")
     ap.add_argument("--points", nargs="+", default=["16384:32:topk32", "16384:32:density0.2", "131072:32:topk32",
                                                     "131072:8:topk32"], help="N:Hkv:mode")
-    ap.add_argument("--variants", nargs="+", default=["ns2", "ns3", "ns3q", "ns3p", "ns3qp"],
-                    help="ns<ring depth>[q: q in registers][p: PV in flight][g: two GQA heads share the loads]; "
+    ap.add_argument("--variants", nargs="+", default=["ns3q", "ns3qo", "ns2qo", "ns3qg", "ns6qg", "ns6qgo"],
+                    help="ns<ring depth>[q: q in registers][p: PV in flight][g: two GQA heads share the loads]"
+                    "[o: FA3's schedule, the consumers taking turns]; "
                     "a g variant is left out where the heads cannot pair (Hq / Hkv odd)")
     a = ap.parse_args(argv)
     import triton

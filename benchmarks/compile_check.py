@@ -100,18 +100,20 @@ def compile_gluon(arch: int) -> bool:
     for d in (128, 64):
         x = torch.empty(256, d, dtype=torch.bfloat16).view(1, 1, 256, d)
         desc = mangle_type(gluon_forward.descriptors(x, block=64)[0])  # q, k, v and the landmarks alike
-        for ns, fill, qr, pva, pair in ((2, False, 0, 0, 0), (3, False, 0, 0, 0), (2, True, 0, 0, 0), (3, True, 0, 0, 0),
-                                        (3, True, 1, 0, 0), (3, True, 1, 1, 0), (3, True, 1, 0, 1),
-                                        (6, True, 1, 0, 1), (5, True, 1, 1, 1)):
+        for ns, fill, qr, pva, pair, order in ((2, False, 0, 0, 0, 0), (3, False, 0, 0, 0, 0), (2, True, 0, 0, 0, 0),
+                                               (3, True, 0, 0, 0, 0), (3, True, 1, 0, 0, 0), (3, True, 1, 1, 0, 0),
+                                               (3, True, 1, 0, 1, 0), (6, True, 1, 0, 1, 0), (5, True, 1, 1, 1, 0),
+                                               (3, True, 1, 0, 0, 1), (2, False, 1, 0, 0, 1), (6, True, 1, 0, 1, 1)):
             if d == 64 and pair:
                 continue
             args = dict(q_desc=desc, k_desc=desc, v_desc=desc, kb_desc=desc, vb_desc=desc, IDX=torch.int32,
                         CNT=torch.int32, SEL=torch.int32, O=torch.bfloat16, LSE=torch.float32, Hq=1, Hkv=1, Hs=1,
                         Nq=1, Nk=1, NQB=1, NKB=1, KMAX=1, OFF=1, qk_scale=0.1, BS=64, D=d, DV=d, NS=ns, CAUSAL=True,
-                        FILL=fill, Q_REGS=bool(qr), PV_ASYNC=bool(pva), PAIR=bool(pair), CONSUMER_REGS=gluon_forward.CONSUMER_REGS,
+                        FILL=fill, Q_REGS=bool(qr), PV_ASYNC=bool(pva), PAIR=bool(pair), ORDER=bool(order),
+                        CONSUMER_REGS=gluon_forward.CONSUMER_REGS,
                         PRODUCER_REGS=gluon_forward.PRODUCER_REGS)
             ok &= compile_one(gluon_forward._gluon_fwd_kernel, args, arch, 4, 1,
-                              f"gluon-fwd d{d} ns{ns} fill{int(fill)} qregs{qr} pvasync{pva} pair{pair}", source=GluonASTSource)
+                              f"gluon-fwd d{d} ns{ns} fill{int(fill)} qregs{qr} pvasync{pva} pair{pair} order{order}", source=GluonASTSource)
     return ok
 
 

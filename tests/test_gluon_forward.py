@@ -39,8 +39,11 @@ def _case(hq, hkv, n, d, causal, cfg, fill, seed=0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", [dict(stages=3, pair=False), dict(stages=2, q_regs=True, pair=False),
                                      dict(stages=3, q_regs=True, pv_async=True, pair=False),
-                                     dict(stages=6, q_regs=True, pair=True), dict(stages=5, pv_async=True, pair=True)],
-                         ids=["ns3", "ns2q", "ns3qp", "ns6qg", "ns5pg"])
+                                     dict(stages=6, q_regs=True, pair=True), dict(stages=5, pv_async=True, pair=True),
+                                     dict(stages=3, q_regs=True, pair=False, order=True),
+                                     dict(stages=2, q_regs=True, pair=False, order=True),
+                                     dict(stages=6, q_regs=True, pair=True, order=True)],
+                         ids=["ns3", "ns2q", "ns3qp", "ns6qg", "ns5pg", "ns3qo", "ns2qo", "ns6qgo"])
 @pytest.mark.parametrize("fill", [False, True], ids=["exact", "fill"])
 @pytest.mark.parametrize("hq,hkv,n,d,causal,cfgk", [
     (8, 2, 4096, 128, True, dict(topk=8)),
@@ -80,6 +83,9 @@ def test_gluon_forward_refuses_what_it_does_not_take():
     with pytest.raises(ValueError, match="pv_async .* needs stages >= 3"):
         gf.gluon_forward(q, q, q, info, torch.zeros(1, 2, 2, 2, dtype=torch.int32),
                          torch.zeros(1, 2, 2, dtype=torch.int32), 0.1, stages=2, pv_async=True)
+    with pytest.raises(ValueError, match="order has its own PV schedule"):
+        gf.gluon_forward(q, q, q, info, torch.zeros(1, 2, 2, 2, dtype=torch.int32),
+                         torch.zeros(1, 2, 2, dtype=torch.int32), 0.1, pv_async=True, order=True)
     with pytest.raises(ValueError, match="gluon_forward: .*launch_forward"):
         gf.gluon_forward(q, q, q, info, torch.zeros(1, 2, 2, 2, dtype=torch.int32),
                          torch.zeros(1, 2, 2, dtype=torch.int32), 0.1)

@@ -9,8 +9,9 @@ shared memory (``ready`` / ``empty`` mbarriers); one producer warp (24 registers
 lists' blocks through TMA, then each block's landmark chunks (kbar / vbar tiles of 64 means) into
 the same ring. A consumer issues the next tile's q k^T before this tile's softmax (the tensor cores
 run while the exponentials do), then the PV product, and releases the buffer.
-The two warpgroups overlap each other's softmax and MMAs as FA3's ping-pong does, without its
-explicit ordering barriers.
+The two warpgroups overlap each other's softmax and MMAs through the warp scheduler alone; the
+``order`` variant (``_mma_partition_ordered``, not run on a card yet) adds FA3's schedule: the
+consumers take turns to issue their MMAs, and P runs a tile behind.
 
 Scope (``supported`` says why not): no key padding, no window, causal or not (the diagonal offset
 ``OFF`` as everywhere), bf16 / fp16, head dims 64 or 128, block 64, Nq and Nk multiples of the
@@ -251,11 +252,120 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
 
 
 @gluon.jit
+def _softmax_tile(qk, s, cnt, j, w0, w1, t, t0, cols, OFF, he, qk_scale, log2_n, m_i, l_i, BS: gl.constexpr,
+                  CAUSAL: gl.constexpr):
+    """Tile s's masks (the diagonal block's element mask, or the landmark chunk's bias from the
+    bitmap words w0 / w1) and online-softmax step on its unscaled logits ``qk``: (p, m, alpha, l)."""
+    if s < cnt:
+        if CAUSAL:
+            if j * BS + BS - 1 > t0 + OFF:  # the block reaches past the first row's last key
+                kpos = j * BS + cols
+                qk = gl.where(kpos[None, :] <= (t + OFF)[:, None], qk, float("-inf"))
+    else:  # landmarks c0 .. c0 + BS - 1: log2(n) where unselected and below he, else -inf
+        c0 = (s - cnt) * BS
+        word = gl.where(cols < 32, w0, w1)
+        use = (cols < he - c0) & (((word >> (cols % 32)) & 1) == 0)
+        qk = qk + gl.where(use, log2_n / qk_scale, float("-inf"))[None, :]
+    m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
+    m_s = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_s)
+    p = gl.exp2(qk * qk_scale - m_s[:, None])
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, alpha, l_i
+
+
+@gluon.jit
+def _mma_partition_ordered(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot, he, SEL_r, NW, t0, OFF,
+                           qk_scale, log2_n, O_r, LSE_r, Nq, turn_me, turn_other, tot_other,
+                           BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
+                           CAUSAL: gl.constexpr, Q_REGS: gl.constexpr, FIRST: gl.constexpr):
+    """``_mma_partition`` on FA3's schedule (not run on a card yet). Each step issues tile s + 1's
+    q k^T and tile s's PV back to back, then runs tile s + 1's softmax while both are on the tensor
+    cores; P is a tile behind. The two consumers take turns to issue (``turn_me`` /
+    ``turn_other``, one mbarrier each, FIRST starting): one's softmax overlaps the other's MMAs
+    instead of both issuing at once. A consumer with fewer tiles passes its remaining turns on."""
+    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BS, 16])
+    pv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DV, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=2)
+    qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=qk_layout, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, qk_layout)
+    col_l: gl.constexpr = gl.SliceLayout(0, qk_layout)
+    orow_l: gl.constexpr = gl.SliceLayout(1, pv_layout)
+    ocol_l: gl.constexpr = gl.SliceLayout(0, pv_layout)
+    gl.static_assert(BS == 64)  # two bitmap words a landmark chunk
+    # the first consumer's first wait passes at once (the phase before a barrier's first counts
+    # as completed); the other's waits for the first consumer's first arrival
+    PAR0: gl.constexpr = 1 if FIRST else 0
+
+    m_i = gl.full([BS], float("-inf"), gl.float32, row_l)
+    l_i = gl.zeros([BS], gl.float32, row_l)
+    acc = gl.zeros([BS, DV], gl.float32, pv_layout)
+    t = t0 + gl.arange(0, BS, layout=row_l)
+    cols = gl.arange(0, BS, layout=col_l)
+    zero_qk = gl.zeros([BS, BS], gl.float32, qk_layout)
+    alpha = gl.full([BS], 1.0, gl.float32, row_l)
+    pa = gl.convert_layout(zero_qk.to(v_smem.dtype), p_layout)
+    mbarrier.wait(q_bar, 0)
+    if Q_REGS:
+        q = q_smem.load(qa_layout)
+    else:
+        q = q_smem
+    j_nx, w0_nx, w1_nx = _tile_meta(IDX_r, SEL_r, NW, 0, cnt, tot, BS)
+    if tot > 0:  # tile 0's logits and softmax
+        mbarrier.wait(ready.index(0), 0)
+        qk0 = warpgroup_mma_wait(num_outstanding=0, deps=(_logits(q, k_smem.index(0), zero_qk), ))
+        p0, m_i, alpha, l_i = _softmax_tile(qk0, 0, cnt, j_nx, w0_nx, w1_nx, t, t0, cols, OFF, he, qk_scale,
+                                            log2_n, m_i, l_i, BS, CAUSAL)
+        pa = gl.convert_layout(p0.to(v_smem.dtype), p_layout)
+        j_nx, w0_nx, w1_nx = _tile_meta(IDX_r, SEL_r, NW, 1, cnt, tot, BS)
+    for s in range(tot):
+        st = s % NS
+        has_next = s + 1 < tot
+        j = j_nx
+        w0 = w0_nx
+        w1 = w1_nx
+        j_nx, w0_nx, w1_nx = _tile_meta(IDX_r, SEL_r, NW, s + 2, cnt, tot, BS)
+        mbarrier.wait(turn_me, (s & 1) ^ PAR0)
+        nxt = warpgroup_mma_init(zero_qk)
+        if has_next:
+            st1 = (s + 1) % NS
+            mbarrier.wait(ready.index(st1), ((s + 1) // NS) & 1)
+            nxt = _logits(q, k_smem.index(st1), zero_qk)
+        acc = acc * gl.convert_layout(alpha, orow_l)[:, None]
+        acc = warpgroup_mma(pa, v_smem.index(st), acc, is_async=True)
+        mbarrier.arrive(turn_other, count=1)
+        # tile s + 1's logits (everything but the newest group, this PV); nothing to wait for at the end
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(nxt, ))
+        if has_next:
+            p, m_i, alpha, l_i = _softmax_tile(qk, s + 1, cnt, j, w0, w1, t, t0, cols, OFF, he, qk_scale, log2_n,
+                                               m_i, l_i, BS, CAUSAL)
+            pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(empty.index(st), count=1)
+    for s in range(tot, tot_other):  # the other consumer's remaining turns
+        mbarrier.wait(turn_me, (s & 1) ^ PAR0)
+        mbarrier.arrive(turn_other, count=1)
+
+    seen = l_i > 0.0
+    inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), orow_l)
+    out = acc * inv[:, None]
+    orow = t0 + gl.arange(0, BS, layout=orow_l)
+    ocol = gl.arange(0, DV, layout=ocol_l)
+    ok = (orow >= 0) & (orow < Nq)
+    gl.store(O_r + orow[:, None].to(gl.int64) * DV + ocol[None, :], out.to(O_r.dtype.element_ty), mask=ok[:, None])
+    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    gl.store(LSE_r + t, lse, mask=(t >= 0) & (t < Nq))
+
+
+@gluon.jit
 def _gluon_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL, O, LSE,
                       Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, qk_scale,
                       BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
                       CAUSAL: gl.constexpr, FILL: gl.constexpr, Q_REGS: gl.constexpr, PV_ASYNC: gl.constexpr,
-                      PAIR: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                      PAIR: gl.constexpr, ORDER: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                      PRODUCER_REGS: gl.constexpr):
     """Two (query block, head) tiles a program, each in its own consumer warpgroup (the default
     partition and a 4-warp worker); one producer warp feeds them. FILL: each walk goes on over its
     landmark chunks (kbar, vbar in q's dtype through kb_desc / vb_desc; SEL the selection bitmap).
@@ -309,6 +419,9 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL, O
             mbarrier.init(empty_b.index(st), count=1)
     mbarrier.init(qbar_a, count=1)
     mbarrier.init(qbar_b, count=1)
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ORDER: whose turn to issue
+    mbarrier.init(turns.index(0), count=1)
+    mbarrier.init(turns.index(1), count=1)
     fence_async_shared()
     mbarrier.expect(qbar_a, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [(b * Hq + h) * Nq + i_a * BS, 0], qbar_a, q_a)  # int32: TMA
@@ -343,17 +456,30 @@ def _gluon_fwd_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL, O
         p_cnt_b = 0
         p_tot_b = 0
     log2_n = gl.log2(BS * 1.0)
-    gl.warp_specialize([
-        (_mma_partition, (q_a, k_a, v_a, ready_a, empty_a, qbar_a, IDX_a, cnt_a, tot_a, he_a, SEL_a, NW, i_a * BS, OFF,
-                          qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, D, DV, NS, CAUSAL, Q_REGS,
-                          PV_ASYNC)),
-        (_mma_partition, (q_b, k_b, v_b, ready_b, empty_b, qbar_b, IDX_b, cnt_b, tot_b, he_b, SEL_b, NW, i_b * BS, OFF,
-                          qk_scale, log2_n, O + bh_b * Nq * DV, LSE + bh_b * Nq, Nq, BS, D, DV, NS, CAUSAL, Q_REGS,
-                          PV_ASYNC)),
-        (_load_partition, (k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b, empty_b,
-                           IDX_a, cnt_a, tot_a, IDX_b, p_cnt_b, p_tot_b, (b * Hkv + kh) * Nk, (b * Hkv + kh) * NKB,
-                           BS, NS)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    if ORDER:  # (the producer's entry is written out twice: a partition list takes no tuple variables)
+        gl.warp_specialize([
+            (_mma_partition_ordered, (q_a, k_a, v_a, ready_a, empty_a, qbar_a, IDX_a, cnt_a, tot_a, he_a, SEL_a, NW,
+                                      i_a * BS, OFF, qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq,
+                                      turns.index(0), turns.index(1), tot_b, BS, D, DV, NS, CAUSAL, Q_REGS, True)),
+            (_mma_partition_ordered, (q_b, k_b, v_b, ready_b, empty_b, qbar_b, IDX_b, cnt_b, tot_b, he_b, SEL_b, NW,
+                                      i_b * BS, OFF, qk_scale, log2_n, O + bh_b * Nq * DV, LSE + bh_b * Nq, Nq,
+                                      turns.index(1), turns.index(0), tot_a, BS, D, DV, NS, CAUSAL, Q_REGS, False)),
+            (_load_partition, (k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b,
+                               empty_b, IDX_a, cnt_a, tot_a, IDX_b, p_cnt_b, p_tot_b, (b * Hkv + kh) * Nk,
+                               (b * Hkv + kh) * NKB, BS, NS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_mma_partition, (q_a, k_a, v_a, ready_a, empty_a, qbar_a, IDX_a, cnt_a, tot_a, he_a, SEL_a, NW, i_a * BS,
+                              OFF, qk_scale, log2_n, O + bh * Nq * DV, LSE + bh * Nq, Nq, BS, D, DV, NS, CAUSAL,
+                              Q_REGS, PV_ASYNC)),
+            (_mma_partition, (q_b, k_b, v_b, ready_b, empty_b, qbar_b, IDX_b, cnt_b, tot_b, he_b, SEL_b, NW, i_b * BS,
+                              OFF, qk_scale, log2_n, O + bh_b * Nq * DV, LSE + bh_b * Nq, Nq, BS, D, DV, NS, CAUSAL,
+                              Q_REGS, PV_ASYNC)),
+            (_load_partition, (k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a, k_b, v_b, ready_b,
+                               empty_b, IDX_a, cnt_a, tot_a, IDX_b, p_cnt_b, p_tot_b, (b * Hkv + kh) * Nk,
+                               (b * Hkv + kh) * NKB, BS, NS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def pair_ok(hq: int, hkv: int, hs: int) -> bool:
@@ -400,13 +526,16 @@ _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tensor, count: Tensor, scale: float,
                   kbar: Tensor | None = None, vbar: Tensor | None = None, stages: int = STAGES,
                   out: Tensor | None = None, lse: Tensor | None = None, q_regs: bool = Q_REGS,
-                  pv_async: bool = PV_ASYNC, pair: bool | None = None) -> tuple[Tensor, Tensor]:
+                  pv_async: bool = PV_ASYNC, pair: bool | None = None, order: bool = False) -> tuple[Tensor, Tensor]:
     """(out, lse) as ``sparse_forward.launch_forward``: the exact part over ``index``/``count``,
     plus the landmark fill where ``kbar``/``vbar`` (the block means in q's dtype, ``[B, Hkv, NKB,
     D]``) are given; into ``out``/``lse`` where given (contiguous). ``q_regs`` / ``pv_async``:
     the consumer's variants (``_mma_partition``). ``pair``: two heads of a GQA group a program,
     sharing their K/V loads (``_gluon_fwd_kernel``; None: where ``pair_ok``). Raises where
-    ``supported`` says no."""
+    ``supported`` says no. ``order``: the consumers on FA3's schedule, taking turns to issue
+    (``_mma_partition_ordered``; not run on a card yet)."""
+    if order and pv_async:
+        raise ValueError("gluon_forward: order has its own PV schedule; pv_async applies without it")
     if pair is None:
         pair = pair_ok(q.shape[1], k.shape[1], index.shape[1])
     if pair and not pair_ok(q.shape[1], k.shape[1], index.shape[1]):
@@ -435,6 +564,6 @@ def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tenso
         qd, kd, vd, kbd, vbd, index, count, sel, out, lse, hq, hkv, index.shape[1], nq, nk, info.nqb, info.nkb,
         index.shape[-1], info.offset, float(scale) * LOG2E,
         BS=info.block, D=d, DV=dv, NS=stages, CAUSAL=info.causal, FILL=fill, Q_REGS=q_regs, PV_ASYNC=pv_async,
-        PAIR=pair, CONSUMER_REGS=CONSUMER_REGS,
+        PAIR=pair, ORDER=order, CONSUMER_REGS=CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
     return out, lse
