@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,12 +25,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import mode_config  # noqa: E402
-from spa_compile import Visibility  # noqa: E402
-from spa_compile.budget import max_selected  # noqa: E402
+from bench_kernels import fresh_inputs, mode_config  # noqa: E402
+from op_selection import op_selection  # noqa: E402
 from spa_compile.codegen import api  # noqa: E402
-from spa_compile.codegen.blockinfo import block_info  # noqa: E402
-from spa_compile.codegen.pooling import pool_kv  # noqa: E402
 
 
 def parse_variant(var: str) -> dict:
@@ -52,14 +48,9 @@ def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
 
     hq, d = 32, 128
     cfg = mode_config(mode)
-    q = torch.randn(1, hq, n, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, hkv, n, d, device="cuda", dtype=torch.bfloat16)
-    vis = Visibility(n, n, causal=True)
-    info = block_info(vis, 1, n, n, cfg.block_size, q.device)
-    scale = 1.0 / math.sqrt(d)
-    kbar, _, klp, vlp = pool_kv(k, v, info)
-    index, count = api.selection_stage(q, kbar, info, scale, cfg, None, int(max_selected(n, n, vis, cfg)))
+    q, k, v = fresh_inputs(hq, hkv, n, d, torch.bfloat16, seed=n + hkv, grad=False)
+    info, klp, vlp, index, count, _ = op_selection(q, k, v, cfg, cfg.block_size)
+    scale = d ** -0.5
     flops = 4.0 * cfg.block_size * cfg.block_size * d * int(count.sum()) * (hq // index.shape[1])
     pt = {"N": n, "Hkv": hkv, "mode": mode, "blocks_per_qblock": float(count.float().mean())}
     for fill in (False, True):

@@ -199,23 +199,8 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
             st1 = (s + 1) % NS
             mbarrier.wait(ready.index(st1), ((s + 1) // NS) & 1)
             nxt = _logits(q, k_smem.index(st1), zero_qk)
-        if s < cnt:
-            if CAUSAL:
-                if j * BS + BS - 1 > t0 + OFF:  # the block reaches past the first row's last key
-                    kpos = j * BS + cols
-                    qk = gl.where(kpos[None, :] <= (t + OFF)[:, None], qk, float("-inf"))
-        else:  # landmarks c0 .. c0 + BS - 1: log2(n) where unselected and below he, else -inf
-            c0 = (s - cnt) * BS
-            word = gl.where(cols < 32, w0, w1)
-            use = (cols < he - c0) & (((word >> (cols % 32)) & 1) == 0)
-            qk = qk + gl.where(use, log2_n / qk_scale, float("-inf"))[None, :]
-        # the unscaled logits: the scale (> 0) enters the row max once and each exponent through
-        # a multiply-add, as in sparse_forward.softmax_step
-        m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale)
-        m_s = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_s)
-        p = gl.exp2(qk * qk_scale - m_s[:, None])
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+        p, m_new, alpha, l_i = _softmax_tile(qk, s, cnt, j, w0, w1, t, t0, cols, OFF, he, qk_scale, log2_n, m_i, l_i,
+                                             BS, CAUSAL)
         pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
         if PV_ASYNC:  # tile s - 1's PV (everything but the newest group, q k^T of s + 1) before the rescale
             if has_next:  # (a new name: acc is a pending accumulator, the waited one a tensor)
@@ -240,6 +225,17 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
         if tot > 0:
             mbarrier.arrive(empty.index((tot + NS - 1) % NS), count=1)
 
+    _store_rows(acc, m_i, l_i, t, t0, O_r, LSE_r, Nq, BS, DV)
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, t, t0, O_r, LSE_r, Nq, BS: gl.constexpr, DV: gl.constexpr):
+    """A consumer's 64 rows: out = acc / l in O's dtype and lse = (m + log2 l) ln 2 (-inf where no
+    key was seen), the rows of a missing block (t0 < 0) or past Nq left out."""
+    pv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DV, 16])
+    orow_l: gl.constexpr = gl.SliceLayout(1, pv_layout)
+    ocol_l: gl.constexpr = gl.SliceLayout(0, pv_layout)
     seen = l_i > 0.0
     inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), orow_l)
     out = acc * inv[:, None]
@@ -255,7 +251,9 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
 def _softmax_tile(qk, s, cnt, j, w0, w1, t, t0, cols, OFF, he, qk_scale, log2_n, m_i, l_i, BS: gl.constexpr,
                   CAUSAL: gl.constexpr):
     """Tile s's masks (the diagonal block's element mask, or the landmark chunk's bias from the
-    bitmap words w0 / w1) and online-softmax step on its unscaled logits ``qk``: (p, m, alpha, l)."""
+    bitmap words w0 / w1) and online-softmax step on its unscaled logits ``qk``: (p, m, alpha, l).
+    The scale (> 0) enters the row max once and each exponent through a multiply-add, as in
+    sparse_forward.softmax_step."""
     if s < cnt:
         if CAUSAL:
             if j * BS + BS - 1 > t0 + OFF:  # the block reaches past the first row's last key
@@ -348,15 +346,7 @@ def _mma_partition_ordered(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, c
         mbarrier.wait(turn_me, (s & 1) ^ PAR0)
         mbarrier.arrive(turn_other, count=1)
 
-    seen = l_i > 0.0
-    inv = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), orow_l)
-    out = acc * inv[:, None]
-    orow = t0 + gl.arange(0, BS, layout=orow_l)
-    ocol = gl.arange(0, DV, layout=ocol_l)
-    ok = (orow >= 0) & (orow < Nq)
-    gl.store(O_r + orow[:, None].to(gl.int64) * DV + ocol[None, :], out.to(O_r.dtype.element_ty), mask=ok[:, None])
-    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    gl.store(LSE_r + t, lse, mask=(t >= 0) & (t < Nq))
+    _store_rows(acc, m_i, l_i, t, t0, O_r, LSE_r, Nq, BS, DV)
 
 
 @gluon.jit
