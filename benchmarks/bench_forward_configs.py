@@ -26,8 +26,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import fresh_inputs, mode_config  # noqa: E402
-from op_selection import op_selection  # noqa: E402
+from bench_gluon_forward import forward_point, run_points  # noqa: E402
 from spa_compile.codegen import api, sparse_forward  # noqa: E402
 
 # the shipped 128K top-k 32 config (group order off) at 2, 3 and 4 stages: a baseline sweep; pass
@@ -38,12 +37,7 @@ DEFAULT_CONFIGS = [
 
 
 def one_point(n: int, hkv: int, mode: str, configs: list[dict]) -> dict:
-    hq, d = 32, 128
-    cfg = mode_config(mode)
-    q, k, v = fresh_inputs(hq, hkv, n, d, torch.bfloat16, seed=n + hkv, grad=False)
-    info, klp, vlp, index, count, _ = op_selection(q, k, v, cfg, cfg.block_size)
-    scale = d ** -0.5
-    flops = 4.0 * cfg.block_size * cfg.block_size * d * int(count.sum()) * (hq // index.shape[1])
+    q, k, v, info, klp, vlp, index, count, scale, flops = forward_point(n, hkv, mode)
     pt = {"N": n, "Hkv": hkv, "mode": mode, "blocks_per_qblock": float(count.float().mean()), "runs": []}
     for fill in (False, True):
         lm = (klp, vlp) if fill else (k, v)
@@ -88,14 +82,7 @@ def main(argv=None) -> int:
 
     res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
-    for spec in a.points:
-        n, hkv, mode = spec.split(":")
-        try:
-            res["points"].append(one_point(int(n), int(hkv), mode, configs))
-        except Exception as exc:  # noqa: BLE001
-            res["points"].append({"point": spec, "error": f"{type(exc).__name__}: {exc}"[:1500]})
-            print(spec, res["points"][-1]["error"], flush=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, configs), res, a.out)
     return 0
 
 

@@ -43,15 +43,22 @@ def parse_variant(var: str) -> dict:
             "order": "o" in flags}
 
 
-def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
-    from spa_compile.codegen import gluon_forward as gf
-
+def forward_point(n: int, hkv: int, mode: str):
+    """B=1, Hq=32, D=128, bf16, causal: fresh inputs, the op's selection and the FLOPs of the
+    computed blocks (4 * 64 * 64 * D a block and head, as bench_kernels.py counts them):
+    (q, k, v, info, kbar, vbar, index, count, scale, flops), kbar / vbar in q's dtype."""
     hq, d = 32, 128
     cfg = mode_config(mode)
     q, k, v = fresh_inputs(hq, hkv, n, d, torch.bfloat16, seed=n + hkv, grad=False)
     info, klp, vlp, index, count, _ = op_selection(q, k, v, cfg, cfg.block_size)
-    scale = d ** -0.5
     flops = 4.0 * cfg.block_size * cfg.block_size * d * int(count.sum()) * (hq // index.shape[1])
+    return q, k, v, info, klp, vlp, index, count, d ** -0.5, flops
+
+
+def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
+    from spa_compile.codegen import gluon_forward as gf
+
+    q, k, v, info, klp, vlp, index, count, scale, flops = forward_point(n, hkv, mode)
     pt = {"N": n, "Hkv": hkv, "mode": mode, "blocks_per_qblock": float(count.float().mean())}
     for fill in (False, True):
         tag = "fill" if fill else "exact"
@@ -103,15 +110,21 @@ def main(argv=None) -> int:
 
     res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
-    for spec in a.points:
+    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, a.variants), res, a.out)
+    return 0
+
+
+def run_points(specs: list[str], point, res: dict, out: str) -> None:
+    """``point(n, hkv, mode)`` for each "N:Hkv:mode" spec into ``res["points"]`` (an error is
+    recorded and the next point runs), the JSON rewritten after each."""
+    for spec in specs:
         n, hkv, mode = spec.split(":")
         try:
-            res["points"].append(one_point(int(n), int(hkv), mode, a.variants))
+            res["points"].append(point(int(n), int(hkv), mode))
         except Exception as exc:  # noqa: BLE001
             res["points"].append({"point": spec, "error": f"{type(exc).__name__}: {exc}"[:1500]})
             print(spec, res["points"][-1]["error"], flush=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
-    return 0
+        Path(out).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

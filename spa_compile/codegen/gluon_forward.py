@@ -164,7 +164,6 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
     row_l: gl.constexpr = gl.SliceLayout(1, qk_layout)
     col_l: gl.constexpr = gl.SliceLayout(0, qk_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_layout)
-    ocol_l: gl.constexpr = gl.SliceLayout(0, pv_layout)
     gl.static_assert(BS == 64)  # two bitmap words a landmark chunk
     gl.static_assert((not PV_ASYNC) or NS >= 3)
 
@@ -291,7 +290,6 @@ def _mma_partition_ordered(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, c
     row_l: gl.constexpr = gl.SliceLayout(1, qk_layout)
     col_l: gl.constexpr = gl.SliceLayout(0, qk_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_layout)
-    ocol_l: gl.constexpr = gl.SliceLayout(0, pv_layout)
     gl.static_assert(BS == 64)  # two bitmap words a landmark chunk
     # the first consumer's first wait passes at once (the phase before a barrier's first counts
     # as completed); the other's waits for the first consumer's first arrival
