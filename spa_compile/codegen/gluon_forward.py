@@ -121,6 +121,12 @@ def _load_partition(k_desc, v_desc, kb_desc, vb_desc, k_a, v_a, ready_a, empty_a
                      kv_row0, lm_row0, BS, NS)
 
 
+@gluon.constexpr_function
+def _mma_layout(n):
+    """The accumulator layout of a consumer warpgroup's [64, n] warpgroup MMA (4 warps along the rows)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
 @gluon.jit
 def _logits(q, k_buf, zero_qk):
     """Start q k^T on the tensor cores (async: the caller waits); q in shared memory or registers."""
@@ -155,10 +161,8 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
     PV_ASYNC: tile s's PV stays in flight through tile s + 1's softmax and is waited for only
     before the accumulator's rescale; its buffer is released then (needs NS >= 3: tiles s, s + 1
     and s + 2 are held or loading at once)."""
-    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BS, 16])
-    pv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DV, 16])
+    qk_layout: gl.constexpr = _mma_layout(BS)
+    pv_layout: gl.constexpr = _mma_layout(DV)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=2)
     qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=qk_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, qk_layout)
@@ -231,8 +235,7 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
 def _store_rows(acc, m_i, l_i, t, t0, O_r, LSE_r, Nq, BS: gl.constexpr, DV: gl.constexpr):
     """A consumer's 64 rows: out = acc / l in O's dtype and lse = (m + log2 l) ln 2 (-inf where no
     key was seen), the rows of a missing block (t0 < 0) or past Nq left out."""
-    pv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DV, 16])
+    pv_layout: gl.constexpr = _mma_layout(DV)
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_layout)
     ocol_l: gl.constexpr = gl.SliceLayout(0, pv_layout)
     seen = l_i > 0.0
@@ -281,10 +284,8 @@ def _mma_partition_ordered(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, c
     cores; P is a tile behind. The two consumers take turns to issue (``turn_me`` /
     ``turn_other``, one mbarrier each, FIRST starting): one's softmax overlaps the other's MMAs
     instead of both issuing at once. A consumer with fewer tiles passes its remaining turns on."""
-    qk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BS, 16])
-    pv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, DV, 16])
+    qk_layout: gl.constexpr = _mma_layout(BS)
+    pv_layout: gl.constexpr = _mma_layout(DV)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=2)
     qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=qk_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, qk_layout)
