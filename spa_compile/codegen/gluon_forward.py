@@ -41,7 +41,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .bitmap import build_bitmap
 from .blockinfo import BlockInfo
-from .sparse_forward import uniform_counts
+from .sparse_forward import positive_scale, uniform_counts
 
 LOG2E = 1.4426950408889634
 # K/V buffers a ring. A consumer issues block s + 1's logits at the start of iteration s, and the
@@ -128,6 +128,16 @@ def _mma_layout(n):
 
 
 @gluon.jit
+def _q_operand(q_smem, q_bar, qa_layout: gl.constexpr, Q_REGS: gl.constexpr):
+    """The query tile as q k^T's A operand once its copy landed: in registers (Q_REGS) or shared memory."""
+    mbarrier.wait(q_bar, 0)
+    if Q_REGS:
+        return q_smem.load(qa_layout)
+    else:
+        return q_smem
+
+
+@gluon.jit
 def _logits(q, k_buf, zero_qk):
     """Start q k^T on the tensor cores (async: the caller waits); q in shared memory or registers."""
     return warpgroup_mma(q, k_buf.permute((1, 0)), zero_qk, use_acc=False, is_async=True)
@@ -179,11 +189,7 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
     t = t0 + gl.arange(0, BS, layout=row_l)
     cols = gl.arange(0, BS, layout=col_l)
     zero_qk = gl.zeros([BS, BS], gl.float32, qk_layout)
-    mbarrier.wait(q_bar, 0)
-    if Q_REGS:
-        q = q_smem.load(qa_layout)
-    else:
-        q = q_smem
+    q = _q_operand(q_smem, q_bar, qa_layout, Q_REGS)
     qk = zero_qk
     if tot > 0:
         mbarrier.wait(ready.index(0), 0)
@@ -304,11 +310,7 @@ def _mma_partition_ordered(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, c
     zero_qk = gl.zeros([BS, BS], gl.float32, qk_layout)
     alpha = gl.full([BS], 1.0, gl.float32, row_l)
     pa = gl.convert_layout(zero_qk.to(v_smem.dtype), p_layout)
-    mbarrier.wait(q_bar, 0)
-    if Q_REGS:
-        q = q_smem.load(qa_layout)
-    else:
-        q = q_smem
+    q = _q_operand(q_smem, q_bar, qa_layout, Q_REGS)
     j_nx, w0_nx, w1_nx = _tile_meta(IDX_r, SEL_r, NW, 0, cnt, tot, BS)
     if tot > 0:  # tile 0's logits and softmax
         mbarrier.wait(ready.index(0), 0)
@@ -533,11 +535,7 @@ def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tenso
     if pv_async and stages < 3:
         raise ValueError("gluon_forward: pv_async holds a tile's buffer through the next tile; it needs stages >= 3")
     fill = kbar is not None
-    if scale == 0:  # -inf (a masked logit) times 0 is NaN in the unscaled-logit softmax
-        raise ValueError("scale 0 makes every logit 0 (uniform attention); the SPA kernels take scale != 0, "
-                         "spa_compile.reference takes any scale")
-    if scale < 0:  # the row max is taken before the scale: q (-k) . s = (-q) . k |s|
-        q, scale = -q, -scale
+    q, scale = positive_scale(q, scale)
     why = supported(q, k, v, info, fill)
     if why:
         raise ValueError(f"gluon_forward: {why}; use sparse_forward.launch_forward")

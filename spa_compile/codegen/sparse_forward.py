@@ -264,6 +264,16 @@ def uniform_counts(info: BlockInfo) -> bool:
     return info.nk % info.block == 0 and not info.has_window and all_keys_valid(info)
 
 
+def positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
+    """(q, scale) with scale > 0, for the forwards' softmax (here and gluon_forward), which takes
+    the row max before the scale: q k . s = (-q) k . |s|. Scale 0 is refused: a masked logit's
+    -inf times 0 is NaN."""
+    if scale == 0:
+        raise ValueError("scale 0 makes every logit 0 (uniform attention); the SPA kernels take scale != 0, "
+                         "spa_compile.reference takes any scale")
+    return (-q, -scale) if scale < 0 else (q, scale)
+
+
 def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool, config, out=None, lse=None,
                    sel=None):
     b, hq, nq, d = q.shape
@@ -275,11 +285,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
     if lse is None:
         lse = torch.empty(b, hq, nq, device=q.device, dtype=torch.float32)
     gp = config["GP"]
-    if scale == 0:  # -inf (a masked logit) times 0 is NaN in the unscaled-logit softmax
-        raise ValueError("scale 0 makes every logit 0 (uniform attention); the SPA kernels take scale != 0, "
-                         "spa_compile.reference takes any scale")
-    if scale < 0:  # softmax_step takes the row max before the scale: q (-k) . s = (-q) . k |s|
-        q, scale = -q, -scale
+    q, scale = positive_scale(q, scale)
     kv = info.key_valid if info.key_valid is not None else info.valid
     if sel is None:
         sel = selected_bitmap(index, info.nkb) if fill else count
