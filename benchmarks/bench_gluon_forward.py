@@ -74,7 +74,7 @@ def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
         for var in variants:
             name = f"gluon_{tag}_{var}"
             kw = parse_variant(var)
-            if kw["pair"] and not gf.pair_ok(hq, hkv, index.shape[1]):
+            if kw["pair"] and not gf.pair_ok(q.shape[1], hkv, index.shape[1]):
                 continue
             try:
                 out2 = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows

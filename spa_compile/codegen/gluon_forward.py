@@ -189,6 +189,8 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
     t = t0 + gl.arange(0, BS, layout=row_l)
     cols = gl.arange(0, BS, layout=col_l)
     zero_qk = gl.zeros([BS, BS], gl.float32, qk_layout)
+    if PV_ASYNC:
+        pa = gl.convert_layout(zero_qk.to(v_smem.dtype), p_layout)  # the in-flight PV's A operand
     q = _q_operand(q_smem, q_bar, qa_layout, Q_REGS)
     qk = zero_qk
     if tot > 0:
@@ -210,12 +212,14 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
             nxt = _logits(q, k_smem.index(st1), zero_qk)
         p, m_new, alpha, l_i = _softmax_tile(qk, s, cnt, j, w0, w1, t, t0, cols, OFF, he, qk_scale, log2_n, m_i, l_i,
                                              BS, CAUSAL)
-        pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
         if PV_ASYNC:  # tile s - 1's PV (everything but the newest group, q k^T of s + 1) before the rescale
-            if has_next:  # (a new name: acc is a pending accumulator, the waited one a tensor)
-                done = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            # (a new name: acc is a pending accumulator, the waited one a tensor); pa rides through the
+            # wait: its registers are that PV's A operand until then (see _mma_partition_ordered)
+            if has_next:
+                done, pa = warpgroup_mma_wait(num_outstanding=1, deps=(acc, pa))
             else:
-                done = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                done, pa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pa))
+            pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
             if s > 0:
                 mbarrier.arrive(empty.index((s + NS - 1) % NS), count=1)
             done = done * gl.convert_layout(alpha, orow_l)[:, None]
@@ -223,6 +227,7 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
             # q k^T of s + 1 for the next softmax (without it, nothing to wait for); this PV stays in flight
             nxt = warpgroup_mma_wait(num_outstanding=1, deps=(nxt, ))
         else:
+            pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
             acc = acc * gl.convert_layout(alpha, orow_l)[:, None]
             acc = warpgroup_mma(pa, v_smem.index(st), acc, is_async=True)
             acc, nxt = warpgroup_mma_wait(num_outstanding=0, deps=(acc, nxt))
@@ -230,7 +235,7 @@ def _mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, cnt, tot,
         m_i = m_new
         qk = nxt
     if PV_ASYNC:
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        acc, pa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pa))
         if tot > 0:
             mbarrier.arrive(empty.index((tot + NS - 1) % NS), count=1)
 
@@ -337,12 +342,16 @@ def _mma_partition_ordered(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, c
         mbarrier.arrive(turn_other, count=1)
         # tile s + 1's logits (everything but the newest group, this PV); nothing to wait for at the end
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(nxt, ))
+        p = zero_qk
         if has_next:
             p, m_i, alpha, l_i = _softmax_tile(qk, s + 1, cnt, j, w0, w1, t, t0, cols, OFF, he, qk_scale, log2_n,
                                                m_i, l_i, BS, CAUSAL)
-            pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        # P in bf16 only once this PV is done: pa's registers are its A operand until the wait, which
+        # it rides through (PTX leaves writing them earlier undefined; session 15's card showed
+        # NaNs from exactly that: the next P converted into them while the PV still read them)
+        acc, pa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pa))
         mbarrier.arrive(empty.index(st), count=1)
+        pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
     for s in range(tot, tot_other):  # the other consumer's remaining turns
         mbarrier.wait(turn_me, (s & 1) ^ PAR0)
         mbarrier.arrive(turn_other, count=1)
