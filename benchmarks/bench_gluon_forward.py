@@ -33,15 +33,15 @@ from spa_compile.codegen import api  # noqa: E402
 def parse_variant(var: str) -> dict:
     """"ns3qp" -> stages 3, q_regs, pv_async: the ring depth, then q for q in registers, p for PV in
     flight, g for two heads of a GQA group a program (pair), o for FA3's schedule with the consumers
-    taking turns (order); s for gluon_forward_split (128-key tiles; with q only)."""
+    taking turns (order); s for gluon_forward_split (128-key tiles; p there: PV in flight)."""
     body = var.removeprefix("ns")
     digits = "".join(ch for ch in body if ch.isdigit())
     flags = body[len(digits):]
-    if not digits or set(flags) - set("qpgos") or ("s" in flags and set(flags) - set("qs")):
-        raise SystemExit(f"bad variant {var!r}: ns<depth>[q][p][g][o] or ns<depth>[q]s, e.g. ns3 ns3q ns3qp ns6qg "
+    if not digits or set(flags) - set("qpgos") or ("s" in flags and set(flags) - set("ps")):
+        raise SystemExit(f"bad variant {var!r}: ns<depth>[q][p][g][o] or ns<depth>[p]s, e.g. ns3 ns3q ns3qp ns6qg "
                          "ns3qo ns3s")
     if "s" in flags:  # gluon_forward_split: 128-key tiles, one query block a program
-        return {"stages": int(digits), "q_regs": "q" in flags, "split": True}
+        return {"stages": int(digits), "pv_wait": "p" not in flags, "split": True}
     return {"stages": int(digits), "q_regs": "q" in flags, "pv_async": "p" in flags, "pair": "g" in flags,
             "order": "o" in flags}
 

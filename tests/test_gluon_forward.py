@@ -70,8 +70,8 @@ def test_gluon_forward_equals_triton(hq, hkv, n, d, causal, cfgk, fill, variant)
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [dict(stages=3), dict(stages=2), dict(stages=3, q_regs=True)],
-                         ids=["ns3", "ns2", "ns3q"])
+@pytest.mark.parametrize("variant", [dict(stages=3), dict(stages=2), dict(stages=3, pv_wait=False)],
+                         ids=["ns3w", "ns2w", "ns3p"])
 @pytest.mark.parametrize("fill", [False, True], ids=["exact", "fill"])
 @pytest.mark.parametrize("hq,hkv,n,d,causal,cfgk", [
     (8, 2, 4096, 128, True, dict(topk=8)),

@@ -31,8 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from .bitmap import build_bitmap
 from .blockinfo import BlockInfo
-from .gluon_forward import (LOG2E, _fill_end, _mma_layout, _pick, _q_operand, _store_rows, _tile_meta, descriptors,
-                            supported)
+from .gluon_forward import LOG2E, _fill_end, _mma_layout, _pick, _store_rows, _tile_meta, descriptors, supported
 from .sparse_forward import positive_scale
 
 # K/V tiles a ring (each 2 x 64 rows of K and of V: 64 KB at D=128): a consumer holds its tile,
@@ -119,7 +118,7 @@ def _mask_tile(qk, u, cnt, tot, j0, j1, wa0, wa1, wb0, wb1, t, t0, cols, OFF, he
 def _split_mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, a_done, merged, IDX_r, cnt, tot, he, SEL_r,
                          NW, t0, OFF, qk_scale, log2_n, O_r, LSE_r, Nq, ME: gl.constexpr, BS: gl.constexpr,
                          D: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr, CAUSAL: gl.constexpr,
-                         Q_REGS: gl.constexpr):
+                         PV_WAIT: gl.constexpr):
     """Consumer ME (0 or 1) of the program's query block: tiles ME, ME + 2, ... of the walk.
     Each: q k^T (64 x 128), masks, online softmax, then PV issued and left in flight until the
     next tile's q k^T is done. Consumer 1 then hands (m, l, acc) to consumer 0 through stage 0's
@@ -127,7 +126,6 @@ def _split_mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, a_done, me
     qk_layout: gl.constexpr = _mma_layout(2 * BS)
     pv_layout: gl.constexpr = _mma_layout(DV)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_layout, k_width=2)
-    qa_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=qk_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, qk_layout)
     col_l: gl.constexpr = gl.SliceLayout(0, qk_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_layout)
@@ -135,12 +133,14 @@ def _split_mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, a_done, me
 
     m_i = gl.full([BS], float("-inf"), gl.float32, row_l)
     l_i = gl.zeros([BS], gl.float32, row_l)
-    acc = warpgroup_mma_init(gl.zeros([BS, DV], gl.float32, pv_layout))  # pending between tiles
+    acc = gl.zeros([BS, DV], gl.float32, pv_layout)
+    if not PV_WAIT:
+        acc = warpgroup_mma_init(acc)  # pending between tiles
     t = t0 + gl.arange(0, BS, layout=row_l)
     cols = gl.arange(0, 2 * BS, layout=col_l)
     zero_qk = gl.zeros([BS, 2 * BS], gl.float32, qk_layout)
     pa = gl.convert_layout(zero_qk.to(v_smem.dtype), p_layout)  # the in-flight PV's A operand
-    q = _q_operand(q_smem, q_bar, qa_layout, Q_REGS)
+    mbarrier.wait(q_bar, 0)
     ntile = (tot + 1) // 2
     u = ME
     j0, wa0, wa1 = _tile_meta(IDX_r, SEL_r, NW, 2 * u, cnt, tot, BS)
@@ -149,11 +149,13 @@ def _split_mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, a_done, me
     for u in range(ME, ntile, 2):
         st = u % NS
         mbarrier.wait(ready.index(st), (u // NS) & 1)
-        s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), zero_qk, use_acc=False, is_async=True)
-        # this q k^T and the previous tile's PV (pa rides through: its registers are that PV's operand)
-        qk, acc, pa = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, acc, pa))
-        if u > ME:
-            mbarrier.arrive(empty.index(st_prev), count=1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero_qk, use_acc=False, is_async=True)
+        if PV_WAIT:
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+        else:  # this q k^T and the previous tile's PV (pa rides through: its registers are that PV's operand)
+            qk, acc, pa = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, acc, pa))
+            if u > ME:
+                mbarrier.arrive(empty.index(st_prev), count=1)
         c0, c1, c2 = j0, wa0, wa1
         c3, c4, c5 = j1, wb0, wb1
         j0, wa0, wa1 = _tile_meta(IDX_r, SEL_r, NW, 2 * u + 4, cnt, tot, BS)  # the next tile's, a tile ahead
@@ -167,11 +169,17 @@ def _split_mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, a_done, me
         m_i = m_new
         acc = acc * gl.convert_layout(alpha, orow_l)[:, None]
         pa = gl.convert_layout(p.to(v_smem.dtype), p_layout)
-        acc = warpgroup_mma(pa, v_smem.index(st), acc, is_async=True)
+        if PV_WAIT:  # done before the next tile: the buffer goes back to the producer at once
+            acc = warpgroup_mma(pa, v_smem.index(st), acc, is_async=True)
+            acc, pa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pa))
+            mbarrier.arrive(empty.index(st), count=1)
+        else:
+            acc = warpgroup_mma(pa, v_smem.index(st), acc, is_async=True)
         st_prev = st
-    acc, pa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pa))
-    if ME < ntile:
-        mbarrier.arrive(empty.index(st_prev), count=1)
+    if not PV_WAIT:
+        acc, pa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, pa))
+        if ME < ntile:
+            mbarrier.arrive(empty.index(st_prev), count=1)
 
     # the hand-over: consumer 1's partial softmax into stages 0 and 1's buffers, reinterpreted as fp32
     xl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
@@ -204,7 +212,7 @@ def _split_mma_partition(q_smem, k_smem, v_smem, ready, empty, q_bar, a_done, me
 def _gluon_split_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL, O, LSE,
                         Hq, Hkv, Hs, Nq, Nk, NQB, NKB, KMAX, OFF, qk_scale,
                         BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
-                        CAUSAL: gl.constexpr, FILL: gl.constexpr, Q_REGS: gl.constexpr,
+                        CAUSAL: gl.constexpr, FILL: gl.constexpr, PV_WAIT: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     """One (query block, head) a program, the last query blocks first: one producer warp, two
     consumer warpgroups (the default partition: consumer 0, which writes the rows)."""
@@ -244,10 +252,10 @@ def _gluon_split_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL,
     gl.warp_specialize([
         (_split_mma_partition, (q_smem, k_smem, v_smem, ready, empty, bars.index(0), bars.index(1), bars.index(2),
                                 IDX_r, cnt, tot, he, SEL_r, NW, i * BS, OFF, qk_scale, log2_n, O + bh * Nq * DV,
-                                LSE + bh * Nq, Nq, 0, BS, D, DV, NS, CAUSAL, Q_REGS)),
+                                LSE + bh * Nq, Nq, 0, BS, D, DV, NS, CAUSAL, PV_WAIT)),
         (_split_mma_partition, (q_smem, k_smem, v_smem, ready, empty, bars.index(0), bars.index(1), bars.index(2),
                                 IDX_r, cnt, tot, he, SEL_r, NW, i * BS, OFF, qk_scale, log2_n, O + bh * Nq * DV,
-                                LSE + bh * Nq, Nq, 1, BS, D, DV, NS, CAUSAL, Q_REGS)),
+                                LSE + bh * Nq, Nq, 1, BS, D, DV, NS, CAUSAL, PV_WAIT)),
         (_split_load_partition, (k_desc, v_desc, kb_desc, vb_desc, k_smem, v_smem, ready, empty, IDX_r, cnt, tot,
                                  (b * Hkv + kh) * Nk, (b * Hkv + kh) * NKB, BS, NS)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -256,17 +264,19 @@ def _gluon_split_kernel(q_desc, k_desc, v_desc, kb_desc, vb_desc, IDX, CNT, SEL,
 def gluon_forward_split(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tensor, count: Tensor,
                         scale: float, kbar: Tensor | None = None, vbar: Tensor | None = None, stages: int = STAGES,
                         out: Tensor | None = None, lse: Tensor | None = None,
-                        q_regs: bool = False) -> tuple[Tensor, Tensor]:
+                        pv_wait: bool = True) -> tuple[Tensor, Tensor]:
     """(out, lse) as ``gluon_forward.gluon_forward`` (the same arguments and scope), on 128-key
-    tiles split between the program's two consumers. ``q_regs``: q k^T's A operand from registers
-    (32 more a thread; the default reads it from shared memory)."""
+    tiles split between the program's two consumers. ``pv_wait``: each tile's PV is waited for
+    and its buffer released at once (False: the PV stays in flight until the next tile's q k^T,
+    the buffer held as long)."""
     fill = kbar is not None
     q, scale = positive_scale(q, scale)
     why = supported(q, k, v, info, fill)
     if why:
         raise ValueError(f"gluon_forward_split: {why}; use sparse_forward.launch_forward")
-    if stages < 2:
-        raise ValueError("gluon_forward_split: stages >= 2 (each consumer holds a tile)")
+    if stages < (2 if pv_wait else 3):
+        raise ValueError("gluon_forward_split: each consumer holds a buffer (and without pv_wait the next one's q k^T "
+                         "too): stages >= 2 with pv_wait, 3 without")
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.empty(b, hq, nq, dv, device=q.device, dtype=q.dtype) if out is None else out
@@ -277,6 +287,6 @@ def gluon_forward_split(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index:
     _gluon_split_kernel[(info.nqb, b * hq)](
         qd, kd, vd, kbd, vbd, index, count, sel, out, lse, hq, hkv, index.shape[1], nq, nk, info.nqb, info.nkb,
         index.shape[-1], info.offset, float(scale) * LOG2E,
-        BS=info.block, D=d, DV=dv, NS=stages, CAUSAL=info.causal, FILL=fill, Q_REGS=q_regs,
+        BS=info.block, D=d, DV=dv, NS=stages, CAUSAL=info.causal, FILL=fill, PV_WAIT=pv_wait,
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4)
     return out, lse
