@@ -33,15 +33,12 @@ from spa_compile.codegen import api  # noqa: E402
 def parse_variant(var: str) -> dict:
     """"ns3qp" -> stages 3, q_regs, pv_async: the ring depth, then q for q in registers, p for PV in
     flight, g for two heads of a GQA group a program (pair), o for FA3's schedule with the consumers
-    taking turns (order); s for gluon_forward_split (128-key tiles; p there: PV in flight)."""
+    taking turns (order)."""
     body = var.removeprefix("ns")
     digits = "".join(ch for ch in body if ch.isdigit())
     flags = body[len(digits):]
-    if not digits or set(flags) - set("qpgos") or ("s" in flags and set(flags) - set("ps")):
-        raise SystemExit(f"bad variant {var!r}: ns<depth>[q][p][g][o] or ns<depth>[p]s, e.g. ns3 ns3q ns3qp ns6qg "
-                         "ns3qo ns3s")
-    if "s" in flags:  # gluon_forward_split: 128-key tiles, one query block a program
-        return {"stages": int(digits), "pv_wait": "p" not in flags, "split": True}
+    if not digits or set(flags) - set("qpgo"):
+        raise SystemExit(f"bad variant {var!r}: ns<depth>[q][p][g][o], e.g. ns3 ns3q ns3qp ns6qg ns3qo")
     return {"stages": int(digits), "q_regs": "q" in flags, "pv_async": "p" in flags, "pair": "g" in flags,
             "order": "o" in flags}
 
@@ -60,7 +57,6 @@ def forward_point(n: int, hkv: int, mode: str):
 
 def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
     from spa_compile.codegen import gluon_forward as gf
-    from spa_compile.codegen.gluon_forward_split import gluon_forward_split
 
     q, k, v, info, klp, vlp, index, count, scale, flops = forward_point(n, hkv, mode)
     pt = {"N": n, "Hkv": hkv, "mode": mode, "blocks_per_qblock": float(count.float().mean())}
@@ -78,20 +74,19 @@ def one_point(n: int, hkv: int, mode: str, variants: list[str]) -> dict:
         for var in variants:
             name = f"gluon_{tag}_{var}"
             kw = parse_variant(var)
-            fwd = gluon_forward_split if kw.pop("split", False) else gf.gluon_forward
-            if kw.get("pair") and not gf.pair_ok(q.shape[1], hkv, index.shape[1]):
+            if kw["pair"] and not gf.pair_ok(q.shape[1], hkv, index.shape[1]):
                 continue
             try:
                 out2 = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
                 lse2 = torch.full_like(want_lse, float("nan"))
-                fwd(q, k, v, info, index, count, scale, *lm, out=out2, lse=lse2, **kw)
+                gf.gluon_forward(q, k, v, info, index, count, scale, *lm, out=out2, lse=lse2, **kw)
                 torch.cuda.synchronize()
                 err = float((out2.double() - want.double()).norm() / want.double().norm())
                 lse_err = float((lse2 - want_lse).abs().max())
                 ok = bool(torch.isfinite(out2).all()) and err < 1e-2 and lse_err < 1e-2
                 pt[name] = {"rel_err": err, "lse_max_abs_err": lse_err, "ok": ok}
                 if ok:
-                    g = do_bench(lambda: fwd(q, k, v, info, index, count, scale, *lm, **kw),
+                    g = do_bench(lambda: gf.gluon_forward(q, k, v, info, index, count, scale, *lm, **kw),
                                  warmup=25, rep=200, return_mode="median")
                     pt[name].update({"ms": g, "tflops_exact_blocks": flops / (g * 1e-3) / 1e12,
                                      "speedup_vs_triton": ms / g})

@@ -94,7 +94,7 @@ def compile_gluon(arch: int) -> bool:
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    from spa_compile.codegen import gluon_forward, gluon_forward_split
+    from spa_compile.codegen import gluon_forward
 
     ok = True
     for d in (128, 64):
@@ -114,16 +114,6 @@ def compile_gluon(arch: int) -> bool:
                         PRODUCER_REGS=gluon_forward.PRODUCER_REGS)
             ok &= compile_one(gluon_forward._gluon_fwd_kernel, args, arch, 4, 1,
                               f"gluon-fwd d{d} ns{ns} fill{int(fill)} qregs{qr} pvasync{pva} pair{pair} order{order}", source=GluonASTSource)
-        for ns, fill, pvw, causal in ((3, True, 1, True), (3, False, 1, True), (2, True, 1, True), (3, True, 0, True),
-                                      (3, True, 1, False)):
-            args = dict(q_desc=desc, k_desc=desc, v_desc=desc, kb_desc=desc, vb_desc=desc, IDX=torch.int32,
-                        CNT=torch.int32, SEL=torch.int32, O=torch.bfloat16, LSE=torch.float32, Hq=1, Hkv=1, Hs=1,
-                        Nq=1, Nk=1, NQB=1, NKB=1, KMAX=1, OFF=1, qk_scale=0.1, BS=64, D=d, DV=d, NS=ns,
-                        CAUSAL=causal, FILL=fill, PV_WAIT=bool(pvw), CONSUMER_REGS=gluon_forward_split.CONSUMER_REGS,
-                        PRODUCER_REGS=gluon_forward_split.PRODUCER_REGS)
-            ok &= compile_one(gluon_forward_split._gluon_split_kernel, args, arch, 4, 1,
-                              f"gluon-split d{d} ns{ns} fill{int(fill)} pvwait{pvw} causal{int(causal)}",
-                              source=GluonASTSource)
     return ok
 
 

@@ -10,8 +10,9 @@ lists' blocks through TMA, then each block's landmark chunks (kbar / vbar tiles 
 the same ring. A consumer issues the next tile's q k^T before this tile's softmax (the tensor cores
 run while the exponentials do), then the PV product, and releases the buffer.
 The two warpgroups overlap each other's softmax and MMAs through the warp scheduler alone; the
-``order`` variant (``_mma_partition_ordered``, not run on a card yet) adds FA3's schedule: the
-consumers take turns to issue their MMAs, and P runs a tile behind.
+``order`` variant (``_mma_partition_ordered``) adds FA3's schedule: the consumers take turns to
+issue their MMAs, and P runs a tile behind (H200, session 15: correct, 0.86-1.0x the Triton
+kernel, no faster than without it).
 
 Scope (``supported`` says why not): no key padding, no window, causal or not (the diagonal offset
 ``OFF`` as everywhere), bf16 / fp16, head dims 64 or 128, block 64, Nq and Nk multiples of the
@@ -290,7 +291,7 @@ def _mma_partition_ordered(q_smem, k_smem, v_smem, ready, empty, q_bar, IDX_r, c
                            qk_scale, log2_n, O_r, LSE_r, Nq, turn_me, turn_other, tot_other,
                            BS: gl.constexpr, D: gl.constexpr, DV: gl.constexpr, NS: gl.constexpr,
                            CAUSAL: gl.constexpr, Q_REGS: gl.constexpr, FIRST: gl.constexpr):
-    """``_mma_partition`` on FA3's schedule (not run on a card yet). Each step issues tile s + 1's
+    """``_mma_partition`` on FA3's schedule. Each step issues tile s + 1's
     q k^T and tile s's PV back to back, then runs tile s + 1's softmax while both are on the tensor
     cores; P is a tile behind. The two consumers take turns to issue (``turn_me`` /
     ``turn_other``, one mbarrier each, FIRST starting): one's softmax overlaps the other's MMAs
@@ -533,7 +534,7 @@ def gluon_forward(q: Tensor, k: Tensor, v: Tensor, info: BlockInfo, index: Tenso
     the consumer's variants (``_mma_partition``). ``pair``: two heads of a GQA group a program,
     sharing their K/V loads (``_gluon_fwd_kernel``; None: where ``pair_ok``). Raises where
     ``supported`` says no. ``order``: the consumers on FA3's schedule, taking turns to issue
-    (``_mma_partition_ordered``; not run on a card yet)."""
+    (``_mma_partition_ordered``)."""
     if order and pv_async:
         raise ValueError("gluon_forward: order has its own PV schedule; pv_async applies without it")
     if pair is None:
