@@ -3,7 +3,8 @@ same selection, one card, one run: for trying a kernel variant before it joins t
 
     PYTHONPATH=. python3 benchmarks/bench_forward_configs.py --out $OUT/fwd_configs.json \\
         [--points 131072:32:topk32 16384:32:density0.2] \\
-        [--configs '{"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": true, "PJ": true}' ...]
+        [--configs '{"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": true, "PJ": true}' ...] \\
+        [--tuned-plus '{"TAIL_SPLIT": false}'] [--rounds 5]
 
 B=1, Hq=32, D=128, bf16, causal, block 64, fresh random inputs. For each point: the selection
 once (api.selection_stage), then without and with the landmark fill: the tuned config
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gluon_forward import forward_point, run_points  # noqa: E402
 from spa_compile.codegen import api, sparse_forward  # noqa: E402
+from spa_compile.codegen.bitmap import build_bitmap  # noqa: E402
 
 # the shipped 128K top-k 32 config (group order off) at 2, 3 and 4 stages: a baseline sweep; pass
 # --configs to time a new variant (run 51 timed "PJ", two blocks a step, since removed: 0.84x)
@@ -36,7 +38,27 @@ DEFAULT_CONFIGS = [
 ]
 
 
-def one_point(n: int, hkv: int, mode: str, configs: list[dict]) -> dict:
+def tuned_config(q, k, v, lm, info, index, count, scale, fill) -> dict:
+    """The launch config the op picks at this point (api.sparse_stage's tuning key and cache)."""
+    sel = build_bitmap(index, count, info.nkb) if fill else count
+
+    def run(c):
+        return sparse_forward.launch_forward(q, k, v, *lm, info, index, count, scale, fill, c, None, None, sel)
+
+    return dict(api._attention_config("fwd", q, k, v, index.shape[1], info, fill, run, index))
+
+
+def rounds_ms(calls: dict, rounds: int) -> dict:
+    """Median over ``rounds`` of each call's do_bench median, the calls timed in turn each round
+    (the order rotating): the same card state for all of them."""
+    names, per = list(calls), {nm: [] for nm in calls}
+    for r in range(rounds):
+        for nm in names[r % len(names):] + names[:r % len(names)]:
+            per[nm].append(do_bench(calls[nm], warmup=10, rep=100, return_mode="median"))
+    return {nm: sorted(v)[len(v) // 2] for nm, v in per.items()}, per
+
+
+def one_point(n: int, hkv: int, mode: str, configs: list[dict], plus: list[dict], rounds: int) -> dict:
     q, k, v, info, klp, vlp, index, count, scale, flops = forward_point(n, hkv, mode)
     pt = {"N": n, "Hkv": hkv, "mode": mode, "blocks_per_qblock": float(count.float().mean()), "runs": []}
     for fill in (False, True):
@@ -46,10 +68,12 @@ def one_point(n: int, hkv: int, mode: str, configs: list[dict]) -> dict:
             return api.sparse_stage(q, k, v, *lm, info, index, count, scale, fill)
 
         want, want_lse = tuned()
+        base = tuned_config(q, k, v, lm, info, index, count, scale, fill)
         ms = do_bench(tuned, warmup=25, rep=200, return_mode="median")
-        pt["runs"].append({"fill": fill, "config": "tuned", "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12})
-        print(f"N={n} Hkv={hkv} {mode} fill={fill} tuned: {ms:.3f} ms", flush=True)
-        for conf in configs:
+        pt["runs"].append({"fill": fill, "config": "tuned", "tuned_config": base, "ms": ms,
+                           "tflops": flops / (ms * 1e-3) / 1e12})
+        print(f"N={n} Hkv={hkv} {mode} fill={fill} tuned {base}: {ms:.3f} ms", flush=True)
+        for conf in configs + [dict(base, **p) for p in plus]:
             rec = {"fill": fill, "config": conf}
             try:
                 out = torch.full_like(want, float("nan"))  # poisoned: an unwritten row shows
@@ -60,9 +84,15 @@ def one_point(n: int, hkv: int, mode: str, configs: list[dict]) -> dict:
                 rec["lse_max_abs_err"] = float((lse - want_lse).abs().max())
                 rec["ok"] = bool(torch.isfinite(out).all()) and rec["rel_err"] < 1e-2 and rec["lse_max_abs_err"] < 1e-2
                 if rec["ok"]:
-                    g = do_bench(lambda: sparse_forward.launch_forward(q, k, v, *lm, info, index, count, scale, fill,
-                                                                       conf), warmup=25, rep=200, return_mode="median")
-                    rec.update({"ms": g, "tflops": flops / (g * 1e-3) / 1e12, "speedup_vs_tuned": ms / g})
+                    def variant(conf=conf):
+                        return sparse_forward.launch_forward(q, k, v, *lm, info, index, count, scale, fill, conf)
+                    if rounds > 0:  # the tuned config and this one in turns: same card state
+                        med, per = rounds_ms({"tuned": tuned, "variant": variant}, rounds)
+                        rec.update({"rounds": per, "tuned_ms_rounds": med["tuned"]})
+                        g, ms_ref = med["variant"], med["tuned"]
+                    else:
+                        g, ms_ref = do_bench(variant, warmup=25, rep=200, return_mode="median"), ms
+                    rec.update({"ms": g, "tflops": flops / (g * 1e-3) / 1e12, "speedup_vs_tuned": ms_ref / g})
             except Exception as exc:  # noqa: BLE001 - record and go on
                 rec["error"] = f"{type(exc).__name__}: {exc}"[:1500]
             pt["runs"].append(rec)
@@ -76,13 +106,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/bench_forward_configs.json")
     ap.add_argument("--points", nargs="+", default=["131072:32:topk32", "16384:32:density0.2"], help="N:Hkv:mode")
     ap.add_argument("--configs", nargs="+", default=None, help="launch configs as JSON objects")
+    ap.add_argument("--tuned-plus", nargs="+", default=[],
+                    help='overrides of the tuned config as JSON objects, e.g. \'{"TAIL_SPLIT": false}\'; with '
+                         'these and no --configs, only they are timed')
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="time the tuned config and each variant in turn over this many rounds (0: once each)")
     a = ap.parse_args(argv)
-    configs = [json.loads(c) for c in a.configs] if a.configs else DEFAULT_CONFIGS
+    plus = [json.loads(c) for c in a.tuned_plus]
+    configs = [json.loads(c) for c in a.configs] if a.configs else ([] if plus else DEFAULT_CONFIGS)
     import triton
 
     res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
-    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, configs), res, a.out)
+    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, configs, plus, a.rounds), res, a.out)
     return 0
 
 

@@ -12,6 +12,7 @@
 # using spa_compile/codegen/tuned/*.json; the forward is retuned anyway, its key is versioned),
 # CM_S (seconds for benchmarks/bench_cost_model.py --refit between the tests and the grid; 0 = skip),
 # SEL_S (seconds for benchmarks/bench_selection.py before it, SEL_ARGS its arguments; 0 = skip),
+# FWDCFG_S (seconds for benchmarks/bench_forward_configs.py before the grid, FWDCFG_ARGS its arguments; 0 = skip),
 # GLUON_S (seconds for benchmarks/bench_gluon_forward.py after the tests, GLUON_ARGS its arguments;
 # 0 = skip): first each of GLUON_VARIANTS' GPU tests (a pytest -k word each, default the order
 # variants ns3qo ns2qo ns6qgo) under its own 120 s limit (a new barrier scheme that hangs costs
@@ -30,6 +31,11 @@ T0=$(date +%s)
 TOTAL_S=${TOTAL_S:-570}
 if [ -n "$CACHE_IN" ] && [ -f "$CACHE_IN" ]; then tar xzf "$CACHE_IN" -C /tmp/spa_cache && echo "caches restored"; fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw,memory.used --format=csv 2>&1 | tee "$OUT/smi.txt"
+# the card's clock, power and temperature every 500 ms through the whole call (smi_log.csv)
+( nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+      --format=csv -lms 500 > "$OUT/smi_log.csv" 2>&1 || nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+      --format=csv -lms 500 > "$OUT/smi_log.csv" 2>&1 ) &
+SMI_PID=$!
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 if [ "${TEST_S:-420}" != "0" ]; then
   # SPA_AUTOTUNE=0: first candidates; test_gpu_kernel_writes_every_output launches every forward
@@ -54,6 +60,11 @@ if [ "${SEL_S:-0}" != "0" ]; then
   timeout "$SEL_S" python3 benchmarks/bench_selection.py --out "$OUT/selection.json" ${SEL_ARGS} > "$OUT/selection.log" 2>&1
   echo "selection bench exit $? after $(( $(date +%s) - T0 )) s"; grep -v "^    " "$OUT/selection.log" | cut -c1-600
 fi
+if [ "${FWDCFG_S:-0}" != "0" ]; then
+  # launch configs / kernel switches against the tuned forward (FWDCFG_ARGS: bench_forward_configs.py's arguments)
+  timeout "$FWDCFG_S" python3 benchmarks/bench_forward_configs.py --out "$OUT/fwd_configs.json" ${FWDCFG_ARGS} > "$OUT/fwd_configs.log" 2>&1
+  echo "forward configs exit $? after $(( $(date +%s) - T0 )) s"; cut -c1-400 "$OUT/fwd_configs.log"
+fi
 if [ "${CM_S:-0}" != "0" ]; then
   timeout "$CM_S" python3 benchmarks/bench_cost_model.py --out "$OUT/cm" --refit > "$OUT/cost_model.log" 2>&1
   echo "cost model exit $? after $(( $(date +%s) - T0 )) s"; grep -A7 "^== " "$OUT/cost_model.log" | head -40
@@ -68,6 +79,7 @@ if [ "$BENCH_S" -gt 60 ]; then
 else
   echo "no time left for the benchmark ($BENCH_S s)"
 fi
+kill "$SMI_PID" 2>/dev/null; pkill -f "nvidia-smi --query-gpu=timestamp" 2>/dev/null
 cp /tmp/spa_cache/tune.json "$OUT/tune.json" 2>/dev/null
 tar czf "$OUT/caches.tgz" -C /tmp/spa_cache . 2>/dev/null
 SZ=$(stat -c %s "$OUT/caches.tgz" 2>/dev/null || echo 0)
