@@ -622,7 +622,7 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
     pt["sparse_tflops_fwd"] = flops / (pt["spa_sparse_fwd"]["ms"] * 1e-3) / 1e12
     if "spa_sparse_fwdbwd" in pt:
         pt["sparse_tflops_fwdbwd"] = 3.5 * flops / (pt["spa_sparse_fwdbwd"]["ms"] * 1e-3) / 1e12
-    log(json.dumps({k_: (v_["ms"] if isinstance(v_, dict) else v_) for k_, v_ in pt.items()}))
+    log(json.dumps({k_: (v_.get("ms", v_.get("median_ms")) if isinstance(v_, dict) else v_) for k_, v_ in pt.items()}))
 
 
 # ---------------------------------------------------------------------------------------

@@ -434,36 +434,6 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
                                  {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64})
 
 
-@needs_cpu_kernels
-@pytest.mark.parametrize("nq,nk,offset,gp", [(75, 75, 0, 1), (50, 83, 21, 2), (70, 61, -9, 1), (64, 100, 36, 2)],
-                         ids=["odd", "offset21-nk-partial", "negative-offset", "offset36-gp2"])
-def test_tail_split_bitwise(nq, nk, offset, gp):
-    """The forward's exact loop split into a clean prefix without mask code and a masked tail
-    (TAIL_SPLIT, causal without window or padding: common.masked_tail) gives bitwise the loop
-    that tests every block, with and without the fill: the same blocks in the same order. An
-    offset that is not a multiple of the block gives two partially visible blocks a query
-    block; Nk not a multiple of it a last block past Nk; a negative offset rows that see no
-    key. A clean-prefix count that took a partial block would drop its mask and differ."""
-    b, hq, hkv, d, bs = 1, 4, 2, 16, 16
-    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=nq + offset)
-    vis = Visibility(nq, nk, causal=True, offset=offset)
-    scale = d**-0.5
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, SPAConfig(block_size=bs, topk=2), None)
-    info = block_info(vis, b, nq, nk, bs, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    for fill in (False, True):
-        res = []
-        for split in (True, False):
-            o = torch.full((b, hq, nq, d), float("nan"))
-            lo = torch.full((b, hq, nq), float("nan"))
-            conf = {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 32, "TAIL_SPLIT": split}
-            sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, conf, o, lo)
-            res.append((o, lo))
-        (o1, l1), (o2, l2) = res
-        assert not o1.isnan().any() and not l1.isnan().any()
-        assert torch.equal(o1, o2) and torch.equal(l1, l2), (fill, rel(o1, o2))
-
-
 def assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta, base):
     """The forward (with the fill) and dq under config ``base``, ``base`` + HF and ``base`` + GO
     (group order), into NaN-poisoned buffers: every element written, and bitwise the same."""
@@ -761,37 +731,6 @@ def test_gpu_forward_tma_variants(hkv, nk, d):
         sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o2, l2)
         assert torch.isfinite(o2).all(), c
         assert torch.equal(o1, o2) and torch.equal(l1, l2), c
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("nq,nk,offset", [(4096, 4096, 0), (3000, 3237, 237)], ids=["causal", "offset237"])
-def test_gpu_tail_split_bitwise(nq, nk, offset):
-    """On the card: the forward's clean-prefix/masked-tail split (TAIL_SPLIT, the default) bitwise
-    against the loop that tests every block, at the tuned-style configs (one head with TMA, two
-    heads at 8 warps), with and without the fill, bf16, D=128, causal (offset 237: two partially
-    visible blocks a query block and a last block past Nk)."""
-    b, hq, hkv, d = 1, 8, 2, 128
-    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, dtype=torch.bfloat16, device="cuda", seed=17)
-    vis = Visibility(nq, nk, causal=True, offset=offset)
-    scale = d**-0.5
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, SPAConfig(topk=8), None)
-    info = block_info(vis, b, nq, nk, 64, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    confs = [{"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": True},
-             {"GP": 2, "num_warps": 8, "num_stages": 3, "BJ": 64}]
-    for c in confs:
-        for fill in (False, True):
-            res = []
-            for split in (True, False):
-                o = torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
-                lo = torch.full(q.shape[:3], float("nan"), device="cuda")
-                sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, dict(c, TAIL_SPLIT=split),
-                                              o, lo)
-                res.append((o, lo))
-            (o1, l1), (o2, l2) = res
-            assert torch.isfinite(o1).all(), (c, fill)
-            assert torch.equal(o1, o2) and torch.equal(l1, l2), (c, fill, rel(o1.float(), o2.float()))
 
 
 @gpu

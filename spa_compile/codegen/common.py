@@ -93,21 +93,6 @@ def block_is_clean(j, NB_b, Nk, t0, t1, OFF, WIN, BS: tl.constexpr, CAUSAL: tl.c
 
 
 @triton.jit
-def masked_tail(IDX_r, cnt, t0, Nk, OFF, BS: tl.constexpr):
-    """How many entries at the end of an ascending index list need an element mask, for a causal
-    mask without window or key padding. There ``block_is_clean`` is ``j < jc`` with
-    ``jc = min((t0 + OFF + 1) // BS, Nk // BS)``: the clean blocks are a prefix of the list, and
-    the others that a query block can see are its at most two partially visible blocks (rows
-    ``[t0, t0 + BS)`` reach into two key blocks when OFF is not a multiple of BS) or the block
-    that reaches past Nk. So the loop over the list splits into a prefix with no mask code and a
-    tail of at most two masked blocks, in the same order (the same sums, bit for bit)."""
-    jc = tl.minimum(tl.maximum(t0 + OFF + 1, 0) // BS, Nk // BS)
-    last = tl.load(IDX_r + tl.maximum(cnt - 1, 0), mask=cnt >= 1, other=-1)
-    prev = tl.load(IDX_r + tl.maximum(cnt - 2, 0), mask=cnt >= 2, other=-1)
-    return (last >= jc).to(tl.int32) + (prev >= jc).to(tl.int32)
-
-
-@triton.jit
 def exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr, HAS_KV: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr = True):
     """log2-domain logits of rows ``t`` against key block ``j`` (keys ``kpos``), -inf where a pair

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .autotune import interpreting
 from .blockinfo import BlockInfo, all_keys_valid
-from .common import exact_logits, fill_bounds, load_rows, masked_tail, program_grid, qblock_prologue
+from .common import exact_logits, fill_bounds, load_rows, program_grid, qblock_prologue
 
 LOG2E = 1.4426950408889634
 
@@ -116,7 +116,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
     TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0, TAIL_SPLIT: tl.constexpr = True,
+    BIAS_MODE: tl.constexpr = 0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
@@ -139,15 +139,7 @@ def _fwd_kernel(
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
 
-    s_mask = 0  # list entries before s_mask need no element mask (TAIL_SPLIT)
-    if TAIL_SPLIT and CAUSAL and not WINDOW and not HAS_KV:
-        s_mask = cnt - masked_tail(IDX_r, cnt, t0, Nk, OFF, BS)
-        for s in range(0, s_mask):  # no mask code at all: the clean prefix of the list
-            j = tl.load(IDX_r + s)
-            k, v = _block_kv(K_h, V_h, KD, VD, b32, kh, j, offs_n, d, dv, Nk, skn, svn, D, DV, BS, BD, BDV, TMA)
-            qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-            m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC)
-    for s in range(s_mask, cnt):
+    for s in range(0, cnt):
         j = tl.load(IDX_r + s)
         kpos = j * BS + offs_n
         k, v = _block_kv(K_h, V_h, KD, VD, b32, kh, j, offs_n, d, dv, Nk, skn, svn, D, DV, BS, BD, BDV, TMA)
@@ -314,7 +306,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
-        BIAS_MODE=config.get("BIAS_MODE", 0), TAIL_SPLIT=config.get("TAIL_SPLIT", True),
+        BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
