@@ -434,42 +434,6 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
                                  {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64})
 
 
-@needs_cpu_kernels
-@pytest.mark.parametrize("visk,cfgk,gp", [
-    (dict(causal=True), dict(topk=3), 1),
-    (dict(causal=True, offset=21), dict(density=0.5), 2),
-    (dict(causal=True, key_valid="right"), dict(topk=2), 1),
-    (dict(causal=True, offset=30, window=40), dict(topk=2, local_blocks=1), 2),
-    (dict(), dict(topk=2, selection="head"), 1),
-], ids=["causal-topk", "offset-density-gp2", "padding", "offset-window-gp2", "nomask-head"])
-def test_persistent_forward_bitwise(visk, cfgk, gp):
-    """The persistent exact part (persistent_forward: the item loop and the list loop flattened,
-    every item walking KMAX entries, the ones past its count masked) bitwise against the
-    per-query-block kernel without the fill, into NaN-poisoned buffers, with more items than
-    programs (4 programs in the interpreter), and with FLATTEN off."""
-    from spa_compile.codegen.persistent_forward import launch_forward_persistent
-
-    b, hq, hkv, nq, nk, d, bs = 2, 4, 2, 75, 90, 16, 16
-    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=29)
-    visk = dict(visk)
-    if "key_valid" in visk:
-        visk["key_valid"] = padding(b, nk, [nk - 9, nk - 30])
-    vis = Visibility(nq, nk, **visk)
-    scale = d**-0.5
-    cfg = SPAConfig(block_size=bs, **cfgk)
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
-    info = block_info(vis, b, nq, nk, bs, q.device)
-    want, want_lse = sparse_forward.launch_forward(q, k, v, k, v, info, idx, cnt, scale, False,
-                                                   {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 32})
-    for flat in (True, False):
-        o = torch.full((b, hq, nq, d), float("nan"))
-        lo = torch.full((b, hq, nq), float("nan"))
-        launch_forward_persistent(q, k, v, info, idx, cnt, scale,
-                                  {"GP": gp, "num_warps": 4, "num_stages": 2, "FLATTEN": flat}, o, lo)
-        assert not o.isnan().any() and not lo.isnan().any(), flat
-        assert torch.equal(o, want) and torch.equal(lo, want_lse), (flat, rel(o, want))
-
-
 def assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta, base):
     """The forward (with the fill) and dq under config ``base``, ``base`` + HF and ``base`` + GO
     (group order), into NaN-poisoned buffers: every element written, and bitwise the same."""
@@ -767,33 +731,6 @@ def test_gpu_forward_tma_variants(hkv, nk, d):
         sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o2, l2)
         assert torch.isfinite(o2).all(), c
         assert torch.equal(o1, o2) and torch.equal(l1, l2), c
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("hkv,nq,nk,offset", [(2, 4096 + 37, 4096 + 37, 0), (8, 3000, 3237, 237)],
-                         ids=["gqa4-causal", "mha-offset237"])
-def test_gpu_persistent_forward(hkv, nq, nk, offset):
-    """On the card: the persistent exact part (flattened at 2 stages, two heads at 8 warps, and
-    unflattened at 3) bitwise against the per-query-block kernel at the same tile shape, top-k 8
-    (rows of up to 13 blocks: the first query blocks' shorter lists are masked), bf16, D=128."""
-    b, hq, d = 1, 8, 128
-    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, dtype=torch.bfloat16, device="cuda", seed=19)
-    vis = Visibility(nq, nk, causal=True, offset=offset)
-    scale = d**-0.5
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, SPAConfig(topk=8), None)
-    info = block_info(vis, b, nq, nk, 64, q.device)
-    confs = [{"GP": 1, "num_warps": 4, "num_stages": 2, "TMA": True},
-             {"GP": 1, "num_warps": 4, "num_stages": 3, "TMA": True, "FLATTEN": False}]
-    if hkv < hq:
-        confs.append({"GP": 2, "num_warps": 8, "num_stages": 2, "TMA": True, "CTAS_PER_SM": 1})
-    for c in confs:
-        want, want_lse = sparse_forward.launch_forward(q, k, v, k, v, info, idx, cnt, scale, False, dict(c, BJ=64))
-        o = torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
-        lo = torch.full(q.shape[:3], float("nan"), device="cuda")
-        sparse_forward.launch_forward(q, k, v, k, v, info, idx, cnt, scale, False, dict(c, PERSIST=True), o, lo)
-        assert torch.isfinite(o).all(), c
-        assert torch.equal(o, want) and torch.equal(lo, want_lse), (c, rel(o.float(), want.float()))
 
 
 @gpu

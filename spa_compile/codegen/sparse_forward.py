@@ -276,14 +276,6 @@ def positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
 
 def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fill: bool, config, out=None, lse=None,
                    sel=None):
-    if config.get("PERSIST"):
-        # the persistent form (persistent_forward): the exact part alone
-        if fill:
-            raise ValueError("launch config with PERSIST: the persistent forward has no landmark fill; "
-                             "use a config without PERSIST for fill='landmark'")
-        from .persistent_forward import launch_forward_persistent
-
-        return launch_forward_persistent(q, k, v, info, index, count, scale, config, out, lse)
     b, hq, nq, d = q.shape
     hkv = k.shape[1]
     dv = v.shape[-1]
