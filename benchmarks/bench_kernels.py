@@ -20,8 +20,8 @@ call is one of them), after a warm-up call, on fresh random inputs (never zeros)
 method's output is checked before it is timed (flash vs cuDNN, sparse vs
 Flex on the same blocks, the op vs the pure-PyTorch reference up to 8K, gradients at the
 smallest N). The sparse and Flex forwards are then timed again in ``--interleave`` rounds
-that alternate them (``interleaved``: the same card state for both, the SM clock, power and
-temperature recorded before each round), a second figure for the 1.3x target beside the
+that alternate them, each after an idle pause (``interleaved``: the same card state for both, the
+SM clock, power and temperature recorded before each round), a second figure for the 1.3x target beside the
 back-to-back one. Results go to ``<out>/<card>-<date>.json`` after every measurement (a time budget
 stops starting new points; a timeout loses at most the measurement in flight) and a table is printed; ``--docs`` writes docs/benchmarks.md.
 """
@@ -282,17 +282,23 @@ def card_state():
     return st
 
 
-def interleaved(calls: dict, rounds: int, rep_ms: float):
+def interleaved(calls: dict, rounds: int, rep_ms: float, cooldown_s: float = 0.0):
     """Median ms of each call over ``rounds`` rounds that time every call in turn (the order
-    rotating each round), ``timed_runs`` each: the calls see the same card state (clock, power,
-    temperature), where back-to-back measurements of one call and then the other do not. Returns
-    {name: median of the round medians}, the per-round figures and the card state before each round."""
+    rotating each round), ``timed_runs`` each, after ``cooldown_s`` of idle card: the calls start
+    from the same card state (clock, power, temperature). Without the pause a call timed right
+    after the sparse kernel ran about 10% slower than after itself (H200 at its 700 W cap, run
+    60), which back-to-back measurements of one call and then the other carry into the ratio.
+    Returns {name: median of the round medians}, the per-round figures and the card state before
+    each round."""
     names = list(calls)
     per = {nm: [] for nm in names}
     states = []
     for r in range(rounds):
         states.append(card_state())
         for nm in names[r % len(names):] + names[:r % len(names)]:
+            if cooldown_s > 0:
+                torch.cuda.synchronize()
+                time.sleep(cooldown_s)
             per[nm].append(timed_runs(calls[nm], rep_ms))
     med = {nm: sorted(v)[len(v) // 2] for nm, v in per.items()}
     return med, per, states
@@ -374,6 +380,8 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=int, default=100, help="timed runs per measurement: as many as fit (3 at least)")
     p.add_argument("--interleave", type=int, default=6,
                    help="rounds of the sparse-vs-Flex forward timed in turn (0: off); see interleaved()")
+    p.add_argument("--cooldown-ms", type=int, default=500,
+                   help="idle card before each of the interleaved measurements (ms)")
     p.add_argument("--from-json", default=None, help="render the table/targets/docs of an earlier run's JSON")
     p.add_argument("--selection", choices=["group", "head"], default="group",
                    help="SPAConfig.selection of every SPA run (the issue's targets are for 'group')")
@@ -615,9 +623,9 @@ def run_point(a, pt, hkv, n, cfg, dtype, seed, dense_cache, result, op_mode, sav
                     fn(qd, kd, vd)
             return call
         med, per, states = interleaved({"spa_sparse": nograd(sparse), "flex": nograd(flex)}, a.interleave,
-                                       max(20, a.rep_ms // 2))
-        pt["interleaved_fwd"] = {"rounds": a.interleave, "median_ms": med, "round_ms": per,
-                                 "card_state": states + [card_state()]}
+                                       max(20, a.rep_ms // 2), a.cooldown_ms / 1000.0)
+        pt["interleaved_fwd"] = {"rounds": a.interleave, "cooldown_ms": a.cooldown_ms, "median_ms": med,
+                                 "round_ms": per, "card_state": states + [card_state()]}
     flops = 4.0 * cfg.block_size * cfg.block_size * d * blocks
     pt["sparse_tflops_fwd"] = flops / (pt["spa_sparse_fwd"]["ms"] * 1e-3) / 1e12
     if "spa_sparse_fwdbwd" in pt:

@@ -365,7 +365,8 @@ def test_heads_first_candidates():
 def test_group_order_candidates():
     """Group order (GO) twins are forward candidates for GQA group selection (g > 1): one per
     one-head config (TMA ones when offered), after them and never first; none for dq, MHA or
-    head selection. The shipped H200 entries for 128K top-k 32 at Hkv=8 are GO configs, so they
+    head selection. The shipped H200 entries for 128K top-k 32 at Hkv=8 (and 64K without the fill, since
+    run 61) are GO configs, so they
     must stay in the list (else tuning would run again on the card)."""
     A = codegen.autotune.attention_candidates
     for g, fill, tma in [(4, True, True), (4, False, True), (4, True, False), (8, False, None), (2, True, True)]:
