@@ -28,6 +28,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gluon_forward import forward_point, run_points  # noqa: E402
+from bench_kernels import interleaved  # noqa: E402
 from spa_compile.codegen import api, sparse_forward  # noqa: E402
 from spa_compile.codegen.bitmap import build_bitmap  # noqa: E402
 
@@ -48,14 +49,12 @@ def tuned_config(q, k, v, lm, info, index, count, scale, fill) -> dict:
     return dict(api._attention_config("fwd", q, k, v, index.shape[1], info, fill, run, index))
 
 
-def rounds_ms(calls: dict, rounds: int) -> dict:
-    """Median over ``rounds`` of each call's do_bench median, the calls timed in turn each round
-    (the order rotating): the same card state for all of them."""
-    names, per = list(calls), {nm: [] for nm in calls}
-    for r in range(rounds):
-        for nm in names[r % len(names):] + names[:r % len(names)]:
-            per[nm].append(do_bench(calls[nm], warmup=10, rep=100, return_mode="median"))
-    return {nm: sorted(v)[len(v) // 2] for nm, v in per.items()}, per
+def rounds_ms(calls: dict, rounds: int):
+    """bench_kernels.interleaved with do_bench medians (100 ms each, no pause): the tuned config
+    and a variant in turns, the same card state for both. ({name: median}, {name: per round})."""
+    med, per, _ = interleaved(calls, rounds, 100, timer=lambda fn, rep: do_bench(fn, warmup=10, rep=rep,
+                                                                               return_mode="median"))
+    return med, per
 
 
 def one_point(n: int, hkv: int, mode: str, configs: list[dict], plus: list[dict], rounds: int) -> dict:
