@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gluon_forward import forward_point, run_points  # noqa: E402
-from bench_kernels import mode_config  # noqa: E402
+from bench_kernels import interleaved, mode_config  # noqa: E402
 from spa_compile.budget import max_selected  # noqa: E402
 from spa_compile.codegen import api  # noqa: E402
 from spa_compile.visibility import Visibility  # noqa: E402
@@ -38,12 +38,10 @@ from spa_compile.visibility import Visibility  # noqa: E402
 _FLUSH = {}
 
 
-def timed(fn) -> float:
-    """One CUDA-event-timed call of ``fn`` after an L2 flush and an idle pause (ms)."""
+def timed(fn, _rep_ms=None) -> float:
+    """One CUDA-event-timed call of ``fn`` after an L2 flush (ms); ``interleaved``'s timer."""
     if "buf" not in _FLUSH:
         _FLUSH["buf"] = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
-    torch.cuda.synchronize()
-    time.sleep(0.2)
     _FLUSH["buf"].zero_()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
@@ -91,12 +89,7 @@ def one_point(n: int, hkv: int, mode: str, rounds: int) -> dict:
     }
     for fn in calls.values():  # warm-up (compiles, tuning lookups)
         fn()
-    per = {nm: [] for nm in calls}
-    names = list(calls)
-    for r in range(rounds):
-        for nm in names[r % len(names):] + names[:r % len(names)]:
-            per[nm].append(timed(calls[nm]))
-    med = {nm: sorted(v_)[len(v_) // 2] for nm, v_ in per.items()}
+    med, per, _ = interleaved(calls, rounds, 0, cooldown_s=0.2, timer=timed)
     pt = {"N": n, "Hkv": hkv, "mode": mode, "median_ms": med, "round_ms": per,
           "hidden_ms_sel_first": med["serial"] - med["overlap_sel_first"],
           "hidden_ms_fwd_first": med["serial"] - med["overlap_fwd_first"]}
