@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -113,11 +112,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     plus = [json.loads(c) for c in a.tuned_plus]
     configs = [json.loads(c) for c in a.configs] if a.configs else ([] if plus else DEFAULT_CONFIGS)
-    import triton
-
-    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
-    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, configs, plus, a.rounds), res, a.out)
+    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, configs, plus, a.rounds), a.out)
     return 0
 
 

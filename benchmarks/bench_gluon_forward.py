@@ -106,17 +106,18 @@ def main(argv=None) -> int:
                     "[o: FA3's schedule, the consumers taking turns]; "
                     "a g variant is left out where the heads cannot pair (Hq / Hkv odd)")
     a = ap.parse_args(argv)
+    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, a.variants), a.out)
+    return 0
+
+
+def run_points(specs: list[str], point, out: str) -> dict:
+    """``point(n, hkv, mode)`` for each "N:Hkv:mode" spec into the result's ``points`` (an error is
+    recorded and the next point runs), the JSON (card, versions, date, points) rewritten after
+    each; returns it."""
     import triton
 
     res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
-    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, a.variants), res, a.out)
-    return 0
-
-
-def run_points(specs: list[str], point, res: dict, out: str) -> None:
-    """``point(n, hkv, mode)`` for each "N:Hkv:mode" spec into ``res["points"]`` (an error is
-    recorded and the next point runs), the JSON rewritten after each."""
     for spec in specs:
         n, hkv, mode = spec.split(":")
         try:
@@ -125,6 +126,7 @@ def run_points(specs: list[str], point, res: dict, out: str) -> None:
             res["points"].append({"point": spec, "error": f"{type(exc).__name__}: {exc}"[:1500]})
             print(spec, res["points"][-1]["error"], flush=True)
         Path(out).write_text(json.dumps(res, indent=1))
+    return res
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -104,11 +103,7 @@ def main(argv=None) -> int:
                     help="N:Hkv:mode")
     ap.add_argument("--rounds", type=int, default=7)
     a = ap.parse_args(argv)
-    import triton
-
-    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
-    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, a.rounds), res, a.out)
+    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, a.rounds), a.out)
     return 0
 
 

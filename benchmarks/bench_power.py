@@ -89,11 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--points", nargs="+", default=["131072:32:topk32"], help="N:Hkv:mode")
     ap.add_argument("--seconds", type=float, default=3.0)
     a = ap.parse_args(argv)
-    import triton
-
-    res = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "points": []}
-    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, a.seconds), res, a.out)
+    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, a.seconds), a.out)
     return 0
 
 
