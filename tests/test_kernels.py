@@ -435,6 +435,39 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
                                  {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64})
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("visk,gp", [(dict(causal=True), 1), (dict(causal=True, offset=21), 2),
+                                     (dict(causal=True, key_valid="right"), 1), (dict(), 2)],
+                         ids=["causal", "offset-gp2", "padding", "nomask-gp2"])
+def test_lazy_rescale_forward(visk, gp):
+    """The forward with lazy rescaling (launch config LR: the accumulator rescaled only when a
+    row's max grows by more than LR log2 units, sparse_forward.softmax_step_lazy) against the
+    eager form, with and without the fill, into NaN-poisoned buffers: the same output and lse up
+    to fp32 rounding. Logits scaled up 6x so the maxes move by more and by less than LR = 2
+    between tiles (both branches run)."""
+    b, hq, hkv, nq, nk, d, bs = 2, 4, 2, 75, 90, 16, 16
+    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=31)
+    q = q * 6.0
+    visk = dict(visk)
+    if "key_valid" in visk:
+        visk["key_valid"] = padding(b, nk, [nk - 9, nk - 30])
+    vis = Visibility(nq, nk, **visk)
+    scale = d**-0.5
+    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, SPAConfig(block_size=bs, topk=3), None)
+    info = block_info(vis, b, nq, nk, bs, q.device)
+    _, _, kb, vb = pool_kv(k, v, info)
+    base = {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 32}
+    for fill in (False, True):
+        want, want_lse = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, base)
+        o = torch.full((b, hq, nq, d), float("nan"))
+        lo = torch.full((b, hq, nq), float("nan"))
+        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, dict(base, LR=2), o, lo)
+        assert not o.isnan().any() and not lo.isnan().any(), fill
+        assert rel(o, want) < 1e-5, (fill, rel(o, want))
+        fin = torch.isfinite(want_lse)
+        assert torch.equal(fin, torch.isfinite(lo)) and maxabs(lo[fin] - want_lse[fin]) < 1e-4, fill
+
+
 def assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta, base):
     """The forward (with the fill) and dq under config ``base``, ``base`` + HF and ``base`` + GO
     (group order), into NaN-poisoned buffers: every element written, and bitwise the same."""
@@ -732,6 +765,31 @@ def test_gpu_forward_tma_variants(hkv, nk, d):
         sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o2, l2)
         assert torch.isfinite(o2).all(), c
         assert torch.equal(o1, o2) and torch.equal(l1, l2), c
+
+
+@gpu
+@needs_cuda
+def test_gpu_lazy_rescale_forward():
+    """On the card: the forward with lazy rescaling (launch config LR = 8) against the eager form
+    at the tuned-style one-head TMA config, with and without the fill, bf16, D=128, causal, top-k
+    8: the same output up to bf16 rounding (p up to 2**8 is rounded to bf16 at another scale) and
+    the same lse up to fp32 rounding."""
+    b, hq, hkv, n, d = 1, 8, 2, 4096 + 37, 128
+    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.bfloat16, device="cuda", seed=23)
+    vis = Visibility(n, n, causal=True)
+    scale = d**-0.5
+    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, SPAConfig(topk=8), None)
+    info = block_info(vis, b, n, n, 64, q.device)
+    _, _, kb, vb = pool_kv(k, v, info)
+    c = {"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": True, "TMA_FILL": True}
+    for fill in (False, True):
+        want, want_lse = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, c)
+        o = torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
+        lo = torch.full(q.shape[:3], float("nan"), device="cuda")
+        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, dict(c, LR=8), o, lo)
+        assert torch.isfinite(o).all() and torch.isfinite(lo).all(), fill
+        assert rel(o.float(), want.float()) < 1e-2, (fill, rel(o.float(), want.float()))
+        assert maxabs(lo - want_lse) < 1e-3, fill
 
 
 @gpu

@@ -88,6 +88,30 @@ def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
+def softmax_step_lazy(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, LR: tl.constexpr):
+    """``softmax_step`` that rescales the accumulator only when some row's max grows by more than
+    LR (log2 units, > 0) over the max its exponents use (FlashAttention-4's lazy rescaling): one
+    CTA-wide test a tile in place of the 64-register multiply of every tile. The exponents of
+    the other tiles are taken against the older, smaller max, so ``p`` may reach 2**LR (bf16 and
+    the fp32 sums hold that); ``acc / l`` and ``m + log2(l)`` stay exact up to rounding, since l
+    and acc share the max. Opt-in (launch config ``"LR"``), for timing on a card: on the H200 at
+    its power cap, speed follows the energy of a tile (docs/benchmarks.md, session 16)."""
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+    grow = tl.where(m_new > m_i, m_new - m_i, 0.0)  # +inf for a row's first finite logit
+    if tl.max(grow, axis=0) > LR:
+        m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_s)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    m_s = tl.where(m_i == float("-inf"), 0.0, m_i)
+    p = tl.math.exp2(qk * qk_scale - m_s[:, None])
+    l_i = l_i + tl.sum(p, axis=1)
+    acc = acc + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _block_kv(K_h, V_h, KD, VD, b32, kh, j, offs_n, d, dv, Nk, skn, svn, D: tl.constexpr, DV: tl.constexpr,
               BS: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TMA: tl.constexpr):
     """K and V rows of key block j."""
@@ -116,7 +140,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
     TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0,
+    BIAS_MODE: tl.constexpr = 0, LR: tl.constexpr = 0.0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
@@ -145,7 +169,10 @@ def _fwd_kernel(
         k, v = _block_kv(K_h, V_h, KD, VD, b32, kh, j, offs_n, d, dv, Nk, skn, svn, D, DV, BS, BD, BDV, TMA)
         qk = exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL, WINDOW, HAS_KV,
                           PREC, SCALED=False)
-        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC)
+        if LR > 0:
+            m_i, l_i, acc = softmax_step_lazy(qk, v, m_i, l_i, acc, qk_scale, PREC, LR)
+        else:
+            m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC)
 
     if FILL:
         # landmarks [ls, he) are fully visible by geometry (one scalar test at each end), so
@@ -184,7 +211,10 @@ def _fwd_kernel(
             # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
             qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
                         input_precision=PREC)
-            m_i, l_i, acc = softmax_step(qk, vb, m_i, l_i, acc, qk_scale, PREC)  # vb: the landmark values in q's dtype
+            if LR > 0:
+                m_i, l_i, acc = softmax_step_lazy(qk, vb, m_i, l_i, acc, qk_scale, PREC, LR)
+            else:  # vb: the landmark values in q's dtype
+                m_i, l_i, acc = softmax_step(qk, vb, m_i, l_i, acc, qk_scale, PREC)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -306,7 +336,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
-        BIAS_MODE=config.get("BIAS_MODE", 0),
+        BIAS_MODE=config.get("BIAS_MODE", 0), LR=float(config.get("LR", 0.0)),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
