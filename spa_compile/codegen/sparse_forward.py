@@ -72,12 +72,14 @@ def fill_bias_loads(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
 
 
 @triton.jit
-def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
+def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, LR: tl.constexpr = 0.0):
     """Fold the unscaled logits ``qk`` ``[BM, BN]`` (log2-domain logits ``qk * qk_scale``, qk_scale
     > 0: launch_forward flips a negative scale into q) and their values ``v`` ``[BN, DV]`` into the
     online softmax (m, l, acc; m in the log2 domain); a row with no finite logit yet keeps m =
     -inf, l = 0. The scale enters the row max once and each exponent through one multiply-add
-    (FlashAttention's form): no separate multiply per logit."""
+    (FlashAttention's form): no separate multiply per logit. LR > 0: ``softmax_step_lazy``."""
+    if LR > 0:
+        return softmax_step_lazy(qk, v, m_i, l_i, acc, qk_scale, PREC, LR)
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
     m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_s)
@@ -169,10 +171,7 @@ def _fwd_kernel(
         k, v = _block_kv(K_h, V_h, KD, VD, b32, kh, j, offs_n, d, dv, Nk, skn, svn, D, DV, BS, BD, BDV, TMA)
         qk = exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL, WINDOW, HAS_KV,
                           PREC, SCALED=False)
-        if LR > 0:
-            m_i, l_i, acc = softmax_step_lazy(qk, v, m_i, l_i, acc, qk_scale, PREC, LR)
-        else:
-            m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC)
+        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC, LR)
 
     if FILL:
         # landmarks [ls, he) are fully visible by geometry (one scalar test at each end), so
@@ -211,10 +210,7 @@ def _fwd_kernel(
             # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
             qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
                         input_precision=PREC)
-            if LR > 0:
-                m_i, l_i, acc = softmax_step_lazy(qk, vb, m_i, l_i, acc, qk_scale, PREC, LR)
-            else:  # vb: the landmark values in q's dtype
-                m_i, l_i, acc = softmax_step(qk, vb, m_i, l_i, acc, qk_scale, PREC)
+            m_i, l_i, acc = softmax_step(qk, vb, m_i, l_i, acc, qk_scale, PREC, LR)  # vb: the landmark values in q's dtype
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
