@@ -12,6 +12,8 @@ exact loop's K/V, and the fill's kbar/vbar, through host-built tensor descriptor
 (bulk tensor copies) instead of pointer loads; same arithmetic, same results. GO (autotune
 candidates for GQA group selection) and HF (opt-in): group order and heads-first program order
 (``common.qblock_prologue``), so that the head packs of one group share K/V tiles through L2;
+same results. QR (16-bit inputs): q passed to the q k^T MMAs from registers instead of shared
+memory (through an exact identity MMA, the layout Triton hands to wgmma as a register operand);
 same results.
 """
 
@@ -72,14 +74,15 @@ def fill_bias_loads(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr):
 
 
 @triton.jit
-def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, LR: tl.constexpr = 0.0):
+def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
     """Fold the unscaled logits ``qk`` ``[BM, BN]`` (log2-domain logits ``qk * qk_scale``, qk_scale
     > 0: launch_forward flips a negative scale into q) and their values ``v`` ``[BN, DV]`` into the
     online softmax (m, l, acc; m in the log2 domain); a row with no finite logit yet keeps m =
     -inf, l = 0. The scale enters the row max once and each exponent through one multiply-add
-    (FlashAttention's form): no separate multiply per logit. LR > 0: ``softmax_step_lazy``."""
-    if LR > 0:
-        return softmax_step_lazy(qk, v, m_i, l_i, acc, qk_scale, PREC, LR)
+    (FlashAttention's form): no separate multiply per logit. (Lazy rescaling after
+    FlashAttention-4, the accumulator rescaled only when a row max grows by more than a
+    threshold, measured 0.93-0.96x on the H200: its CTA-wide test a tile costs more than the
+    multiply it skips; docs/kernels.md, session 17.)"""
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
     m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_s)
@@ -87,30 +90,6 @@ def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, LR: tl.cons
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return m_new, l_i, acc
-
-
-@triton.jit
-def softmax_step_lazy(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr, LR: tl.constexpr):
-    """``softmax_step`` that rescales the accumulator only when some row's max grows by more than
-    LR (log2 units, > 0) over the max its exponents use (FlashAttention-4's lazy rescaling): one
-    CTA-wide test a tile in place of the 64-register multiply of every tile. The exponents of
-    the other tiles are taken against the older, smaller max, so ``p`` may reach 2**LR (bf16 and
-    the fp32 sums hold that); ``acc / l`` and ``m + log2(l)`` stay exact up to rounding, since l
-    and acc share the max. Opt-in (launch config ``"LR"``), for timing on a card: on the H200 at
-    its power cap, speed follows the energy of a tile (docs/benchmarks.md, session 16)."""
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-    grow = tl.where(m_new > m_i, m_new - m_i, 0.0)  # +inf for a row's first finite logit
-    if tl.max(grow, axis=0) > LR:
-        m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_s)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    m_s = tl.where(m_i == float("-inf"), 0.0, m_i)
-    p = tl.math.exp2(qk * qk_scale - m_s[:, None])
-    l_i = l_i + tl.sum(p, axis=1)
-    acc = acc + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_i, l_i, acc
 
 
 @triton.jit
@@ -142,7 +121,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
     TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0, LR: tl.constexpr = 0.0,
+    BIAS_MODE: tl.constexpr = 0, QR: tl.constexpr = False,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
@@ -153,6 +132,12 @@ def _fwd_kernel(
 
     q = tl.load(Q + b64 * sqb + rh[:, None] * sqh + t[:, None].to(tl.int64) * sqn + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    if QR:
+        # q through an identity MMA: its result layout is what Triton (OptimizeDotOperands'
+        # MMAV3UseRegOperand) passes to wgmma as a register A operand, so each q k^T reads only
+        # K from shared memory (q's 16 KB a tile stay in registers). Exact: q * 1 in fp32.
+        eye = (d[:, None] == d[None, :]).to(q.dtype)
+        q = tl.dot(q, eye, input_precision=PREC).to(q.dtype)
     K_h = K + b64 * skb + kh.to(tl.int64) * skh
     b32 = b64.to(tl.int32)
     V_h = V + b64 * svb + kh.to(tl.int64) * svh
@@ -171,7 +156,7 @@ def _fwd_kernel(
         k, v = _block_kv(K_h, V_h, KD, VD, b32, kh, j, offs_n, d, dv, Nk, skn, svn, D, DV, BS, BD, BDV, TMA)
         qk = exact_logits(q, k, j, kpos, t, t0, t1, NB_b, KV_b, Nk, OFF, WIN, qk_scale, BS, CAUSAL, WINDOW, HAS_KV,
                           PREC, SCALED=False)
-        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC, LR)
+        m_i, l_i, acc = softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC)
 
     if FILL:
         # landmarks [ls, he) are fully visible by geometry (one scalar test at each end), so
@@ -210,7 +195,7 @@ def _fwd_kernel(
             # registers for 4 warps, spills 160 -> 128 bytes at 16 warps x 4 heads)
             qk = tl.dot(q, tl.trans(kb), acc=tl.broadcast_to((bias * inv_scale)[None, :], [BM, BJ]),
                         input_precision=PREC)
-            m_i, l_i, acc = softmax_step(qk, vb, m_i, l_i, acc, qk_scale, PREC, LR)  # vb: the landmark values in q's dtype
+            m_i, l_i, acc = softmax_step(qk, vb, m_i, l_i, acc, qk_scale, PREC)  # vb: the landmark values in q's dtype
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -332,7 +317,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
-        BIAS_MODE=config.get("BIAS_MODE", 0), LR=float(config.get("LR", 0.0)),
+        BIAS_MODE=config.get("BIAS_MODE", 0), QR=bool(config.get("QR", False)) and q.dtype in (torch.float16, torch.bfloat16),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
