@@ -172,9 +172,6 @@ def main():
                     if gp == 1 and s == 3 and tma and causal:  # group order (GO: the shipped 128K top-k config)
                         ok &= compile_one(sparse_forward._fwd_kernel, dict(args, GO=True), a.arch, w, s,
                                           "fwd " + tag + " GO")
-                        if dt == torch.bfloat16:  # q as the register A operand (QR)
-                            ok &= compile_one(sparse_forward._fwd_kernel, dict(args, GO=True, QR=True), a.arch, w, s,
-                                              "fwd " + tag + " GO QR")
                     if tma:
                         continue
                     if bj == 64:

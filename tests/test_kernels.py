@@ -435,35 +435,6 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
                                  {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64})
 
 
-@needs_cpu_kernels
-@pytest.mark.parametrize("visk,gp", [(dict(causal=True), 1), (dict(causal=True, offset=21), 2),
-                                     (dict(causal=True, key_valid="right"), 1), (dict(), 2)],
-                         ids=["causal", "offset-gp2", "padding", "nomask-gp2"])
-def test_q_in_registers_forward(visk, gp):
-    """The forward with q passed through the identity MMA (launch config QR: q as wgmma's register
-    operand on the card) against the shipped form, with and without the fill, fp16 (the
-    interpreter has no bf16), into NaN-poisoned buffers: bitwise the same output and lse (q * 1
-    is exact)."""
-    b, hq, hkv, nq, nk, d, bs = 2, 4, 2, 75, 90, 16, 16
-    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=31, dtype=torch.float16)
-    visk = dict(visk)
-    if "key_valid" in visk:
-        visk["key_valid"] = padding(b, nk, [nk - 9, nk - 30])
-    vis = Visibility(nq, nk, **visk)
-    scale = d**-0.5
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, SPAConfig(block_size=bs, topk=3), None)
-    info = block_info(vis, b, nq, nk, bs, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    base = {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 32}
-    for fill in (False, True):
-        want, want_lse = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, base)
-        o = torch.full((b, hq, nq, d), float("nan"), dtype=q.dtype)
-        lo = torch.full((b, hq, nq), float("nan"))
-        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, dict(base, QR=True), o, lo)
-        assert not o.isnan().any() and not lo.isnan().any(), fill
-        assert torch.equal(o, want) and torch.equal(lo, want_lse), (fill, rel(o.float(), want.float()))
-
-
 def assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta, base):
     """The forward (with the fill) and dq under config ``base``, ``base`` + HF and ``base`` + GO
     (group order), into NaN-poisoned buffers: every element written, and bitwise the same."""
@@ -761,33 +732,6 @@ def test_gpu_forward_tma_variants(hkv, nk, d):
         sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o2, l2)
         assert torch.isfinite(o2).all(), c
         assert torch.equal(o1, o2) and torch.equal(l1, l2), c
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("gp,hkv", [(1, 8), (2, 2), (4, 2)], ids=["gp1", "gp2", "gp4"])
-def test_gpu_q_in_registers_forward(gp, hkv):
-    """On the card: the forward with q as wgmma's register operand (launch config QR) against the
-    shared-memory form at TMA configs of one, two and four heads a tile, with and without the
-    fill, bf16, D=128, causal, top-k 8, into NaN-poisoned buffers: the same output and lse (the
-    same MMAs, only the A operand's source differs)."""
-    b, hq, n, d = 1, 8, 4096 + 37, 128
-    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.bfloat16, device="cuda", seed=23)
-    vis = Visibility(n, n, causal=True)
-    scale = d**-0.5
-    cfg = SPAConfig(topk=8)  # group selection (the default): GP heads of a group share one list
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
-    info = block_info(vis, b, n, n, 64, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    c = {"GP": gp, "num_warps": 4 * gp, "num_stages": 3 if gp == 1 else 2, "BJ": 64, "TMA": True, "TMA_FILL": True}
-    for fill in (False, True):
-        want, want_lse = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, c)
-        o = torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
-        lo = torch.full(q.shape[:3], float("nan"), device="cuda")
-        sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, fill, dict(c, QR=True), o, lo)
-        assert torch.isfinite(o).all() and torch.isfinite(lo).all(), fill
-        assert rel(o.float(), want.float()) < 1e-3, (fill, rel(o.float(), want.float()))
-        assert maxabs(lo - want_lse) < 1e-4, fill
 
 
 @gpu

@@ -12,8 +12,6 @@ exact loop's K/V, and the fill's kbar/vbar, through host-built tensor descriptor
 (bulk tensor copies) instead of pointer loads; same arithmetic, same results. GO (autotune
 candidates for GQA group selection) and HF (opt-in): group order and heads-first program order
 (``common.qblock_prologue``), so that the head packs of one group share K/V tiles through L2;
-same results. QR (16-bit inputs): q passed to the q k^T MMAs from registers instead of shared
-memory (through an exact identity MMA, the layout Triton hands to wgmma as a register operand);
 same results.
 """
 
@@ -79,10 +77,10 @@ def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
     > 0: launch_forward flips a negative scale into q) and their values ``v`` ``[BN, DV]`` into the
     online softmax (m, l, acc; m in the log2 domain); a row with no finite logit yet keeps m =
     -inf, l = 0. The scale enters the row max once and each exponent through one multiply-add
-    (FlashAttention's form): no separate multiply per logit. (Lazy rescaling after
-    FlashAttention-4, the accumulator rescaled only when a row max grows by more than a
-    threshold, measured 0.93-0.96x on the H200: its CTA-wide test a tile costs more than the
-    multiply it skips; docs/kernels.md, session 17.)"""
+    (FlashAttention's form): no separate multiply per logit. Forms measured slower or no faster
+    on the H200 and removed (docs/kernels.md, session 17): lazy rescaling after FlashAttention-4
+    (0.93-0.96x: its CTA-wide test a tile costs more than the multiply it skips), q as wgmma's
+    register operand (0.97-1.01x)."""
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
     m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_s)
@@ -121,7 +119,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
     TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0, QR: tl.constexpr = False,
+    BIAS_MODE: tl.constexpr = 0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
@@ -132,12 +130,6 @@ def _fwd_kernel(
 
     q = tl.load(Q + b64 * sqb + rh[:, None] * sqh + t[:, None].to(tl.int64) * sqn + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-    if QR:
-        # q through an identity MMA: its result layout is what Triton (OptimizeDotOperands'
-        # MMAV3UseRegOperand) passes to wgmma as a register A operand, so each q k^T reads only
-        # K from shared memory (q's 16 KB a tile stay in registers). Exact: q * 1 in fp32.
-        eye = (d[:, None] == d[None, :]).to(q.dtype)
-        q = tl.dot(q, eye, input_precision=PREC).to(q.dtype)
     K_h = K + b64 * skb + kh.to(tl.int64) * skh
     b32 = b64.to(tl.int32)
     V_h = V + b64 * svb + kh.to(tl.int64) * svh
@@ -317,7 +309,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
-        BIAS_MODE=config.get("BIAS_MODE", 0), QR=bool(config.get("QR", False)) and q.dtype in (torch.float16, torch.bfloat16),
+        BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
