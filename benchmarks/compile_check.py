@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from spa_compile.codegen import (  # noqa: E402
-    bound_selection, fine_score, landmark_fill, pooling, selection, sparse_backward, sparse_forward, wide_selection)
+    bound_selection, fine_score, pooling, selection, sparse_backward, sparse_forward, wide_selection)
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
        torch.int8: "i8", torch.int64: "i64"}
@@ -187,28 +187,6 @@ def main():
                         ok &= compile_one(sparse_backward._dkdv_kernel, bargs, a.arch, ww, 2, "dkdv " + tag)
                         if fill:
                             ok &= compile_one(sparse_backward._landmark_kernel, bargs, a.arch, ww, 2, "lmk " + tag)
-    # fill first (launch config FF): landmark_fill's kernel and the exact part started from its state (INIT)
-    dt, d = torch.bfloat16, 128
-    for qp, bj, w, st, tma in [(2, 64, 8, 2, True), (2, 64, 8, 3, True), (2, 128, 8, 2, True), (1, 64, 4, 3, True),
-                               (2, 64, 8, 2, False)]:
-        args = dict(Q=dt, KBAR=dt, VBAR=dt, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32, SEL=torch.int32, O=dt,
-                    LSE=torch.float32, KBD=f"tensordesc<{_TY[dt]}[1,1,{bj},{d}]>" if tma else None,
-                    VBD=f"tensordesc<{_TY[dt]}[1,1,{bj},{d}]>" if tma else None,
-                    **{n: I for n in ["sqb", "sqh", "sqn", "sob", "soh", "son", "Hq", "Hkv", "Hs", "Nq", "NQB", "NKB",
-                                      "OFF", "WIN"]},
-                    qk_scale=0.1, D=d, DV=d, BS=64, QP=qp, BD=d, BDV=d, BJ=bj, CAUSAL=True, WINDOW=False, PREC="tf32",
-                    UNIFORM_N=True, TMA_FILL=tma)
-        ok &= compile_one(landmark_fill._fill_kernel, args, a.arch, w, st, f"fill qp{qp} bj{bj} w{w} s{st} tma{int(tma)}")
-    common = dict(Hq=32, Hkv=32, Hs=32, Nq=I, Nk=I, NQB=I, NKB=I, KMAX=I, OFF=I, WIN=I, qk_scale=0.1, D=d, DV=d, BS=64,
-                  GP=1, BD=d, BDV=d, BJ=64, FILL_STAGES=0, CAUSAL=True, WINDOW=False, HAS_KV=False, FILL=False, PREC="tf32")
-    ptrs = dict(Q=dt, K=dt, V=dt, KBAR=dt, VBAR=dt, NB=torch.int32, FIRST=torch.int32, LAST=torch.int32,
-                KVALID=torch.int8, IDX=torch.int32, CNT=torch.int32, SEL=torch.int32, O=dt, LSE=torch.float32)
-    strides = {n: I for n in ["sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "son"]}
-    desc = {n: f"tensordesc<{_TY[dt]}[1,1,64,{d}]>" for n in ("KD", "VD")}
-    desc.update({"KBD": None, "VBD": None})
-    args = {**common, **ptrs, **strides, **desc, "TMA": True, "TMA_FILL": False, "HF": False, "UNIFORM_N": True,
-            "BIAS_MODE": 0, "GO": True, "INIT": True}
-    ok &= compile_one(sparse_forward._fwd_kernel, args, a.arch, 4, 3, "fwd bf16 D128 gp1 w4 s3 TMA GO INIT (fill first)")
     # selection (the launcher's shapes: dot path up to a 128-wide buffer, broadcast products above)
     for kpb, bj, qb, dot in [(16, 64, 16, True), (64, 128, 16, True), (256, 256, 8, False), (4096, 4096, 1, False)]:
         for causal, window in [(True, False), (False, True)]:

@@ -435,47 +435,6 @@ def test_heads_first_order(b, hq, hkv, pad, gps):
                                  {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 64})
 
 
-@needs_cpu_kernels
-@pytest.mark.parametrize("visk,hq,hkv,gp,qp,dtype", [
-    (dict(causal=True), 4, 2, 1, 2, torch.float32),
-    (dict(causal=True, offset=21), 4, 2, 2, 2, torch.float32),
-    (dict(causal=True, key_valid="right"), 2, 2, 1, 2, torch.float32),
-    (dict(causal=True, offset=30, window=40), 2, 1, 2, 1, torch.float32),
-    (dict(), 2, 2, 1, 2, torch.float16),
-], ids=["causal-qp2", "offset-gp2", "padding", "window-qp1", "nomask-fp16"])
-def test_fill_first_forward(visk, hq, hkv, gp, qp, dtype):
-    """The fill-first forward (launch config FF: landmark_fill's kernel over QP query blocks a
-    program, then the exact part started from its output and lse) against the fused forward and
-    the float64 reference, into NaN-poisoned buffers; an odd number of query blocks (the last
-    program's second block is empty) and rows that see no landmark (the first blocks)."""
-    b, nq, nk, d, bs = 2, 75, 90, 16, 16
-    q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=41, dtype=dtype)
-    visk = dict(visk)
-    if "key_valid" in visk:
-        visk["key_valid"] = padding(b, nk, [nk - 9, nk - 30])
-    vis = Visibility(nq, nk, **visk)
-    cfg = SPAConfig(block_size=bs, topk=2, local_blocks=1)
-    scale = d**-0.5
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, cfg, None)
-    info = block_info(vis, b, nq, nk, bs, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    base = {"GP": gp, "num_warps": 4, "num_stages": 2, "BJ": 32}
-    want, want_lse = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, base)
-    o = torch.full((b, hq, nq, d), float("nan"), dtype=dtype)
-    lo = torch.full((b, hq, nq), float("nan"))
-    ff = dict(base, FF=True, FF_QP=qp, FF_BJ=32, FF_WARPS=4, FF_STAGES=2)
-    sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, ff, o, lo)
-    assert not o.isnan().any() and not lo.isnan().any()
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert rel(o.float(), want.float()) < tol, rel(o.float(), want.float())
-    fin = torch.isfinite(want_lse)
-    assert torch.equal(fin, torch.isfinite(lo)) and maxabs(lo[fin] - want_lse[fin]) < 1e-4
-    valid, pooled = reference_stages(q.double(), k.double(), v.double(), vis, scale, cfg)
-    ro, _ = R.sparse_attention(q.double(), k.double(), v.double(), R.Selection(idx, cnt), pooled, vis, valid, scale,
-                               cfg.fill, bs)
-    assert rel(o, ro) < (1e-4 if dtype == torch.float32 else 3e-3)
-
-
 def assert_heads_first_equal(q, k, v, kb, vb, info, idx, cnt, scale, lse, do, delta, base):
     """The forward (with the fill) and dq under config ``base``, ``base`` + HF and ``base`` + GO
     (group order), into NaN-poisoned buffers: every element written, and bitwise the same."""
@@ -773,33 +732,6 @@ def test_gpu_forward_tma_variants(hkv, nk, d):
         sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c, o2, l2)
         assert torch.isfinite(o2).all(), c
         assert torch.equal(o1, o2) and torch.equal(l1, l2), c
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("gp,hkv,ff", [(1, 8, dict()), (2, 2, dict()), (4, 2, dict(FF_STAGES=3)),
-                                       (1, 8, dict(FF_QP=1, FF_WARPS=4, FF_STAGES=3)), (1, 8, dict(FF_BJ=128))],
-                         ids=["gp1", "gp2", "gp4-s3", "qp1", "bj128"])
-def test_gpu_fill_first_forward(gp, hkv, ff):
-    """On the card: the fill-first forward (launch config FF: landmark_fill, then the exact part
-    from its state) against the fused forward with the fill, bf16, D=128, causal, top-k 8, an N
-    that is not a multiple of the block, into NaN-poisoned buffers: the same output up to the
-    fill output's bf16 rounding, the same lse up to fp32 rounding."""
-    b, hq, n, d = 1, 8, 4096 + 37, 128
-    q, k, v = make_qkv(b, hq, hkv, n, n, d, dtype=torch.bfloat16, device="cuda", seed=29)
-    vis = Visibility(n, n, causal=True)
-    scale = d**-0.5
-    _, _, idx, cnt = api.spa_forward(q, k, v, vis, scale, SPAConfig(topk=8), None)
-    info = block_info(vis, b, n, n, 64, q.device)
-    _, _, kb, vb = pool_kv(k, v, info)
-    c = {"GP": gp, "num_warps": 4 * gp, "num_stages": 3 if gp == 1 else 2, "BJ": 64, "TMA": True, "TMA_FILL": True}
-    want, want_lse = sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, c)
-    o = torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
-    lo = torch.full(q.shape[:3], float("nan"), device="cuda")
-    sparse_forward.launch_forward(q, k, v, kb, vb, info, idx, cnt, scale, True, dict(c, FF=True, **ff), o, lo)
-    assert torch.isfinite(o).all() and torch.isfinite(lo).all()
-    assert rel(o.float(), want.float()) < 5e-3, rel(o.float(), want.float())
-    assert maxabs(lo - want_lse) < 1e-3
 
 
 @gpu

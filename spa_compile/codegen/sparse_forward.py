@@ -44,7 +44,7 @@ def fill_bias(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr, BJ: tl.constexpr, 
     LOW: also drop columns below lo (the loop start was aligned down to 32).
     """
     word = tl.zeros_like(cj)
-    last_w = tl.maximum(he - 1, 0) // 32  # he = 0 (landmark_fill's empty block): stay in the row
+    last_w = (he - 1) // 32
     for w in tl.static_range(BJ // 32):
         ww = tl.load(SEL_r + tl.minimum(c0 // 32 + w, last_w))  # one scalar load a word
         word = tl.where(cj // 32 == w, ww, word)
@@ -53,7 +53,7 @@ def fill_bias(c0, cj, lo, he, NB_b, SEL_r, LOW: tl.constexpr, BJ: tl.constexpr, 
         use = use & (cj >= lo - c0)
     if UNIFORM_N:
         return tl.where(use, LOG2_N, float("-inf"))
-    jc = tl.minimum(c0 + cj, tl.maximum(he - 1, 0))  # in range: unmasked loads
+    jc = tl.minimum(c0 + cj, he - 1)  # in range: unmasked loads
     n = tl.load(NB_b + jc)
     return tl.math.log2(tl.where(use, n, 0).to(tl.float32))
 
@@ -119,7 +119,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
     TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0, INIT: tl.constexpr = False,
+    BIAS_MODE: tl.constexpr = 0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
@@ -141,14 +141,6 @@ def _fwd_kernel(
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
-    if INIT:
-        # fill first (landmark_fill, launch config FF): start from the fill's normalized output and
-        # log-sum-exp in O and LSE, i.e. its (m, l, acc) rescaled by 1 / l
-        acc = tl.load(O + b64 * sob + rh[:, None] * soh + t[:, None].to(tl.int64) * son + dv[None, :],
-                      mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
-        lse0 = tl.load(LSE + (b64 * Hq + rh) * Nq + t, mask=row_ok, other=float("-inf"))
-        m_i = lse0 * 1.4426950408889634  # -inf stays -inf: the row's fill saw no landmark
-        l_i = (lse0 > float("-inf")).to(tl.float32)
 
     for s in range(0, cnt):
         j = tl.load(IDX_r + s)
@@ -306,15 +298,6 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
     bj = config.get("BJ", 64)
     tma_fill = fill and bool(config.get("TMA_FILL", False)) and tma_ok(kbar, vbar, bj)
     kbd, vbd = tma_descriptors(kbar, vbar, bj) if tma_fill else (None, None)
-    init = fill and bool(config.get("FF", False))
-    if init:  # fill first, in its own kernel (landmark_fill), then the exact part from its state
-        from .landmark_fill import launch_fill
-
-        launch_fill(q, kbar, vbar, info, sel, scale, out, lse, qp=config.get("FF_QP", 2), bj=config.get("FF_BJ", 64),
-                    warps=config.get("FF_WARPS", 8), stages=config.get("FF_STAGES", 2),
-                    tma=bool(config.get("TMA_FILL", True)))
-        fill = tma_fill = False
-        kbd = vbd = None
     grid, hf, go = program_grid(config, b, hq, info.nqb)
     _fwd_kernel[grid](
         q, k, v, kbar, vbar, info.n, info.first, info.last, kv, index, count, sel, out, lse, kd, vd, kbd, vbd,
@@ -326,7 +309,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
-        BIAS_MODE=config.get("BIAS_MODE", 0), INIT=init,
+        BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
