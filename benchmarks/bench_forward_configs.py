@@ -4,7 +4,7 @@ same selection, one card, one run: for trying a kernel variant before it joins t
     PYTHONPATH=. python3 benchmarks/bench_forward_configs.py --out $OUT/fwd_configs.json \\
         [--points 131072:32:topk32 16384:32:density0.2] \\
         [--configs '{"GP": 1, "num_warps": 4, "num_stages": 3, "BJ": 64, "TMA": true, "PJ": true}' ...] \\
-        [--tuned-plus '{"TAIL_SPLIT": false}'] [--rounds 5]
+        [--tuned-plus '{"TAIL_SPLIT": false}'] [--rounds 5] [--fills 1]
 
 B=1, Hq=32, D=128, bf16, causal, block 64, fresh random inputs. For each point: the selection
 once (api.selection_stage), then without and with the landmark fill: the tuned config
@@ -56,10 +56,11 @@ def rounds_ms(calls: dict, rounds: int):
     return med, per
 
 
-def one_point(n: int, hkv: int, mode: str, configs: list[dict], plus: list[dict], rounds: int) -> dict:
+def one_point(n: int, hkv: int, mode: str, configs: list[dict], plus: list[dict], rounds: int,
+              fills: tuple[bool, ...] = (False, True)) -> dict:
     q, k, v, info, klp, vlp, index, count, scale, flops = forward_point(n, hkv, mode)
     pt = {"N": n, "Hkv": hkv, "mode": mode, "blocks_per_qblock": float(count.float().mean()), "runs": []}
-    for fill in (False, True):
+    for fill in fills:
         lm = (klp, vlp) if fill else (k, v)
 
         def tuned():
@@ -109,10 +110,12 @@ def main(argv=None) -> int:
                          'these and no --configs, only they are timed')
     ap.add_argument("--rounds", type=int, default=0,
                     help="time the tuned config and each variant in turn over this many rounds (0: once each)")
+    ap.add_argument("--fills", default="0,1", help="without (0) and/or with (1) the landmark fill, e.g. 1")
     a = ap.parse_args(argv)
+    fills = tuple(bool(int(f)) for f in a.fills.split(","))
     plus = [json.loads(c) for c in a.tuned_plus]
     configs = [json.loads(c) for c in a.configs] if a.configs else ([] if plus else DEFAULT_CONFIGS)
-    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, configs, plus, a.rounds), a.out)
+    run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, configs, plus, a.rounds, fills), a.out)
     return 0
 
 
