@@ -119,7 +119,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_KV: tl.constexpr, FILL: tl.constexpr,
     PREC: tl.constexpr, FILL_STAGES: tl.constexpr = 0, TMA: tl.constexpr = False,
     TMA_FILL: tl.constexpr = False, HF: tl.constexpr = False, UNIFORM_N: tl.constexpr = False, GO: tl.constexpr = False,
-    BIAS_MODE: tl.constexpr = 0, EVQ: tl.constexpr = False,
+    BIAS_MODE: tl.constexpr = 0,
 ):
     i, b64, kh, hs, rh, t, t0, t1 = qblock_prologue(Hq, Hkv, Hs, Nq, NQB, BS, GP, HF, GO)
     BM: tl.constexpr = GP * BS
@@ -128,10 +128,8 @@ def _fwd_kernel(
     dv = tl.arange(0, BDV)
     offs_n = tl.arange(0, BS)
 
-    # EVQ: q and the outputs, read and written once, leave L2 first (the K/V blocks that the other
-    # query blocks still select stay longer)
     q = tl.load(Q + b64 * sqb + rh[:, None] * sqh + t[:, None].to(tl.int64) * sqn + d[None, :],
-                mask=row_ok[:, None] & (d[None, :] < D), other=0.0, eviction_policy="evict_first" if EVQ else "")
+                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
     K_h = K + b64 * skb + kh.to(tl.int64) * skh
     b32 = b64.to(tl.int32)
     V_h = V + b64 * svb + kh.to(tl.int64) * svh
@@ -195,9 +193,8 @@ def _fwd_kernel(
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(O + b64 * sob + rh[:, None] * soh + t[:, None].to(tl.int64) * son + dv[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV),
-             eviction_policy="evict_first" if EVQ else "")
-    tl.store(LSE + (b64 * Hq + rh) * Nq + t, lse, mask=row_ok, eviction_policy="evict_first" if EVQ else "")
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + (b64 * Hq + rh) * Nq + t, lse, mask=row_ok)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -312,7 +309,7 @@ def launch_forward(q, k, v, kbar, vbar, info: BlockInfo, index, count, scale, fi
         BD=triton.next_power_of_2(d), BDV=triton.next_power_of_2(dv), BJ=bj,
         FILL_STAGES=config.get("FILL_STAGES", 0), CAUSAL=info.causal, WINDOW=info.has_window, HAS_KV=info.key_valid is not None, FILL=fill,
         PREC=dot_precision(q.dtype), TMA=tma, TMA_FILL=tma_fill, HF=hf, GO=go, UNIFORM_N=uniform_counts(info),
-        BIAS_MODE=config.get("BIAS_MODE", 0), EVQ=bool(config.get("EVQ", False)),
+        BIAS_MODE=config.get("BIAS_MODE", 0),
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
