@@ -3,7 +3,7 @@ for a few seconds: does the sparse kernel draw more power (and so throttle itsel
 card's cap?
 
     PYTHONPATH=. python3 benchmarks/bench_power.py --out $OUT/power.json [--points 131072:32:topk32] [--seconds 3] \\
-        [--variant '{"LR": 8}']
+        [--variant '{"GO": true}']
 
 For each point and kernel: a 1 s idle pause, then the kernel launched back to back for
 ``--seconds`` while a thread reads NVML (``torch.cuda.power_draw``, ``clock_rate``) every 50 ms;
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/bench_power.json")
     ap.add_argument("--points", nargs="+", default=["131072:32:topk32"], help="N:Hkv:mode")
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--variant", default=None, help='overrides of the tuned config as a JSON object, e.g. \'{"LR": 8}\'')
+    ap.add_argument("--variant", default=None, help="overrides of the tuned config as a JSON object, e.g. {\"GO\": true}")
     a = ap.parse_args(argv)
     variant = json.loads(a.variant) if a.variant else None
     run_points(a.points, lambda n, hkv, mode: one_point(n, hkv, mode, a.seconds, variant), a.out)
