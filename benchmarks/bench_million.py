@@ -30,18 +30,13 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gluon_forward import run_points  # noqa: E402
-from bench_kernels import fresh_inputs, mode_config  # noqa: E402
+from bench_kernels import fresh_inputs, mode_config, rel  # noqa: E402
 from spa_compile import reference as R  # noqa: E402
 from spa_compile import spa_attention  # noqa: E402
 from spa_compile.codegen import api  # noqa: E402
 from spa_compile.visibility import Visibility  # noqa: E402
 
 GB = 1e9
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def reference_rows(q, k, v, index, count, cfg, scale, i: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,7 +79,7 @@ def softmax_step(qk, v, m_i, l_i, acc, qk_scale, PREC: tl.constexpr):
     -inf, l = 0. The scale enters the row max once and each exponent through one multiply-add
     (FlashAttention's form): no separate multiply per logit. Forms measured slower or no faster
     on the H200 and removed (docs/kernels.md, session 17): lazy rescaling after FlashAttention-4
-    (0.93-0.96x: its CTA-wide test a tile costs more than the multiply it skips), q as wgmma's
+    (0.91-0.96x: its CTA-wide test a tile costs more than the multiply it skips), q as wgmma's
     register operand (0.97-1.01x)."""
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
     m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
